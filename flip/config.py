@@ -1,0 +1,54 @@
+"""Start-up checks of a composed run config: fail early, naming the key and what is allowed."""
+import torch
+from omegaconf import DictConfig
+
+
+class ConfigError(ValueError):
+    """An invalid run configuration; the message names the offending key."""
+
+
+def check_mask(cfg: DictConfig) -> None:
+    mask = cfg.mask
+    if isinstance(mask, bool) or not isinstance(mask, (int, float)) or not 0 <= mask < 1:
+        raise ConfigError(
+            f"mask={mask!r} is invalid: the image masking ratio must be a number in [0, 1) "
+            "(e.g. mask=0, mask=0.5, mask=0.75)")
+
+
+def micro_batch(cfg: DictConfig, world_size: int) -> int:
+    """Per-device micro-batch implied by batch.global, batch.micro and the world size."""
+    total, micro = cfg.batch["global"], cfg.batch.micro
+    if not isinstance(total, int) or total < 1:
+        raise ConfigError(f"batch.global={total!r} must be a positive integer")
+    if total % world_size:
+        raise ConfigError(
+            f"batch.global={total} is not divisible by the {world_size} devices "
+            "(trainer.devices x trainer.num_nodes)")
+    per_device = total // world_size
+    if micro is None:
+        return per_device
+    if not isinstance(micro, int) or micro < 1 or per_device % micro:
+        raise ConfigError(
+            f"batch.micro={micro!r} must divide the per-device batch "
+            f"batch.global / devices = {total} / {world_size} = {per_device}")
+    if micro != per_device:
+        raise ConfigError(
+            f"batch.micro={micro} < per-device batch {per_device}: splitting a contrastive "
+            "batch into micro-batches needs gradient caching, not available yet; "
+            "use batch.micro=null or more devices")
+    return micro
+
+
+def check_hardware(accelerator: str) -> None:
+    """One clear sentence when the requested accelerator is absent."""
+    if accelerator == "gpu" and not torch.cuda.is_available():
+        raise ConfigError(
+            "accelerator=gpu needs a CUDA GPU, but none is visible on this machine "
+            "(torch.cuda.is_available() is False); use accelerator=cpu")
+    if accelerator == "tpu":
+        from lightning.pytorch.accelerators import XLAAccelerator
+
+        if not XLAAccelerator.is_available():
+            raise ConfigError(
+                "accelerator=tpu needs a TPU host with torch-xla[tpu], but no TPU is "
+                "visible on this machine; use accelerator=cpu or accelerator=gpu")

@@ -1,0 +1,60 @@
+"""Image transforms: PIL image -> normalised float tensor (3, H, W).
+
+``train_transform``: random-resized crop (+ optional horizontal flip), as in CLIP/FLIP.
+``eval_transform``: resize the short side + centre crop.
+``to_normalized_tensor``: no geometry at all, for synthetic data whose captions
+describe positions ("on the left") that crops or flips would make false.
+
+Every pipeline first converts its input to RGB, so greyscale, palette or RGBA files
+all come out with three channels. All pieces are picklable (DataLoader workers).
+"""
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ToRGB:
+    """Convert a PIL image to mode RGB (a no-op for images that already are)."""
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return img if img.mode == "RGB" else img.convert("RGB")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def to_normalized_tensor() -> T.Compose:
+    """PIL -> float tensor (3, H, W) normalised with the ImageNet mean/std."""
+    return T.Compose([ToRGB(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def train_transform(
+    image_size: int, scale: tuple[float, float] = (0.5, 1.0), hflip: bool = True
+) -> T.Compose:
+    """RandomResizedCrop(image_size, scale, bicubic) [+ horizontal flip] + normalise."""
+    steps = [
+        ToRGB(),
+        T.RandomResizedCrop(
+            image_size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC
+        ),
+    ]
+    if hflip:
+        steps.append(T.RandomHorizontalFlip())
+    steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return T.Compose(steps)
+
+
+def eval_transform(image_size: int) -> T.Compose:
+    """Resize the short side to image_size (bicubic), centre crop square, normalise."""
+    return T.Compose(
+        [
+            ToRGB(),
+            T.Resize(image_size, interpolation=InterpolationMode.BICUBIC),
+            T.CenterCrop(image_size),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )

@@ -1,0 +1,86 @@
+"""FLIP image encoder: a ViT built from timm blocks that encodes only visible patches.
+
+Differences from a classification ViT, following the paper and the official code:
+- no LayerNorm after the patch embedding (CLIP's ``ln_pre`` is absent);
+- fixed (not learned) 2-D sin-cos position embedding, computed once as a buffer;
+- random masking after the position embedding: only ``k = int(N (1 - r))`` tokens
+  enter the Transformer;
+- final LayerNorm, then global average pooling. The official code keeps a class
+  token and includes it in the average (``class_token=True, pool="avg"``); the
+  paper's reading without class token is ``class_token=False``.
+"""
+from typing import Literal
+
+import torch
+from timm.layers import PatchEmbed, build_sincos2d_pos_embed
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from flip.masking import random_masking
+
+
+class ImageEncoder(nn.Module):
+    def __init__(
+        self,
+        image_size: int = 224,
+        patch_size: int = 16,
+        width: int = 768,  # token dimension
+        depth: int = 12,  # number of Transformer blocks
+        heads: int = 12,
+        mlp_ratio: float = 4.0,
+        class_token: bool = True,  # official: kept and averaged with the patches
+        pool: Literal["avg", "token"] = "avg",
+        mask_ratio: float = 0.0,  # fraction of patches dropped in training
+        drop_path: float = 0.0,
+    ):
+        super().__init__()
+        if pool not in ("avg", "token"):
+            raise ValueError(f"pool must be 'avg' or 'token', got {pool!r}")
+        if pool == "token" and not class_token:
+            raise ValueError("pool='token' needs class_token=True")
+        self.width, self.pool, self.mask_ratio = width, pool, mask_ratio
+        self.patch_embed = PatchEmbed(image_size, patch_size, 3, width)  # no norm layer
+        grid = self.patch_embed.grid_size
+        pos = build_sincos2d_pos_embed(list(grid), dim=width)  # (N, D), fixed
+        self.register_buffer("pos_embed", pos.unsqueeze(0), persistent=False)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if class_token else None
+        self.blocks = nn.Sequential(
+            *[Block(width, heads, mlp_ratio, qkv_bias=True, drop_path=drop_path,
+                    norm_layer=nn.LayerNorm) for _ in range(depth)]
+        )
+        self.norm = nn.LayerNorm(width)
+        self._init_weights()
+
+    @property
+    def num_patches(self) -> int:
+        return self.patch_embed.num_patches
+
+    def _init_weights(self) -> None:
+        # MAE/timm: xavier on the flattened patch projection, normal(0.02) class token.
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=0.02)
+        for m in self.blocks.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(
+        self, images: torch.Tensor, mask_ratio: float | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """images (B, 3, H, W) -> pooled features (B, width).
+
+        mask_ratio: None = the configured ratio in training and 0 in eval; a number
+        forces it (masked inference). noise: (B, N) to reproduce a mask.
+        """
+        if mask_ratio is None:
+            mask_ratio = self.mask_ratio if self.training else 0.0
+        x = self.patch_embed(images) + self.pos_embed  # (B, N, D)
+        if mask_ratio > 0:
+            x, _ = random_masking(x, mask_ratio, noise)  # (B, k, D)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.norm(self.blocks(x))
+        return x[:, 0] if self.pool == "token" else x.mean(dim=1)

@@ -1,0 +1,104 @@
+"""Masked CLIP pre-training (FLIP) as a LightningModule.
+
+Owns the model, the global-batch contrastive loss, the held-out zero-shot metric
+and the optimiser. lr = base_lr x global_batch / 256, linear warm-up then cosine to 0,
+both counted in samples seen (global_step x global_batch).
+"""
+import time
+
+import lightning as L
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics.classification import MulticlassAccuracy
+
+from flip.loss import global_contrastive_loss
+from flip.masking import num_visible
+from flip.models.clip import FLIP
+from flip.schedule import warmup_cosine
+from flip.zeroshot import build_zero_shot_classifier
+
+
+class PretrainModule(L.LightningModule):
+    def __init__(
+        self,
+        model: FLIP,
+        global_batch: int,  # contrastive batch over all devices
+        total_samples: int,  # training length in samples seen
+        warmup_samples: int,
+        base_lr: float = 4e-6,  # per 256 samples (official FLIP)
+        weight_decay: float = 0.2,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self.lr = base_lr * global_batch / 256
+        self._last_step_time: float | None = None
+
+    @property
+    def total_steps(self) -> int:
+        return self.hparams.total_samples // self.hparams.global_batch
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor):
+        return self.model(images, tokens)
+
+    def training_step(self, batch, batch_idx):
+        images, tokens = batch
+        image_features, text_features, scale = self.model(images, tokens)
+        loss = global_contrastive_loss(image_features, text_features, scale)
+        self._log_train(loss, scale, images.shape[0])
+        return loss
+
+    def _log_train(self, loss: torch.Tensor, scale: torch.Tensor, micro_batch: int) -> None:
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            rate = self.hparams.global_batch / (now - self._last_step_time)
+            self.log("train/samples_per_sec", rate, rank_zero_only=True)
+        self._last_step_time = now
+        visual = self.model.visual
+        self.log_dict({
+            "train/loss": loss,
+            "train/logit_scale": scale,
+            "train/lr": self.lr_schedulers().get_last_lr()[0],
+            "train/samples_seen": float((self.global_step + 1) * self.hparams.global_batch),
+            "train/visible_tokens": float(num_visible(visual.num_patches, visual.mask_ratio)),
+        }, prog_bar=True, batch_size=micro_batch)
+
+    # -- held-out zero-shot classification -------------------------------------------
+    def setup(self, stage: str) -> None:
+        classnames = getattr(self.trainer.datamodule, "classnames", None)
+        if classnames:  # runs before the module moves to its device
+            self.zeroshot_top1 = MulticlassAccuracy(len(classnames), average="micro")
+
+    def on_validation_epoch_start(self) -> None:
+        dm = self.trainer.datamodule
+        self.classifier = build_zero_shot_classifier(
+            self.model.encode_text, dm.tokenizer, dm.classnames, dm.templates, self.device
+        )
+
+    def validation_step(self, batch, batch_idx):
+        images, labels = batch
+        logits = self.model.encode_image(images) @ self.classifier.T  # (B, C)
+        self.zeroshot_top1(logits, labels)
+        self.log("val/zeroshot_top1", self.zeroshot_top1, batch_size=images.shape[0])
+
+    # -- optimisation -----------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        named = self.model.no_weight_decay()
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            # biases, norm weights, position embeddings, class token, logit scale
+            (no_decay if p.ndim < 2 or name in named else decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr, betas=tuple(hp.betas), eps=hp.eps,
+        )
+        schedule = LambdaLR(optimizer, lambda step: warmup_cosine(
+            (step + 1) * hp.global_batch, hp.warmup_samples, hp.total_samples))
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
