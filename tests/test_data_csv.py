@@ -6,7 +6,6 @@ import pytest
 import torch
 from PIL import Image
 
-from flip.data.collate import filter_valid
 from flip.data.csv_dataset import CsvCaptions
 from flip.data.transforms import (
     IMAGENET_MEAN,
@@ -48,19 +47,24 @@ def test_good_and_skipped_counts(folder):
     _, path = folder
     ds = CsvCaptions(path, image_size=32)
     assert len(ds) == 5
-    items = [ds[i] for i in range(len(ds))]
-    assert [item is None for item in items] == [False, False, True, True, False]
-    assert ds.skipped == Counter(missing=1, corrupt=1)
-    good = filter_valid(items)
-    assert [caption for _, caption in good] == [
-        "a red rectangle", "a grey square, with a comma", "a blue square"
-    ]
-    for image, _ in good:
+    captions = [ds[i][1] for i in range(len(ds))]
+    # rows 2 (corrupt) and 3 (missing) are replaced by the next readable row (4)
+    assert captions == ["a red rectangle", "a grey square, with a comma",
+                        "a blue square", "a blue square", "a blue square"]
+    # row 2 skips 2 and 3, row 3 skips 3: every skip is counted
+    assert ds.skipped == Counter(missing=2, corrupt=1)
+    for i in range(len(ds)):
+        image, _ = ds[i]
         assert image.shape == (3, 32, 32) and image.dtype == torch.float32
-    stats = Counter()
-    assert len(filter_valid(items, stats)) == 3 and stats["dropped"] == 2
     assert ds.check() == Counter(ok=3, missing=1, corrupt=1)
-    assert ds.skipped == Counter(missing=1, corrupt=1)  # check() leaves it alone
+
+
+def test_all_unreadable_is_an_error_naming_the_csv(folder, tmp_path_factory):
+    _, path = folder
+    ds = CsvCaptions(path, image_root=tmp_path_factory.mktemp("wrong_root"))
+    with pytest.raises(RuntimeError, match="pairs.csv: 5 consecutive rows"):
+        ds[0]
+    assert ds.skipped == Counter(missing=5)
 
 
 def test_image_root_and_truncated_file(folder, tmp_path_factory):
@@ -71,11 +75,14 @@ def test_image_root_and_truncated_file(folder, tmp_path_factory):
     other = tmp_path_factory.mktemp("elsewhere")
     path = write_csv(other / "list.csv", [("red.png", "red"), ("half.png", "cut")])
     ds = CsvCaptions(path, image_root=images, transform=to_normalized_tensor())
-    assert ds[0][0].shape == (3, 30, 40) and ds[1] is None
+    assert ds[0][0].shape == (3, 30, 40)
+    assert ds[1][1] == "red"  # the truncated row wraps around to row 0
     assert ds.skipped == Counter(corrupt=1)
     # without image_root the paths are relative to the CSV's folder: both missing
     ds = CsvCaptions(path, transform=to_normalized_tensor())
-    assert ds[0] is None and ds.skipped == Counter(missing=1)
+    with pytest.raises(RuntimeError, match="list.csv"):
+        ds[0]
+    assert ds.skipped == Counter(missing=2)
 
 
 def test_clear_errors(tmp_path):

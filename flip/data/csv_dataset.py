@@ -5,11 +5,14 @@ relative to ``image_root`` or, by default, to the CSV's own folder (absolute pat
 too). Errors in the CSV itself are raised at construction: a missing file, a header
 without both columns, or no rows at all.
 
-A bad *image* does not crash training: ``__getitem__`` returns ``None`` and counts it in
-``skipped`` (a Counter with keys "missing" and "corrupt"); the collate function drops
-the ``None`` items (``flip.data.collate.filter_valid``). The counter lives in the
-process that loaded the sample, i.e. in each DataLoader worker when num_workers > 0;
-``check()`` scans every image once in the calling process for exact totals.
+A bad *image* does not crash training and does not shrink the batch (every step must
+contrast exactly the global batch, and DDP gathers equal-sized batches): ``__getitem__``
+counts it in ``skipped`` (a Counter with keys "missing" and "corrupt"), logs the first
+few, and returns the next readable row instead. If ``max_consecutive_bad`` rows in a row
+are unreadable, it raises naming the CSV (a wrong ``image_root`` must not train on
+nothing). The counter lives in the process that loaded the sample, i.e. in each
+DataLoader worker when num_workers > 0; ``check()`` scans every image once in the
+calling process for exact totals.
 """
 import csv
 import logging
@@ -27,12 +30,13 @@ _MAX_WARNINGS = 5  # per process; later skips are only counted
 
 
 class CsvCaptions(Dataset):
-    """(image (3, S, S) float, caption str), or ``None`` when the image cannot be loaded.
+    """(image (3, S, S) float, caption str); unreadable rows are replaced by the next one.
 
     transform: PIL -> tensor; default ``train_transform(image_size)``.
     """
 
-    def __init__(self, path, image_root=None, image_size: int = 224, transform=None):
+    def __init__(self, path, image_root=None, image_size: int = 224, transform=None,
+                 max_consecutive_bad: int = 100):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"caption CSV not found: {self.path}")
@@ -49,7 +53,8 @@ class CsvCaptions(Dataset):
             raise ValueError(f"{self.path}: no image-caption rows below the header")
         self.root = Path(image_root) if image_root is not None else self.path.parent
         self.transform = transform if transform is not None else train_transform(image_size)
-        self.skipped = Counter()  # reason ("missing" | "corrupt") -> samples returned as None
+        self.skipped = Counter()  # reason ("missing" | "corrupt") -> rows skipped
+        self.max_consecutive_bad = max_consecutive_bad
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -70,8 +75,15 @@ class CsvCaptions(Dataset):
         return None
 
     def __getitem__(self, index: int):
-        img = self._open(index)
-        return None if img is None else (self.transform(img), self.rows[index][1])
+        for offset in range(min(self.max_consecutive_bad, len(self))):
+            row = (index + offset) % len(self)
+            img = self._open(row)
+            if img is not None:
+                return self.transform(img), self.rows[row][1]
+        raise RuntimeError(
+            f"{self.path}: {min(self.max_consecutive_bad, len(self))} consecutive rows from "
+            f"row {index} have no readable image (looked under {self.root}); "
+            f"skipped so far: {dict(self.skipped)}")
 
     def check(self) -> Counter:
         """Open every image once; Counter(ok=..., missing=..., corrupt=...). Slow on big sets."""

@@ -48,8 +48,10 @@ class FLIP(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def scale(self) -> torch.Tensor:
-        """exp of the logit scale clipped to [0, log 100] (clip without host sync)."""
-        return self.logit_scale.clamp(0, self.max_logit_scale).exp()
+        """exp of the logit scale clipped to [0, log 100], i.e. a scale in [1, 100].
+
+        Clipped after exp so the bounds are exact in fp32; no host sync (XLA-friendly)."""
+        return self.logit_scale.exp().clamp(1.0, math.exp(self.max_logit_scale))
 
     def forward(
         self, images: torch.Tensor, tokens: torch.Tensor, noise: torch.Tensor | None = None

@@ -1,0 +1,103 @@
+"""End-to-end runs of `train(cfg)` on the real configs with a very small model."""
+import csv
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from flip.config import ConfigError
+from flip.train import train
+from tests.conftest import compose_fast
+
+
+def read_metrics(root) -> list[dict]:
+    (path,) = root.glob("logs/version_*/metrics.csv")
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def by_step(rows, key) -> dict[int, float]:
+    return {int(r["step"]): float(r[key]) for r in rows if r.get(key)}
+
+
+def test_default_pipeline_trains_and_reports_zero_shot(fast_cfg, tmp_path, capsys):
+    metrics = train(fast_cfg())
+    assert math.isfinite(metrics["train/loss"])
+    assert 0.0 <= metrics["val/zeroshot_top1"] <= 1.0
+    assert metrics["train/samples_seen"] == 64.0  # 4 steps of the 16-sample global batch
+    assert metrics["train/visible_tokens"] == 32.0  # int(64 patches * (1 - 0.5))
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line == f"held-out zero-shot top-1: {100 * metrics['val/zeroshot_top1']:.1f}% (chance 2.5%)"
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_digits_pipeline(fast_cfg, capsys):
+    metrics = train(fast_cfg("data=digits"))
+    assert 0.0 <= metrics["val/zeroshot_top1"] <= 1.0
+    assert "(chance 10.0%)" in capsys.readouterr().out
+
+
+def test_csv_pipeline(fast_cfg, tmp_path):
+    rows = ["image_path,caption"]
+    for i in range(20):
+        Image.new("RGB", (40, 30), (12 * i, 0, 255 - 12 * i)).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,a colour number {i}")
+    rows.append("missing.png,never loaded")
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    metrics = train(fast_cfg("data=csv", f"data.train.path={tmp_path / 'pairs.csv'}",
+                             "data.image_size=64"))
+    assert math.isfinite(metrics["train/loss"]) and "val/zeroshot_top1" not in metrics
+
+
+def test_lr_schedule_is_scaled_warmed_up_and_cosine(fast_cfg, tmp_path):
+    train(fast_cfg("logger=csv", "trainer.log_every_n_steps=1",
+                   "schedule.total_samples=128", "schedule.warmup_samples=32",
+                   "schedule.base_lr=0.0256"))
+    lr = by_step(read_metrics(tmp_path), "train/lr")
+    peak = 0.0256 * 16 / 256  # base_lr x global batch / 256
+    # lr of step s is the schedule at (s + 1) x 16 samples: 2 warm-up steps, then cosine
+    expected = [peak * min(1, (s + 1) * 16 / 32) if (s + 1) * 16 <= 32 else
+                peak * 0.5 * (1 + math.cos(math.pi * ((s + 1) * 16 - 32) / 96))
+                for s in range(8)]
+    assert [lr[s] for s in sorted(lr)] == pytest.approx(expected, rel=1e-6)
+
+
+def test_resume_continues_step_count_and_schedule(fast_cfg, tmp_path_factory):
+    common = ("logger=csv", "trainer.log_every_n_steps=1", "schedule.total_samples=128",
+              "callbacks.checkpoint.every_n_train_steps=4", "callbacks.checkpoint.save_top_k=-1")
+    full_dir, resumed_dir = tmp_path_factory.mktemp("full"), tmp_path_factory.mktemp("resumed")
+
+    train(compose_fast(*common, output_dir=full_dir))
+    ckpt = full_dir / "checkpoints" / "step00000004.ckpt"
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 4
+    train(compose_fast(*common, f"ckpt_path={ckpt}", output_dir=resumed_dir))
+    full, resumed = read_metrics(full_dir), read_metrics(resumed_dir)
+    lr_full, lr_resumed = by_step(full, "train/lr"), by_step(resumed, "train/lr")
+    assert sorted(lr_resumed) == [4, 5, 6, 7]  # continues at step 4, stops at 8
+    assert [lr_resumed[s] for s in range(4, 8)] == pytest.approx([lr_full[s] for s in range(4, 8)])
+    seen = by_step(resumed, "train/samples_seen")
+    assert [seen[s] for s in range(4, 8)] == [80.0, 96.0, 112.0, 128.0]
+
+
+def test_unmasked_tuning_starts_from_the_checkpoint_at_mask_zero(fast_cfg, tmp_path_factory):
+
+    pre_dir, tune_dir = tmp_path_factory.mktemp("pre"), tmp_path_factory.mktemp("tune")
+    train(compose_fast(output_dir=pre_dir))
+    pretrained = pre_dir / "checkpoints" / "last.ckpt"
+    cfg = compose_fast("experiment=unmasked_tuning", f"init_from={pretrained}",
+                        "schedule.total_samples=64", "schedule.warmup_samples=16",
+                        output_dir=tune_dir)
+    assert cfg.mask == 0.0 and cfg.schedule.base_lr == 4e-8
+    metrics = train(cfg)
+    assert metrics["train/visible_tokens"] == 64.0  # all 64 patches: no masking
+    before = torch.load(pretrained, weights_only=False)["state_dict"]
+    after = torch.load(tune_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    # a tiny learning rate: weights stay within 1e-4 of the pre-trained ones
+    assert max((before[k] - after[k]).abs().max().item() for k in before) < 1e-4
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # but they did train
+
+
+def test_invalid_mask_fails_before_training(fast_cfg):
+    with pytest.raises(ConfigError, match="mask=1.0"):
+        train(fast_cfg("mask=1.0"))
