@@ -7,6 +7,7 @@ import torch
 from omegaconf import DictConfig
 
 from flip.config import check_hardware, check_mask, micro_batch
+from flip.zeroshot import format_zero_shot
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if data.classnames:
         top1 = trainer.validate(module, datamodule=data, verbose=False)[0]["val/zeroshot_top1"]
         metrics["val/zeroshot_top1"] = top1
-        chance = 1 / len(data.classnames)
         if trainer.is_global_zero:
-            print(f"held-out zero-shot top-1: {100 * top1:.1f}% (chance {100 * chance:.1f}%)")
+            print(format_zero_shot(top1, len(data.classnames)))
     return metrics

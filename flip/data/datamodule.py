@@ -30,6 +30,8 @@ class ImageTextDataModule(L.LightningDataModule):
         self.templates = list(zeroshot.templates) if zeroshot is not None else []
 
     def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
         if len(self.train_set) < self.micro_batch:
             raise ValueError(
                 f"the training set has {len(self.train_set)} samples, fewer than one "

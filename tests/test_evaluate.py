@@ -1,0 +1,35 @@
+"""`eval.py`: a trained checkpoint re-evaluated from disk gives the training run's number."""
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from flip.evaluate import evaluate
+from flip.train import train
+from tests.conftest import CONF, FAST
+
+# the FAST overrides that also exist in eval.yaml (no batch/schedule/logger groups there)
+MODEL = [o for o in FAST if o.startswith("model.")]
+
+
+def compose_eval(*overrides, output_dir):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("eval", overrides=[f"output_dir={output_dir}", *overrides])
+
+
+def test_eval_reproduces_the_final_zero_shot_accuracy(fast_cfg, tmp_path, capsys):
+    trained = train(fast_cfg())
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    cfg = compose_eval(*MODEL, f"ckpt_path={ckpt}", "data.zeroshot.size=40", "data.num_workers=0",
+                       "trainer.enable_progress_bar=false", output_dir=tmp_path / "eval")
+    metrics = evaluate(cfg)
+    assert metrics["val/zeroshot_top1"] == pytest.approx(trained["val/zeroshot_top1"], abs=1e-6)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == lines[-2]  # the same report line as at the end of training
+
+
+def test_eval_needs_a_checkpoint():
+    out = subprocess.run([sys.executable, "eval.py"], cwd=CONF.parent, capture_output=True,
+                         text=True)
+    assert out.returncode != 0 and "ckpt_path" in out.stderr
