@@ -14,7 +14,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     module = PretrainModule.load_from_checkpoint(
         cfg.ckpt_path, map_location="cpu", model=hydra.utils.instantiate(cfg.model))
-    data = hydra.utils.instantiate(cfg.data, micro_batch=cfg.batch_size)
+    data = hydra.utils.instantiate(cfg.data, batch_size=cfg.batch_size)
     if not data.classnames:
         raise ValueError(f"data={cfg.data._target_} has no zero-shot set to evaluate")
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[])

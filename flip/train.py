@@ -27,7 +27,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("initialised weights from %s", cfg.init_from)
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, max_steps=module.total_steps, logger=logger, callbacks=callbacks)
-    data = hydra.utils.instantiate(cfg.data, micro_batch=micro_batch(cfg, trainer.world_size))
+    data = hydra.utils.instantiate(cfg.data, batch_size=micro_batch(cfg, trainer.world_size))
 
     trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

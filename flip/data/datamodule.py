@@ -18,13 +18,13 @@ class ImageTextDataModule(L.LightningDataModule):
         train: Dataset,
         zeroshot: Dataset | None = None,
         image_size: int = 224,  # what the model expects; checked against the data
-        micro_batch: int = 256,  # per device
+        batch_size: int = 256,  # per device and loader step
         num_workers: int = 0,
         context_length: int = 32,
     ):
         super().__init__()
         self.train_set, self.zeroshot_set = train, zeroshot
-        self.image_size, self.micro_batch, self.num_workers = image_size, micro_batch, num_workers
+        self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.tokenizer = Tokenizer(context_length)
         self.classnames = list(zeroshot.classnames) if zeroshot is not None else []
         self.templates = list(zeroshot.templates) if zeroshot is not None else []
@@ -32,10 +32,10 @@ class ImageTextDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return
-        if len(self.train_set) < self.micro_batch:
+        if len(self.train_set) < self.batch_size:
             raise ValueError(
                 f"the training set has {len(self.train_set)} samples, fewer than one "
-                f"micro-batch ({self.micro_batch}); lower batch.micro or add data")
+                f"batch ({self.batch_size}); lower batch.global or add data")
         image = self.train_set[0][0]
         if tuple(image.shape[-2:]) != (self.image_size, self.image_size):
             raise ValueError(
@@ -47,7 +47,7 @@ class ImageTextDataModule(L.LightningDataModule):
         return torch.stack(images), self.tokenizer(list(captions))
 
     def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.micro_batch, num_workers=self.num_workers,
+        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
