@@ -1,0 +1,105 @@
+"""Zero-shot classification as a LightningModule run by ``Trainer.test``.
+
+The classifier is built from text alone (``flip.zeroshot.build_zero_shot_classifier``:
+the normalised mean of the normalised prompt embeddings of each class) and an image's
+logits are its cosine similarities to the class embeddings. Datasets whose label space
+is a projection of the classifier's (ImageNet-A/R: 200 of the 1000 ImageNet classes;
+ObjectNet: 113 classes, each a set of ImageNet classes; ImageNet-Vid: 30) give ``groups``:
+the logit of dataset class j is the max over the classifier rows in ``groups[j]``.
+
+Metrics (all computed; the dataset's reported one is chosen by the caller):
+``top1``, ``top5`` (more than 5 classes), ``mean_per_class`` (mean recall over the classes
+present in the test set), ``roc_auc`` (2 classes; score = logit of class 1 minus class 0),
+``mean_top1_top5``; for multi-hot labels ``map_11pt`` (VOC2007) and ``top1`` = the top
+class is one of the true ones; for frame sets (``pmsets``) ``pm0`` and ``pm<k>``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy, MulticlassStatScores
+
+from flip.evaluation.common import EvalModule
+from flip.evaluation.metrics import Collect, dedupe_by_index, mean_average_precision_11pt, pm_k
+from flip.zeroshot import build_zero_shot_classifier
+
+
+def group_max(logits: torch.Tensor, groups: Sequence[Sequence[int]]) -> torch.Tensor:
+    """(B, R) -> (B, G): column j is the max of ``logits[:, groups[j]]``."""
+    width = max(len(g) for g in groups)
+    index = torch.tensor([list(g) + [g[0]] * (width - len(g)) for g in groups],
+                         device=logits.device)  # (G, width), padded by repetition
+    return logits[:, index].amax(dim=-1)
+
+
+class ZeroShotClassification(EvalModule):
+    def __init__(self, model, dataset, classnames: Sequence[str], templates: Sequence[str],
+                 tokenizer, groups: Sequence[Sequence[int]] | None = None,
+                 pmsets: dict | None = None, pm_offsets: dict | None = None,
+                 pm_ks: Sequence[int | None] = (0, None), pm_names: Sequence[str] = ("pm0", "pm10"),
+                 batch_size: int = 256, num_workers: int = 0):
+        super().__init__(model, dataset, batch_size, num_workers)
+        self.classnames, self.templates, self.tokenizer = list(classnames), list(templates), tokenizer
+        self.groups = [list(g) for g in groups] if groups is not None else None
+        self.pmsets, self.pm_offsets = pmsets, pm_offsets
+        self.pm_ks, self.pm_names = list(pm_ks), list(pm_names)
+        C = len(self.groups) if self.groups is not None else len(self.classnames)
+        self.num_classes = C
+        self.top1 = MulticlassAccuracy(C, top_k=1, average="micro")
+        self.top5 = MulticlassAccuracy(C, top_k=5, average="micro") if C > 5 else None
+        self.per_class = MulticlassStatScores(C, average=None)
+        self.auroc = BinaryAUROC() if C == 2 else None
+        self.multi = Collect("index", "scores", "targets")
+
+    def on_test_start(self) -> None:
+        self.classifier = build_zero_shot_classifier(
+            self.model.encode_text, self.tokenizer, self.classnames, self.templates, self.device)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.model.encode_image(images) @ self.classifier.T  # cosine similarities
+        return group_max(logits, self.groups) if self.groups is not None else logits
+
+    def test_step(self, batch, batch_idx):
+        index, images, labels = batch
+        logits = self.logits(images).float()
+        if labels.ndim == 2:  # multi-hot (VOC2007, video frames)
+            self.multi.update(index=index, scores=logits, targets=labels.bool())
+            return
+        self.top1.update(logits, labels)
+        self.per_class.update(logits, labels)
+        if self.top5 is not None:
+            self.top5.update(logits, labels)
+        if self.auroc is not None:
+            self.auroc.update(logits[:, 1] - logits[:, 0], labels)
+
+    def on_test_epoch_end(self) -> None:
+        if self.multi.update_count:
+            gathered = self.multi.compute()
+            index, scores, targets = dedupe_by_index(
+                gathered["index"], gathered["scores"], gathered["targets"])
+            return self.publish(self._multi_label_results(scores.cpu(), targets.cpu()))
+        stats = self.per_class.compute()  # (C, 5): tp, fp, tn, fn, support
+        tp, support = stats[:, 0].float(), stats[:, 4].float()
+        present = support > 0
+        out = {"top1": self.top1.compute().item(),
+               "mean_per_class": (tp[present] / support[present]).mean().item(),
+               "num_samples": support.sum().item(), "num_classes": float(self.num_classes)}
+        if self.top5 is not None:
+            out["top5"] = self.top5.compute().item()
+            out["mean_top1_top5"] = (out["top1"] + out["top5"]) / 2
+        if self.auroc is not None:
+            out["roc_auc"] = self.auroc.compute().item()
+        self.publish(out)
+
+    def _multi_label_results(self, scores: torch.Tensor, targets: torch.Tensor) -> dict:
+        correct = targets.gather(1, scores.argmax(dim=1, keepdim=True)).squeeze(1)
+        out = {"top1": correct.float().mean().item(), "num_samples": float(len(scores)),
+               "num_classes": float(self.num_classes)}
+        if self.pmsets is not None:
+            for name, k in zip(self.pm_names, self.pm_ks):
+                out[name] = pm_k(correct, self.pmsets, k, self.pm_offsets)
+            out["num_samples"] = float(len(self.pmsets))
+        else:
+            out["map_11pt"] = mean_average_precision_11pt(scores, targets)
+        return out
