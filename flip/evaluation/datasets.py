@@ -1,6 +1,6 @@
 """Build an evaluation dataset from one ``eval_data`` config entry.
 
-An entry (``conf/eval_data/<name>.yaml``) says what the data is and where:
+An entry (``flip/evaluation/conf/eval_data/<name>.yaml``) says what the data is and where:
 
 ``kind``        classification | retrieval | video (PM-k frame sets)
 ``root``        the dataset directory (default ``${data_root}/<name>``)
