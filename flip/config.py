@@ -15,8 +15,10 @@ def check_mask(cfg: DictConfig) -> None:
             "(e.g. mask=0, mask=0.5, mask=0.75)")
 
 
-def micro_batch(cfg: DictConfig, world_size: int) -> int:
-    """Per-device micro-batch implied by batch.global, batch.micro and the world size."""
+def per_device_batch(cfg: DictConfig, world_size: int) -> int:
+    """Samples each device loads per step: batch.global / world size. batch.micro, if
+    set, must divide it (the step then runs per_device / micro micro-batches with
+    gradient caching)."""
     total, micro = cfg.batch["global"], cfg.batch.micro
     if not isinstance(total, int) or total < 1:
         raise ConfigError(f"batch.global={total!r} must be a positive integer")
@@ -31,12 +33,7 @@ def micro_batch(cfg: DictConfig, world_size: int) -> int:
         raise ConfigError(
             f"batch.micro={micro!r} must divide the per-device batch "
             f"batch.global / devices = {total} / {world_size} = {per_device}")
-    if micro != per_device:
-        raise ConfigError(
-            f"batch.micro={micro} < per-device batch {per_device}: splitting a contrastive "
-            "batch into micro-batches needs gradient caching, not available yet; "
-            "use batch.micro=null or more devices")
-    return micro
+    return per_device
 
 
 def check_hardware(accelerator: str) -> None:

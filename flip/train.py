@@ -6,7 +6,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from flip.config import check_hardware, check_mask, micro_batch
+from flip.config import check_hardware, check_mask, per_device_batch
 from flip.zeroshot import format_zero_shot
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("initialised weights from %s", cfg.init_from)
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, max_steps=module.total_steps, logger=logger, callbacks=callbacks)
-    data = hydra.utils.instantiate(cfg.data, batch_size=micro_batch(cfg, trainer.world_size))
+    data = hydra.utils.instantiate(cfg.data, batch_size=per_device_batch(cfg, trainer.world_size))
 
     trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

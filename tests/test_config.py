@@ -9,7 +9,7 @@ import torch
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
-from flip.config import ConfigError, check_hardware, check_mask, micro_batch
+from flip.config import ConfigError, check_hardware, check_mask, per_device_batch
 from flip.models.clip import FLIP
 from tests.conftest import CONF, compose_train
 
@@ -97,16 +97,17 @@ def batch_cfg(total, micro=None):
     return OmegaConf.create({"batch": {"global": total, "micro": micro}})
 
 
-def test_micro_batch_per_device():
-    assert micro_batch(batch_cfg(65536), 256) == 256
-    assert micro_batch(batch_cfg(256), 1) == 256
-    assert micro_batch(batch_cfg(256, 128), 2) == 128
+def test_per_device_batch():
+    assert per_device_batch(batch_cfg(65536), 256) == 256
+    assert per_device_batch(batch_cfg(256), 1) == 256
+    assert per_device_batch(batch_cfg(256, 128), 2) == 128
+    assert per_device_batch(batch_cfg(65536, 64), 8) == 8192  # 128 cached micro-batches
     with pytest.raises(ConfigError, match="batch.global=256 is not divisible by the 3 devices"):
-        micro_batch(batch_cfg(256), 3)
+        per_device_batch(batch_cfg(256), 3)
     with pytest.raises(ConfigError, match="batch.micro=100 must divide"):
-        micro_batch(batch_cfg(256, 100), 1)
+        per_device_batch(batch_cfg(256, 100), 1)
     with pytest.raises(ConfigError, match="batch.global=0"):
-        micro_batch(batch_cfg(0), 1)
+        per_device_batch(batch_cfg(0), 1)
 
 
 def test_missing_accelerators_fail_with_one_sentence():

@@ -101,3 +101,9 @@ def test_unmasked_tuning_starts_from_the_checkpoint_at_mask_zero(fast_cfg, tmp_p
 def test_invalid_mask_fails_before_training(fast_cfg):
     with pytest.raises(ConfigError, match="mask=1.0"):
         train(fast_cfg("mask=1.0"))
+
+
+def test_gradient_caching_run_from_config(fast_cfg):
+    metrics = train(fast_cfg("batch.micro=4"))
+    assert metrics["train/micro_batches"] == 4.0  # 16 per device / micro-batch 4
+    assert metrics["train/global_batch"] == 16.0 and math.isfinite(metrics["train/loss"])

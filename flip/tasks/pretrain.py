@@ -3,6 +3,11 @@
 Owns the model, the global-batch contrastive loss, the held-out zero-shot metric
 and the optimiser. lr = base_lr x global_batch / 256, linear warm-up then cosine to 0,
 both counted in samples seen (global_step x global_batch).
+
+Optimisation is manual so that one step can contrast a per-device batch larger than
+fits in memory: with ``micro_batch`` smaller than the per-device batch the step runs
+gradient caching (``flip/grad_cache.py``), still one optimiser step and one
+data-parallel gradient sync per global batch.
 """
 import time
 
@@ -11,6 +16,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 
+from flip.grad_cache import cached_contrastive_backward
 from flip.loss import global_contrastive_loss
 from flip.masking import num_visible
 from flip.models.clip import FLIP
@@ -25,6 +31,7 @@ class PretrainModule(L.LightningModule):
         global_batch: int,  # contrastive batch over all devices
         total_samples: int,  # training length in samples seen
         warmup_samples: int,
+        micro_batch: int | None = None,  # per device; None = the whole per-device batch
         base_lr: float = 4e-6,  # per 256 samples (official FLIP)
         weight_decay: float = 0.2,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -33,6 +40,7 @@ class PretrainModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
         self.model = model
+        self.automatic_optimization = False  # one step may span several micro-batches
         self.lr = base_lr * global_batch / 256
         self._last_step_time: float | None = None
 
@@ -45,25 +53,40 @@ class PretrainModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         images, tokens = batch
-        image_features, text_features, scale = self.model(images, tokens)
-        loss = global_contrastive_loss(image_features, text_features, scale)
-        self._log_train(loss, scale, images.shape[0])
+        optimizer, schedule = self.optimizers(), self.lr_schedulers()
+        micro = self.hparams.micro_batch or images.shape[0]
+        if micro >= images.shape[0]:  # the whole per-device batch fits: one pass
+            image_features, text_features, scale = self.model(images, tokens)
+            loss = global_contrastive_loss(image_features, text_features, scale)
+            self.manual_backward(loss)
+        else:
+            loss, scale = cached_contrastive_backward(
+                self.model, images, tokens, micro, self.manual_backward,
+                lambda: optimizer.toggle_model(sync_grad=False))
+        lr = schedule.get_last_lr()[0]  # the rate this step uses
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        self._log_train(loss, scale, lr, images.shape[0], images.shape[0] // micro)
         return loss
 
-    def _log_train(self, loss: torch.Tensor, scale: torch.Tensor, micro_batch: int) -> None:
+    def _log_train(self, loss: torch.Tensor, scale: torch.Tensor, lr: float, batch: int,
+                   micro_batches: int) -> None:
         now = time.perf_counter()
         if self._last_step_time is not None:
             rate = self.hparams.global_batch / (now - self._last_step_time)
             self.log("train/samples_per_sec", rate, rank_zero_only=True)
         self._last_step_time = now
         visual = self.model.visual
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch)
         self.log_dict({
-            "train/loss": loss,
             "train/logit_scale": scale,
-            "train/lr": self.lr_schedulers().get_last_lr()[0],
-            "train/samples_seen": float((self.global_step + 1) * self.hparams.global_batch),
+            "train/lr": lr,
+            "train/samples_seen": float(self.global_step * self.hparams.global_batch),
+            "train/global_batch": float(self.hparams.global_batch),
+            "train/micro_batches": float(micro_batches),
             "train/visible_tokens": float(num_visible(visual.num_patches, visual.mask_ratio)),
-        }, prog_bar=True, batch_size=micro_batch)
+        }, batch_size=batch)
 
     # -- held-out zero-shot classification -------------------------------------------
     def setup(self, stage: str) -> None:

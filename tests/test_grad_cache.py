@@ -1,0 +1,137 @@
+"""Gradient caching: loss and every gradient equal the one-shot full batch (with masking),
+on one process and through Lightning DDP with 2 gloo processes."""
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flip.grad_cache import cached_contrastive_backward
+from flip.loss import contrastive_loss
+from flip.models.clip import FLIP
+from flip.models.image_encoder import ImageEncoder
+from flip.models.text_encoder import TextEncoder
+
+B, SIZE = 8, 32
+
+
+def tiny_flip(drop_path: float = 0.0) -> FLIP:
+    torch.manual_seed(0)
+    image = ImageEncoder(SIZE, patch_size=8, width=32, depth=2, heads=2, mask_ratio=0.5,
+                         drop_path=drop_path)
+    text = TextEncoder(vocab_size=100, context_length=8, width=32, depth=2, heads=2)
+    return FLIP(image, text, embed_dim=16).double().train()
+
+
+def batch(n: int = B, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 3, SIZE, SIZE, generator=g, dtype=torch.float64),
+            torch.randint(1, 100, (n, 8), generator=g))
+
+
+def grads(model: FLIP) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def one_shot(model: FLIP, images, tokens, noise) -> torch.Tensor:
+    image, text, scale = model(images, tokens, noise=noise)
+    loss = contrastive_loss(image, text, scale)
+    loss.backward()
+    return loss.detach()
+
+
+def assert_same_grads(actual: dict, expected: dict) -> None:
+    """Every gradient within 1e-5 relative error (norm of the difference / norm); the
+    loss itself is computed in fp32, so elementwise checks on near-zero entries are noise."""
+    assert actual.keys() == expected.keys() and len(expected) > 10
+    for name in expected:
+        error = (actual[name] - expected[name]).norm() / expected[name].norm()
+        assert error <= 1e-5, f"{name}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("micro", [1, 2, 4, 8])
+def test_cached_equals_one_shot_with_masking(micro):
+    images, tokens = batch()
+    reference, cached = tiny_flip(), tiny_flip()
+    torch.manual_seed(7)
+    noise = torch.rand(B, reference.visual.num_patches)  # what the cached path draws first
+    expected_loss = one_shot(reference, images, tokens, noise.double())
+    torch.manual_seed(7)
+    loss, scale = cached_contrastive_backward(cached, images, tokens, micro)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-10, atol=0)
+    assert scale.item() == pytest.approx(1 / 0.07)
+    assert_same_grads(grads(cached), grads(reference))
+
+
+def test_plain_accumulation_would_differ():
+    """Sanity check of the test itself: per-micro-batch losses give other gradients."""
+    images, tokens = batch()
+    reference, accumulated = tiny_flip(), tiny_flip()
+    noise = torch.rand(B, reference.visual.num_patches).double()
+    one_shot(reference, images, tokens, noise)
+    for c in (slice(0, 4), slice(4, 8)):
+        image, text, scale = accumulated(images[c], tokens[c], noise=noise[c])
+        (contrastive_loss(image, text, scale) / 2).backward()
+    name = "visual.blocks.0.attn.qkv.weight"
+    assert not torch.allclose(grads(accumulated)[name], grads(reference)[name], rtol=1e-3)
+
+
+def test_second_pass_replays_dropout_randomness():
+    """With drop-path on, the replay must see the RNG state of the first pass."""
+    images, tokens = batch()
+    reference, cached = tiny_flip(drop_path=0.5), tiny_flip(drop_path=0.5)
+    micro = 4
+    torch.manual_seed(3)  # reference: same RNG order as the cached first pass
+    noise = torch.rand(B, reference.visual.num_patches).double()
+    features = [(reference.encode_image(images[c], noise=noise[c]), reference.encode_text(tokens[c]))
+                for c in (slice(0, micro), slice(micro, B))]
+    image = torch.cat([f[0] for f in features])
+    text = torch.cat([f[1] for f in features])
+    expected_loss = contrastive_loss(image, text, reference.scale())
+    expected_loss.backward()
+    after_reference = torch.rand(1)
+    torch.manual_seed(3)
+    loss, _ = cached_contrastive_backward(cached, images, tokens, micro)
+    torch.testing.assert_close(loss, expected_loss.detach(), rtol=1e-10, atol=0)
+    assert_same_grads(grads(cached), grads(reference))
+    # the RNG continues where the first pass left it, not replayed twice
+    assert torch.equal(torch.rand(1), after_reference)
+
+
+def test_batch_not_a_multiple_of_the_micro_batch_is_rejected():
+    images, tokens = batch()
+    with pytest.raises(ValueError, match="batch 8 is not a multiple of the micro-batch 3"):
+        cached_contrastive_backward(tiny_flip(), images, tokens, 3)
+
+
+@pytest.mark.slow
+def test_lightning_ddp_two_processes_equals_one_shot(tmp_path):
+    """2 gloo ranks x 4 samples, micro-batch 2 (gradient caching) through Lightning's DDP
+    and PretrainModule; the synchronised gradients equal the one-process full batch."""
+    script = Path(__file__).with_name("ddp_pretrain_step.py")
+    out = subprocess.run([sys.executable, str(script), str(tmp_path), "2"], capture_output=True,
+                         text=True, timeout=300, cwd=script.parent.parent)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["micro_batches"] == 2.0 and meta["world_size"] == 2
+
+    from ddp_pretrain_step import NOISE_SEED, build_model  # the script's own setup
+
+    model = build_model()
+    # the global batch in rank order (as all_gather concatenates), with each rank's noise
+    batches = [torch.load(tmp_path / f"batch{r}.pt") for r in (0, 1)]
+    images, tokens = (torch.cat([b[i] for b in batches]) for i in (0, 1))
+    assert sorted(tokens[:, 0].tolist()) == sorted(batch(8)[1][:, 0].tolist())  # all 8 items
+    noise = []
+    for r in (0, 1):  # Lightning's 64-true precision makes float64 the default dtype
+        torch.manual_seed(NOISE_SEED + r)
+        noise.append(torch.rand(4, model.visual.num_patches, dtype=torch.float64))
+    loss = one_shot(model, images, tokens, torch.cat(noise))
+    for rank in ranks:  # every rank holds the same averaged gradients
+        assert_same_grads(rank["grads"], {"model." + k: v for k, v in grads(model).items()})
+    mean_loss = (ranks[0]["loss"] + ranks[1]["loss"]) / 2  # DDP's average of local losses
+    torch.testing.assert_close(mean_loss, loss, rtol=1e-6, atol=0)
