@@ -55,7 +55,9 @@ def _trainer(cfg: DictConfig, **overrides) -> L.Trainer:
 
 
 def run_protocol(protocol: str, name: str, entry: DictConfig, model, cfg: DictConfig,
-                 trainer: L.Trainer) -> dict[str, float]:
+                 trainer: L.Trainer, classifiers: dict | None = None) -> dict[str, float]:
+    """Run one protocol on one dataset; ``classifiers`` caches zero-shot class embeddings
+    by (class names, templates) across datasets (the ImageNet variants share one)."""
     from flip.tasks.linear_probe import FeatureExtractor, LinearProbe
     from flip.tasks.retrieval import ZeroShotRetrieval
     from flip.tasks.zeroshot import ZeroShotClassification
@@ -66,9 +68,15 @@ def run_protocol(protocol: str, name: str, entry: DictConfig, model, cfg: DictCo
     if protocol == "zeroshot":
         es = build_eval_set(name, entry, entry.split, transform, cfg)
         pm = entry.get("pm") or {"pm0": 0, "pm10": None}
+        key = (tuple(es.classnames), tuple(es.templates))
+        cache = classifiers if classifiers is not None else {}
         module = ZeroShotClassification(
             model, es.dataset, es.classnames, es.templates, tokenizer, es.groups,
-            pm_names=list(pm), pm_ks=list(pm.values()), **es.extra, **loader)
+            pm_names=list(pm), pm_ks=list(pm.values()), classifier=cache.get(key),
+            **es.extra, **loader)
+        trainer.test(module, verbose=False)
+        cache[key] = module.classifier
+        return module.results
     elif protocol == "retrieval":
         es = build_eval_set(name, entry, entry.split, transform, cfg)
         module = ZeroShotRetrieval(model, es.dataset, tokenizer, ks=list(cfg.retrieval.ks), **loader)
@@ -136,13 +144,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise ConfigError("eval_data is empty: choose datasets, e.g. eval_data=imagenet")
     model = load_model(cfg.model, cfg.ckpt_path)
     trainer = _trainer(cfg, use_distributed_sampler=False)
-    rows, flat = [], {}
+    rows, flat, classifiers = [], {}, {}
     for name, entry in cfg.eval_data.items():
         for protocol in protocols_for(cfg.eval_task, name, entry):
             row = {"dataset": name, "title": entry.get("title", name), "protocol": protocol,
                    "metric": headline(protocol, entry, {})}
             try:
-                metrics = run_protocol(protocol, name, entry, model, cfg, trainer)
+                metrics = run_protocol(protocol, name, entry, model, cfg, trainer, classifiers)
             except DatasetNotFound as err:
                 if not cfg.skip_missing:
                     raise

@@ -71,9 +71,9 @@ def retrieval_recall(
         t2i_rank[s:s + chunk] = (sim > pos).sum(dim=1)
     out = {}
     for k in ks:
-        out[f"image_to_text_R@{k}"] = (i2t_rank < k).float().mean().item()
+        out[f"image_to_text_R@{k}"] = (i2t_rank < k).sum().item() / I
     for k in ks:
-        out[f"text_to_image_R@{k}"] = (t2i_rank < k).float().mean().item()
+        out[f"text_to_image_R@{k}"] = (t2i_rank < k).sum().item() / T
     return out
 
 

@@ -61,7 +61,14 @@ class DatasetNotFound(ConfigError, FileNotFoundError):
 
 def not_found(name: str, root, formats: Sequence[str], split: str = "test", why: str = "",
               **fmt) -> DatasetNotFound:
-    layouts = "; or ".join(LAYOUTS[f].format(root=root, split=split, **fmt) for f in formats)
+    values = {"root": root, "split": split, **fmt}
+
+    def fill(text: str) -> str:  # only the named placeholders: layouts also show JSON braces
+        for key, value in values.items():
+            text = text.replace("{" + key + "}", str(value))
+        return text
+
+    layouts = "; or ".join(fill(LAYOUTS[f]) for f in formats)
     return DatasetNotFound(
         f"dataset {name} not found at {root}{f' ({why})' if why else ''}; nothing is downloaded, "
         f"expected {layouts}. Set eval_data.{name}.root=<dir> or data_root=<dir>")

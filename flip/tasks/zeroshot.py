@@ -38,9 +38,11 @@ class ZeroShotClassification(EvalModule):
                  tokenizer, groups: Sequence[Sequence[int]] | None = None,
                  pmsets: dict | None = None, pm_offsets: dict | None = None,
                  pm_ks: Sequence[int | None] = (0, None), pm_names: Sequence[str] = ("pm0", "pm10"),
+                 classifier: torch.Tensor | None = None, classes_per_batch: int = 32,
                  batch_size: int = 256, num_workers: int = 0):
         super().__init__(model, dataset, batch_size, num_workers)
         self.classnames, self.templates, self.tokenizer = list(classnames), list(templates), tokenizer
+        self.classifier, self.classes_per_batch = classifier, classes_per_batch  # (C, D) if given
         self.groups = [list(g) for g in groups] if groups is not None else None
         self.pmsets, self.pm_offsets = pmsets, pm_offsets
         self.pm_ks, self.pm_names = list(pm_ks), list(pm_names)
@@ -53,8 +55,11 @@ class ZeroShotClassification(EvalModule):
         self.multi = Collect("index", "scores", "targets")
 
     def on_test_start(self) -> None:
-        self.classifier = build_zero_shot_classifier(
-            self.model.encode_text, self.tokenizer, self.classnames, self.templates, self.device)
+        if self.classifier is None:
+            self.classifier = build_zero_shot_classifier(
+                self.model.encode_text, self.tokenizer, self.classnames, self.templates,
+                self.device, self.classes_per_batch)
+        self.classifier = self.classifier.to(self.device)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         logits = self.model.encode_image(images) @ self.classifier.T  # cosine similarities
