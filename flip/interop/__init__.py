@@ -1,0 +1,1 @@
+"""Interoperability with other CLIP code bases (OpenCLIP export / import)."""
