@@ -15,7 +15,7 @@ from test_grad_cache import batch, tiny_flip  # noqa: E402  (one model/data defi
 
 from flip.tasks.pretrain import PretrainModule  # noqa: E402
 
-NOISE_SEED = 1000
+NOISE_SEED = 1000  # the module seeds step 0 of rank r with NOISE_SEED + r
 
 
 def build_model():
@@ -31,7 +31,6 @@ class Capture(L.Callback):
         self.out = out
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        torch.manual_seed(NOISE_SEED + trainer.global_rank)  # the mask noise, reproducibly
         # the sampler's shuffled share of this rank, for the test's reference computation
         torch.save(batch, self.out / f"batch{trainer.global_rank}.pt")
 
@@ -50,7 +49,7 @@ class Capture(L.Callback):
 
 def main(out: Path, micro: int) -> None:
     module = PretrainModule(build_model(), global_batch=8, total_samples=8, warmup_samples=0,
-                            micro_batch=micro, base_lr=1e-3)
+                            micro_batch=micro, base_lr=1e-3, seed=NOISE_SEED)
     loader = DataLoader(TensorDataset(*dataset()), batch_size=4, shuffle=False)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=1,
                         precision="64-true", logger=False, enable_checkpointing=False,

@@ -36,13 +36,18 @@ class PretrainModule(L.LightningModule):
         weight_decay: float = 0.2,
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
+        nonfinite: str = "stop",  # a non-finite loss/gradient: "stop" the run or "skip" the step
+        seed: int = 0,  # masks of step s come from seed, s and the rank: resumable
     ):
         super().__init__()
+        if nonfinite not in ("stop", "skip"):
+            raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         self.automatic_optimization = False  # one step may span several micro-batches
         self.lr = base_lr * global_batch / 256
         self._last_step_time: float | None = None
+        self.skipped_steps = 0  # non-finite steps skipped (nonfinite="skip")
 
     @property
     def total_steps(self) -> int:
@@ -54,6 +59,10 @@ class PretrainModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         images, tokens = batch
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
+        # random masks (and dropout) depend on (seed, step, rank) only: a resumed run
+        # draws the same masks as an uninterrupted one
+        world, rank = self.trainer.world_size, self.global_rank
+        torch.manual_seed(self.hparams.seed + self.global_step * world + rank)
         micro = self.hparams.micro_batch or images.shape[0]
         if micro >= images.shape[0]:  # the whole per-device batch fits: one pass
             image_features, text_features, scale = self.model(images, tokens)
@@ -63,12 +72,33 @@ class PretrainModule(L.LightningModule):
             loss, scale = cached_contrastive_backward(
                 self.model, images, tokens, micro, self.manual_backward,
                 lambda: optimizer.toggle_model(sync_grad=False))
+        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
+            [p.grad for p in self.model.parameters() if p.grad is not None])))
+        if not self._finite(loss, grad_norm):
+            optimizer.zero_grad(set_to_none=True)
+            return None
         lr = schedule.get_last_lr()[0]  # the rate this step uses
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
         self._log_train(loss, scale, lr, images.shape[0], images.shape[0] // micro)
+        self.log("train/grad_norm", grad_norm, batch_size=images.shape[0])
         return loss
+
+    def _finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """False (step skipped, counted) or an error naming the step and the last
+        checkpoint when the loss or a gradient is not finite."""
+        if bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):  # one host sync
+            return True
+        if self.hparams.nonfinite == "skip":
+            self.skipped_steps += 1
+            self.log("train/skipped_nonfinite_steps", float(self.skipped_steps))
+            return False
+        checkpoint = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none yet"
+        raise FloatingPointError(
+            f"non-finite loss ({loss.item()}) or gradient norm ({grad_norm.item()}) at step "
+            f"{self.global_step}; last good checkpoint: {checkpoint}. Resume from it with a "
+            "lower schedule.base_lr, or set task.nonfinite=skip to skip such steps")
 
     def _log_train(self, loss: torch.Tensor, scale: torch.Tensor, lr: float, batch: int,
                    micro_batches: int) -> None:
