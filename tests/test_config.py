@@ -35,6 +35,10 @@ def test_every_option_composes_and_resolves(group, option, tmp_path):
     overrides = [f"{group}={option}"]
     if group == "data" and option == "csv":
         overrides.append("data.train.path=/data/pairs.csv")
+    if group == "data" and option == "folder":
+        overrides.append("data.train.root=/data/images")
+    if group == "data" and option == "laion":
+        overrides.append('data.shards="/data/laion400m/{00000..41407}.tar"')
     if group == "experiment":
         overrides.append("init_from=/ckpt/last.ckpt")
     cfg = compose_train(*overrides, output_dir=tmp_path)

@@ -5,14 +5,19 @@ relative to ``image_root`` or, by default, to the CSV's own folder (absolute pat
 too). Errors in the CSV itself are raised at construction: a missing file, a header
 without both columns, or no rows at all.
 
-A bad *image* does not crash training and does not shrink the batch (every step must
+A bad row does not crash training and does not shrink the batch (every step must
 contrast exactly the global batch, and DDP gathers equal-sized batches): ``__getitem__``
-counts it in ``skipped`` (a Counter with keys "missing" and "corrupt"), logs the first
-few, and returns the next readable row instead. If ``max_consecutive_bad`` rows in a row
-are unreadable, it raises naming the CSV (a wrong ``image_root`` must not train on
-nothing). The counter lives in the process that loaded the sample, i.e. in each
-DataLoader worker when num_workers > 0; ``check()`` scans every image once in the
-calling process for exact totals.
+counts it in ``skipped`` (a Counter with keys "missing" and "corrupt" for missing and
+undecodable images, "empty_image" for zero-byte files, "large_image" above
+``max_pixels``, "empty_caption" for blank captions; ``FolderCaptions`` adds
+"missing_caption"), logs the first few, and returns the next readable row instead.
+Non-RGB images are converted (transparency over white, ``flip.data.images.to_rgb``) and
+counted in ``converted`` by original mode. If ``max_consecutive_bad`` rows in a row are
+unreadable, it raises naming the CSV (a wrong ``image_root`` must not train on nothing).
+The counters live in the process that loaded the sample, i.e. in each DataLoader worker
+when num_workers > 0 (the DataModule's collate ships their deltas with each batch, see
+``flip.data.quality``); ``check()`` scans every image once in the calling process for
+exact totals.
 """
 import csv
 import logging
@@ -22,6 +27,7 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset
 
+from flip.data.images import DEFAULT_MAX_PIXELS, BadSample, decode_caption, decode_image
 from flip.data.transforms import train_transform
 
 log = logging.getLogger(__name__)
@@ -36,7 +42,7 @@ class CsvCaptions(Dataset):
     """
 
     def __init__(self, path, image_root=None, image_size: int = 224, transform=None,
-                 max_consecutive_bad: int = 100):
+                 max_consecutive_bad: int = 100, max_pixels: int | None = DEFAULT_MAX_PIXELS):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"caption CSV not found: {self.path}")
@@ -52,34 +58,60 @@ class CsvCaptions(Dataset):
         if not self.rows:
             raise ValueError(f"{self.path}: no image-caption rows below the header")
         self.root = Path(image_root) if image_root is not None else self.path.parent
+        self._init_counters(image_size, transform, max_consecutive_bad, max_pixels)
+
+    def _init_counters(self, image_size, transform, max_consecutive_bad, max_pixels) -> None:
         self.transform = transform if transform is not None else train_transform(image_size)
-        self.skipped = Counter()  # reason ("missing" | "corrupt") -> rows skipped
-        self.max_consecutive_bad = max_consecutive_bad
+        self.skipped = Counter()  # reason ("missing" | "corrupt" | ...) -> rows skipped
+        self.converted = Counter()  # original mode of non-RGB images -> count
+        self.examples = {}  # reason -> a recent example
+        self.max_consecutive_bad, self.max_pixels = max_consecutive_bad, max_pixels
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def _skip(self, reason: str, what, index: int) -> None:
+        self.skipped[reason] += 1
+        self.examples[reason] = f"{what} (row {index} of {self.path})"
+        if sum(self.skipped.values()) <= _MAX_WARNINGS:
+            log.warning("skipping %s: %s (row %d of %s)", reason, what, index, self.path)
 
     def _open(self, index: int) -> Image.Image | None:
         """The RGB image of row ``index``, or None (counted in ``skipped``)."""
         file = self.root / self.rows[index][0]
         try:
-            with Image.open(file) as im:
-                return im.convert("RGB")  # forces the full decode inside the try
+            img, mode = decode_image(file, self.max_pixels)
         except FileNotFoundError:
-            reason = "missing"
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            reason = "corrupt"  # includes PIL.UnidentifiedImageError, truncated files
-        self.skipped[reason] += 1
-        if sum(self.skipped.values()) <= _MAX_WARNINGS:
-            log.warning("skipping %s image %s (row %d of %s)", reason, file, index, self.path)
-        return None
+            self._skip("missing", file, index)
+            return None
+        except BadSample as bad:
+            reason = "corrupt" if bad.reason == "corrupt_image" else bad.reason
+            self._skip(reason, f"{file}: {bad.detail}", index)
+            return None
+        if mode != "RGB":
+            self.converted[mode] += 1
+        return img
+
+    def _caption(self, index: int) -> str | None:
+        """The caption of row ``index``, or None (counted in ``skipped``)."""
+        try:
+            return decode_caption(self.rows[index][1])
+        except BadSample as bad:
+            self._skip(bad.reason, f"caption of {self.rows[index][0]}", index)
+            return None
+
+    def _load(self, index: int):
+        caption = self._caption(index)
+        if caption is None:
+            return None
+        img = self._open(index)
+        return None if img is None else (self.transform(img), caption)
 
     def __getitem__(self, index: int):
         for offset in range(min(self.max_consecutive_bad, len(self))):
-            row = (index + offset) % len(self)
-            img = self._open(row)
-            if img is not None:
-                return self.transform(img), self.rows[row][1]
+            item = self._load((index + offset) % len(self))
+            if item is not None:
+                return item
         raise RuntimeError(
             f"{self.path}: {min(self.max_consecutive_bad, len(self))} consecutive rows from "
             f"row {index} have no readable image (looked under {self.root}); "
@@ -87,7 +119,10 @@ class CsvCaptions(Dataset):
 
     def check(self) -> Counter:
         """Open every image once; Counter(ok=..., missing=..., corrupt=...). Slow on big sets."""
-        before, self.skipped = self.skipped, Counter()
-        ok = sum(self._open(i) is not None for i in range(len(self)))
-        counts, self.skipped = Counter(ok=ok, **self.skipped), before  # leave skipped as is
+        before = self.skipped, self.converted, self.examples
+        self.skipped, self.converted, self.examples = Counter(), Counter(), {}
+        ok = sum(self._caption(i) is not None and self._open(i) is not None
+                 for i in range(len(self)))
+        counts = Counter(ok=ok, **self.skipped)
+        self.skipped, self.converted, self.examples = before  # leave the counters as they were
         return counts

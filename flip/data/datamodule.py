@@ -4,15 +4,23 @@ Datasets follow one protocol (see README "Data"): a training item is
 ``(image (3, H, W) float, caption str)``; a zero-shot item is ``(image, label int)``
 and the zero-shot dataset carries ``classnames`` and ``templates``. Captions are
 tokenised here, in the collate function, with the batch tokenizer.
+
+Skipped samples: the collate function (which runs in the DataLoader worker, next to the
+dataset copy that counted them) attaches the dataset's new ``skipped`` counts to each
+batch (``flip.data.quality.Batch``, still an ``(images, tokens)`` pair); the
+``QualityMixin`` hook collects them during training for ``DataQualityCallback``.
 """
+from collections import Counter
+
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from flip.data.quality import Batch, QualityMixin, stats_of_dataset
 from flip.tokenizer import Tokenizer
 
 
-class ImageTextDataModule(L.LightningDataModule):
+class ImageTextDataModule(QualityMixin, L.LightningDataModule):
     def __init__(
         self,
         train: Dataset,
@@ -21,8 +29,11 @@ class ImageTextDataModule(L.LightningDataModule):
         batch_size: int = 256,  # per device and loader step
         num_workers: int = 0,
         context_length: int = 32,
+        max_skip_rate: float = 0.05,  # of samples skipped; more stops training
+        skip_rate_min_samples: int = 1000,  # samples read before the rate is enforced
     ):
         super().__init__()
+        self.init_quality(max_skip_rate, skip_rate_min_samples)
         self.train_set, self.zeroshot_set = train, zeroshot
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.tokenizer = Tokenizer(context_length)
@@ -41,10 +52,16 @@ class ImageTextDataModule(L.LightningDataModule):
             raise ValueError(
                 f"data.image_size is {self.image_size} but the training set yields "
                 f"{tuple(image.shape)} images")
+        # the probe above is not training data: do not report its skips
+        self.train_set._skips_reported = Counter(getattr(self.train_set, "skipped", {}))
+        self.train_set._converted_reported = Counter(getattr(self.train_set, "converted", {}))
 
-    def collate(self, batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+    def collate(self, batch: list) -> Batch:
         images, captions = zip(*batch)
-        return torch.stack(images), self.tokenizer(list(captions))
+        info = get_worker_info()  # in a worker, the dataset copy that counted the skips
+        dataset = info.dataset if info is not None else self.train_set
+        return Batch(torch.stack(images), self.tokenizer(list(captions)),
+                     stats_of_dataset(dataset, len(batch)))
 
     def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,

@@ -1,0 +1,277 @@
+"""webdataset shards: the real pipeline over real-format shards with every kind of bad input."""
+import csv
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from flip.data.quality import Batch, DataError, DataQualityCallback, LoaderStats
+from flip.data.shards import (
+    ShardDataModule,
+    ShardStream,
+    assign_shards,
+    expand_shards,
+    keep_batch,
+)
+from flip.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_normalized_tensor
+from flip.tokenizer import Tokenizer
+from flip.train import train
+from tests.conftest import compose_fast
+from tests.shard_fixtures import (
+    EXPECTED_CONVERTED,
+    EXPECTED_GOOD,
+    EXPECTED_SHARD_FAILURES,
+    EXPECTED_SKIPPED,
+    MAX_PIXELS,
+    READER_SKIPS_PER_SHARD,
+    RED,
+    caption,
+    write_fixture_shards,
+    write_reader_shards,
+)
+
+MEAN, STD = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+
+
+def normalised(rgb) -> torch.Tensor:
+    return (torch.tensor(rgb, dtype=torch.float32)[:, None, None] / 255 - MEAN) / STD
+
+
+@pytest.fixture(scope="module")
+def fixture_shards(tmp_path_factory) -> str:
+    return write_fixture_shards(tmp_path_factory.mktemp("shards"))
+
+
+def one_pass(pattern, **kwargs) -> ShardStream:
+    return ShardStream(pattern, 1, passes=1, shuffle_buffer=0, max_pixels=MAX_PIXELS, **kwargs)
+
+
+def shard_of(tokens: torch.Tensor, tokenizer=Tokenizer(32)) -> list[tuple[int, int]]:
+    """(shard, sample) of each caption 'shard S sample I a photo' in a token batch."""
+    out = []
+    for row in tokens:
+        match = re.fullmatch(r"shard (\d+) sample (\d+) a photo", tokenizer.decode(row))
+        out.append((int(match[1]), int(match[2])))
+    return out
+
+
+def test_one_pass_reads_every_good_sample_and_counts_every_bad_one(fixture_shards):
+    stream = one_pass(fixture_shards, transform=lambda img: img)
+    items = list(stream.samples())
+    keys = [key for _, _, key, _ in items]
+    assert keys == ([f"00000{i:04d}" for i in range(10)]
+                    + [f"00001{i:04d}" for i in (0, 1, 2, 3, 11)]
+                    + [f"00002{i:04d}" for i in range(4)]     # cut inside sample 4's jpg
+                    + [f"00003{i:04d}" for i in range(3)])    # cut before sample 3's header
+    stats = stream.state.stats
+    assert len(items) == stats.samples == EXPECTED_GOOD == 22
+    assert stats.skipped == EXPECTED_SKIPPED + EXPECTED_SHARD_FAILURES
+    assert stats.sample_skips == 7 and stats.shard_failures == 4 and stats.shards == 6
+    assert stats.converted == EXPECTED_CONVERTED
+    assert all(img.mode == "RGB" for img, _, _, _ in items)
+    examples = stats.examples
+    assert examples["unreadable_shard"].startswith(fixture_shards.replace("{00000..00005}", "00004"))
+    assert "00005.tar" in examples["corrupt_shard"]  # the last corrupt shard read
+    assert examples["large_image"].endswith("000010009: 300x300 > max_pixels=50000")
+    assert examples["missing_image"].endswith("000010010: no jpg/jpeg/png/webp file")
+    assert "data: 22 good samples, 7 skipped (24.14% of 29 read)" in stats.summary()
+    assert "shards read: 6, failed: 4 (66.67%)" in stats.summary()
+
+
+def test_truncation_at_a_member_boundary_is_not_silent(tmp_path):
+    pattern = write_fixture_shards(tmp_path)
+    stream = one_pass(pattern.replace("{00000..00005}", "00003"))
+    assert len(list(stream.samples())) == 3
+    assert stream.state.stats.skipped == Counter(corrupt_shard=1)
+    assert "without an end-of-archive block" in stream.state.stats.examples["corrupt_shard"]
+    intact = one_pass(pattern.replace("{00000..00005}", "00000"))
+    assert len(list(intact.samples())) == 10 and not intact.state.stats.skipped
+
+
+def test_batches_are_full_typed_and_normalised(fixture_shards):
+    stream = ShardStream(fixture_shards, batch_size=5, image_size=32, passes=1,
+                         shuffle_buffer=0, max_pixels=MAX_PIXELS)
+    batches = list(stream)
+    assert len(batches) == 4  # 22 good samples: 4 full batches, the last 2 dropped
+    for batch in batches:
+        assert isinstance(batch, Batch) and isinstance(batch, tuple) and len(batch) == 2
+        images, tokens = batch  # the (images, tokens) protocol
+        assert images.shape == (5, 3, 32, 32) and images.dtype == torch.float32
+        assert tokens.shape == (5, 32) and tokens.dtype == torch.int64
+    images, tokens = batches[0]
+    # sample 000000000 is solid red: any crop/flip of it is red, normalised with ImageNet stats
+    assert torch.allclose(images[0], normalised(RED).expand(3, 32, 32), atol=0.05)
+    assert torch.equal(tokens[0], Tokenizer(32)(caption(0, 0))[0])
+    total = LoaderStats()
+    for batch in batches:
+        total += batch.stats
+    assert total.samples == 20  # stats travel with the batches that were delivered
+
+
+def test_transparency_is_composited_over_white(fixture_shards):
+    stream = one_pass(fixture_shards, transform=to_normalized_tensor())
+    image = {key: img for img, _, key, _ in stream.samples()}["000010002"]  # RGBA png
+    assert image.shape == (3, 32, 32)
+    assert torch.allclose(image[:, :, :16], normalised((255, 255, 255)).expand(3, 32, 16))
+    assert torch.allclose(image[:, :, 16:], normalised((0, 0, 255)).expand(3, 32, 16))
+
+
+def test_readers_on_ranks_and_workers_read_disjoint_shards(tmp_path):
+    urls = [f"{i}.tar" for i in range(6)]
+    assert [assign_shards(urls, k, 4) for k in range(4)] == [
+        ["0.tar", "4.tar"], ["1.tar", "5.tar"], ["2.tar"], ["3.tar"]]
+    assert [assign_shards(urls[:2], k, 4) for k in range(4)] == [["0.tar"], ["1.tar"]] * 2
+
+    pattern = write_reader_shards(tmp_path, n_shards=4, good_per_shard=8)
+    seen, total = {}, LoaderStats()
+    for rank in (0, 1):  # 2 ranks x 2 DataLoader worker processes, one pass each
+        stream = ShardStream(pattern, batch_size=4, image_size=16, rank=rank, world_size=2,
+                             passes=1, shuffle_buffer=0)
+        loader = DataLoader(stream, batch_size=None, num_workers=2, collate_fn=keep_batch)
+        seen[rank] = []
+        for batch in loader:
+            assert isinstance(batch, Batch) and batch[0].shape == (4, 3, 16, 16)
+            seen[rank] += shard_of(batch[1])
+            total += batch.stats
+    # reader k = rank * 2 + worker owns shard k; every sample exactly once
+    assert sorted(seen[0]) == [(s, i) for s in (0, 1) for i in range(8)]
+    assert sorted(seen[1]) == [(s, i) for s in (2, 3) for i in range(8)]
+    assert total.samples == 32 and total.shards == 4
+    assert total.skipped == Counter({r: 4 * n for r, n in READER_SKIPS_PER_SHARD.items()})
+
+
+def test_stream_is_infinite_reshuffled_and_seeded(tmp_path):
+    pattern = write_reader_shards(tmp_path, n_shards=3, good_per_shard=4)
+
+    def read(batches, **kwargs):
+        stream = ShardStream(pattern, batch_size=4, image_size=16, shuffle_buffer=0, **kwargs)
+        out, stats = [], LoaderStats()
+        for i, batch in enumerate(stream):
+            out.append(shard_of(batch[1]))
+            stats += batch.stats
+            if i + 1 == batches:
+                return out, stats
+
+    passes, stats = read(3 * 8)  # one batch = one shard; 8 passes over 3 shards
+    assert stats.samples == 96 and stats.shards == 24
+    orders = [tuple(b[0][0] for b in passes[3 * p:3 * p + 3]) for p in range(8)]
+    assert all(sorted(o) == [0, 1, 2] for o in orders)  # every pass reads every shard once
+    assert len(set(orders)) > 1  # in a new order
+    assert read(6)[0] == read(6)[0]  # a function of the seed ...
+    assert read(24, start=100)[0] != passes  # ... and of the step training starts at
+
+
+def test_reader_with_only_bad_shards_stops_naming_them(fixture_shards):
+    bad = fixture_shards.replace("{00000..00005}", "{00004..00005}")
+    stream = ShardStream(bad, batch_size=2, max_consecutive_bad=20)
+    with pytest.raises(DataError, match=r"rank 0 worker 0 \(shards .*00004.tar, .*00005.tar\): "
+                                        r"20 shard reads gave no sample; no readable sample"):
+        next(iter(stream))
+
+
+def test_datamodule_errors_name_the_path(fixture_shards, tmp_path):
+    with pytest.raises(DataError, match=re.escape(
+            "data.shards='/nonexistent/{00000..00003}.tar': none of the 4 shard paths exists "
+            "(first: /nonexistent/00000.tar)")):
+        ShardDataModule("/nonexistent/{00000..00003}.tar", batch_size=2).setup("fit")
+    bad = fixture_shards.replace("{00000..00005}", "{00004..00005}")
+    with pytest.raises(DataError, match=r"data.shards=.*: no readable sample in 1 shard\(s\) read"):
+        ShardDataModule(bad, batch_size=2).setup("fit")
+    with pytest.raises(DataError, match="matches no shard files"):
+        ShardDataModule(str(tmp_path), batch_size=2)  # a directory without .tar files
+    assert expand_shards(str(Path(fixture_shards).parent)) == [
+        str(Path(fixture_shards).parent / f"0000{i}.tar") for i in (0, 1, 2, 3, 5)]
+
+
+def test_datamodule_strips_and_accumulates_batch_stats(tmp_path):
+    pattern = write_reader_shards(tmp_path, n_shards=2, good_per_shard=8)
+    dm = ShardDataModule(pattern, batch_size=8, image_size=16, num_workers=2, shuffle_buffer=0)
+    dm.setup("fit")
+    loader = iter(dm.train_dataloader())
+    for _ in range(4):  # 2 per worker: each reader's single shard read twice
+        batch = dm.on_before_batch_transfer(next(loader), 0)
+        assert type(batch) is tuple and len(batch) == 2
+    assert dm.loader_stats.samples == 32 and dm.loader_stats.shards == 4
+    assert dm.loader_stats.skipped == Counter({r: 4 * n for r, n in READER_SKIPS_PER_SHARD.items()})
+
+
+def test_skip_rate_above_the_limit_stops_with_the_counts():
+    class DM:
+        max_skip_rate, skip_rate_min_samples = 0.05, 100
+
+    stats = LoaderStats(samples=90, shards=3)
+    for _ in range(10):
+        stats.skip("corrupt_image", "a.tar 0001: not a recognised image format")
+    with pytest.raises(DataError, match=re.escape(
+            "too much bad input: 10.0% of the 100 samples read failed, above "
+            "data.max_skip_rate=0.05")) as err:
+        DataQualityCallback().check(DM, stats)
+    assert "skipped corrupt_image: 10  (e.g. a.tar 0001: not a recognised" in str(err.value)
+    DataQualityCallback().check(DM, LoaderStats(samples=80, skipped=Counter(corrupt_image=10)))
+    shards = LoaderStats(samples=1000, shards=10, skipped=Counter(unreadable_shard=1))
+    with pytest.raises(DataError, match=r"10.0% of the 10 shard reads failed"):
+        DataQualityCallback().check(DM, shards)
+
+
+def read_metrics(root) -> list[dict]:
+    (path,) = Path(root).glob("logs/version_*/metrics.csv")
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_train_on_shards_logs_exact_skip_counts_and_resumes_them(tmp_path, caplog):
+    shards = tmp_path / "shards"
+    write_reader_shards(shards, n_shards=2, good_per_shard=8)
+    common = ("data=laion", f"data.shards={shards}", "data.image_size=32",
+              "data.shuffle_buffer=0", "logger=csv", "trainer.log_every_n_steps=1",
+              "callbacks.checkpoint.every_n_train_steps=2", "callbacks.checkpoint.save_top_k=-1")
+    expected = {f"data/skipped_{r}": 4.0 * 2 * READER_SKIPS_PER_SHARD.get(r, 0)
+                for r in ("unreadable_shard", "corrupt_shard", "missing_image", "empty_image",
+                          "corrupt_image", "large_image", "missing_caption", "empty_caption")}
+    metrics = train(compose_fast(*common, output_dir=tmp_path / "full"))
+    # 4 steps of 16 = 4 passes over the 2 shards of 8 good samples (and 3 bad ones each)
+    assert metrics["train/samples_seen"] == 64.0
+    last = read_metrics(tmp_path / "full")[-1]
+    assert {k: float(v) for k, v in last.items() if k.startswith("data/skipped_")} == expected
+    assert float(last["data/samples_read"]) == 64 + 24 and float(last["data/shards_read"]) == 8
+    assert "data: 64 good samples, 24 skipped (27.27% of 88 read)" in caplog.text
+
+    caplog.clear()  # resume at step 2: the counts continue, the stream is reseeded
+    ckpt = tmp_path / "full" / "checkpoints" / "step00000002.ckpt"
+    assert torch.load(ckpt, weights_only=False)["ShardDataModule"] == {"batches_seen": 2}
+    train(compose_fast(*common, f"ckpt_path={ckpt}", output_dir=tmp_path / "resumed"))
+    last = read_metrics(tmp_path / "resumed")[-1]
+    assert {k: float(v) for k, v in last.items() if k.startswith("data/skipped_")} == expected
+    assert "data: 64 good samples, 24 skipped (27.27% of 88 read)" in caplog.text
+
+
+@pytest.mark.slow
+def test_training_stops_when_too_much_input_is_bad(fixture_shards, tmp_path):
+    cfg = compose_fast("data=laion", f'data.shards="{fixture_shards}"', "data.image_size=32",
+                       "data.shuffle_buffer=0", f"data.max_pixels={MAX_PIXELS}",
+                       "data.max_skip_rate=0.1", "data.skip_rate_min_samples=16",
+                       "trainer.log_every_n_steps=1", output_dir=tmp_path)
+    with pytest.raises(DataError, match=r"too much bad input: .*% of the \d+ (samples read|"
+                                        r"shard reads) failed, above data.max_skip_rate=0.1"):
+        train(cfg)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_and_workers_read_disjoint_shards_and_counts_add_up(tmp_path):
+    """Lightning DDP on 2 gloo processes x 2 loader workers, through the DataModule and
+    DataQualityCallback: each of the 4 readers owns one shard (tests/ddp_shards_run.py)."""
+    from tests.ddp_shards_run import main
+
+    write_reader_shards(tmp_path / "shards", n_shards=4, good_per_shard=8)
+    main(str(tmp_path / "shards"), tmp_path, strategy="ddp_fork")  # forks: no re-import
+    seen = {r: (tmp_path / f"rank{r}.txt").read_text().split() for r in (0, 1)}
+    samples = {r: sorted(tuple(map(int, s.split(":"))) for s in seen[r]) for r in (0, 1)}
+    assert samples[0] == [(s, i) for s in (0, 1) for i in range(8)]
+    assert samples[1] == [(s, i) for s in (2, 3) for i in range(8)]
+    totals = (tmp_path / "totals.txt").read_text().split()
+    assert totals == ["samples=32", "shards=4", "corrupt_image=4", "empty_caption=4",
+                      "missing_caption=4"]
