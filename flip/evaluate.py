@@ -98,7 +98,8 @@ def run_protocol(protocol: str, name: str, entry: DictConfig, model, cfg: DictCo
                              weight_decay=lp.weight_decay)
         fit = _trainer(cfg, max_epochs=lp.epochs, max_steps=-1, val_check_interval=1.0,
                        check_val_every_n_epoch=1, limit_val_batches=0, num_sanity_val_steps=0,
-                       enable_checkpointing=False, enable_model_summary=False)
+                       enable_checkpointing=False, enable_model_summary=False,
+                       use_distributed_sampler=False)
         fit.fit(module)
         fit.test(module, verbose=False)
         return module.results

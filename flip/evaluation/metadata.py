@@ -11,7 +11,6 @@ A class-name or template *spec* in an ``eval_data`` config is one of:
 import functools
 import json
 from pathlib import Path
-from typing import Sequence
 
 METADATA = Path(__file__).resolve().parent / "metadata"
 IMAGENET_TEMPLATE_SETS = ("simple7", "openai80")
@@ -94,8 +93,3 @@ def templates(spec, imagenet_set: str = "simple7") -> list[str]:
         if "{}" not in t:
             raise ValueError(f"template {t!r} has no '{{}}' placeholder for the class name")
     return out
-
-
-def check_templates(templates_: Sequence[str]) -> None:
-    if not templates_:
-        raise ValueError("no prompt templates")

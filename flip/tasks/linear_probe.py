@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy, MulticlassStatScores
 
 from flip.evaluation.common import EvalModule, Indexed, StridedSampler
@@ -74,8 +74,13 @@ class LinearProbe(L.LightningModule):
         return self.head(x)
 
     def train_dataloader(self) -> DataLoader:
-        per_device = max(1, self.hparams.batch_size // max(1, self.trainer.world_size))
-        return DataLoader(self.train_set, batch_size=per_device, shuffle=True,
+        # the Trainer runs with use_distributed_sampler=False (the test loader shards itself),
+        # so the training loader shards explicitly; Lightning calls set_epoch every epoch
+        world = self.trainer.world_size
+        per_device = max(1, self.hparams.batch_size // world)
+        sampler = (DistributedSampler(self.train_set, world, self.global_rank, shuffle=True,
+                                      seed=0) if world > 1 else RandomSampler(self.train_set))
+        return DataLoader(self.train_set, batch_size=per_device, sampler=sampler,
                           num_workers=self.hparams.num_workers, drop_last=False)
 
     def test_dataloader(self) -> DataLoader:
