@@ -107,3 +107,9 @@ def test_gradient_caching_run_from_config(fast_cfg):
     metrics = train(fast_cfg("batch.micro=4"))
     assert metrics["train/micro_batches"] == 4.0  # 16 per device / micro-batch 4
     assert metrics["train/global_batch"] == 16.0 and math.isfinite(metrics["train/loss"])
+
+
+def test_activation_checkpointing_run_from_config(fast_cfg):
+    cfg = fast_cfg("activation_checkpointing=true")
+    assert cfg.model.image.grad_checkpointing and cfg.model.text.grad_checkpointing
+    assert math.isfinite(train(cfg)["train/loss"])

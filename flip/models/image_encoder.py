@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 from timm.layers import PatchEmbed, build_sincos2d_pos_embed
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -32,6 +33,7 @@ class ImageEncoder(nn.Module):
         pool: Literal["avg", "token"] = "avg",
         mask_ratio: float = 0.0,  # fraction of patches dropped in training
         drop_path: float = 0.0,
+        grad_checkpointing: bool = False,  # activation checkpointing: memory for compute
     ):
         super().__init__()
         if pool not in ("avg", "token"):
@@ -39,6 +41,7 @@ class ImageEncoder(nn.Module):
         if pool == "token" and not class_token:
             raise ValueError("pool='token' needs class_token=True")
         self.width, self.pool, self.mask_ratio = width, pool, mask_ratio
+        self.grad_checkpointing = grad_checkpointing
         self.patch_embed = PatchEmbed(image_size, patch_size, 3, width)  # no norm layer
         grid = self.patch_embed.grid_size
         pos = build_sincos2d_pos_embed(list(grid), dim=width)  # (N, D), fixed
@@ -66,6 +69,11 @@ class ImageEncoder(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():  # recompute in backward
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
     def forward(
         self, images: torch.Tensor, mask_ratio: float | None = None,
         noise: torch.Tensor | None = None,
@@ -82,5 +90,5 @@ class ImageEncoder(nn.Module):
             x, _ = random_masking(x, mask_ratio, noise)  # (B, k, D)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.norm(self.blocks(x))
+        x = self.norm(self._blocks(x))
         return x[:, 0] if self.pool == "token" else x.mean(dim=1)

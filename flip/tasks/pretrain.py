@@ -38,6 +38,7 @@ class PretrainModule(L.LightningModule):
         eps: float = 1e-8,
         nonfinite: str = "stop",  # a non-finite loss/gradient: "stop" the run or "skip" the step
         seed: int = 0,  # masks of step s come from seed, s and the rank: resumable
+        compile: bool = False,  # torch.compile the encoders (static shapes: fixed mask count)
     ):
         super().__init__()
         if nonfinite not in ("stop", "skip"):
@@ -48,6 +49,11 @@ class PretrainModule(L.LightningModule):
         self.lr = base_lr * global_batch / 256
         self._last_step_time: float | None = None
         self.skipped_steps = 0  # non-finite steps skipped (nonfinite="skip")
+
+    def configure_model(self) -> None:
+        if self.hparams.compile:  # in place: parameter names (checkpoints) are unchanged
+            self.model.visual.compile()
+            self.model.text.compile()
 
     @property
     def total_steps(self) -> int:
