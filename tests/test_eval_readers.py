@@ -65,6 +65,11 @@ def test_wds_export_classification_and_captions(tmp_path):
     root = testing.write_wds(tmp_path / "ret", "test", caps, image_format="jpg")
     rs = readers.TarShards("fx", root, "test", TO_TENSOR, mode="txt")
     assert [rs[i][1] for i in range(4)] == [c for _, c in caps]
+    multi = [(img, np.array([i % 2, 1, 0], dtype=np.uint8)) for i, img in enumerate(images(3))]
+    root = testing.write_wds(tmp_path / "voc", "test", multi, ["x", "y", "z"])
+    ml = readers.TarShards("fx", root, "test", TO_TENSOR)
+    assert [ml[i][1].tolist() for i in range(3)] == [[False, True, False], [True, True, False],
+                                                     [False, True, False]]
     with pytest.raises(DatasetNotFound, match="nshards.txt"):
         readers.TarShards("fx", tmp_path / "none", "test", TO_TENSOR)
 

@@ -20,6 +20,7 @@ import tarfile
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -166,10 +167,11 @@ class TarShards(Dataset):
                     entries.setdefault(os.path.join(folder, key), {})[ext.lower()] = (
                         s, m.offset_data, m.size)
             self.samples += [v for _, v in sorted(entries.items())]
-        need = "cls" if mode == "cls" else "txt"
-        self.samples = [v for v in self.samples if need in v and self._image_ext(v)]
+        need = ("cls", "npy") if mode == "cls" else ("txt",)  # npy: multi-hot labels (VOC)
+        self.samples = [v for v in self.samples if any(n in v for n in need) and self._image_ext(v)]
         if not self.samples:
-            raise not_found(name, root, ["wds"], split, why=f"no image+.{need} samples in the shards")
+            raise not_found(name, root, ["wds"], split,
+                            why=f"no image+.{'/.'.join(need)} samples in the shards")
         self.classnames = _read_lines(root / "classnames.txt") if (root / "classnames.txt").is_file() else None
         tfile = root / "zeroshot_classification_templates.txt"
         self.templates = _read_lines(tfile) if tfile.is_file() else None
@@ -200,6 +202,8 @@ class TarShards(Dataset):
     def __getitem__(self, i: int):
         entry = self.samples[i]
         image = self.transform(load_image(io.BytesIO(self._read(entry[self._image_ext(entry)]))))
+        if self.mode == "cls" and "npy" in entry:  # multi-label export
+            return image, torch.from_numpy(np.load(io.BytesIO(self._read(entry["npy"])))).bool()
         text = self._read(entry[self.mode]).decode("utf-8")
         if self.mode == "cls":
             return image, int(text.strip())

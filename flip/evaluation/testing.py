@@ -40,7 +40,8 @@ def write_wds(root, split: str, samples: Sequence[tuple[Image.Image, object]],
               classnames: Sequence[str] | None = None, templates: Sequence[str] | None = None,
               per_shard: int = 3, image_format: str = "webp") -> Path:
     """CLIP_benchmark export: {root}/{split}/{i}.tar with <key>.<image_format> and <key>.cls
-    (int label) or <key>.txt (list of captions, one per line); nshards.txt; classnames.txt
+    (int label), <key>.npy (multi-hot array) or <key>.txt (list of captions, one per line);
+    nshards.txt; classnames.txt
     and zeroshot_classification_templates.txt at the root."""
     root = Path(root)
     (root / split).mkdir(parents=True, exist_ok=True)
@@ -52,6 +53,10 @@ def write_wds(root, split: str, samples: Sequence[tuple[Image.Image, object]],
                 _add(tar, f"{key}.{image_format}", _encode(img, image_format))
                 if isinstance(target, (list, tuple)):
                     _add(tar, f"{key}.txt", "\n".join(target).encode())
+                elif isinstance(target, np.ndarray):  # multi-hot, as CLIP_benchmark's .npy
+                    buf = io.BytesIO()
+                    np.save(buf, target)
+                    _add(tar, f"{key}.npy", buf.getvalue())
                 else:
                     _add(tar, f"{key}.cls", str(int(target)).encode())
     (root / split / "nshards.txt").write_text(f"{len(shards)}\n")
