@@ -15,6 +15,7 @@ from collections import Counter
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from flip.data.quality import Batch, QualityMixin, stats_of_dataset
 from flip.tokenizer import Tokenizer
@@ -63,13 +64,14 @@ class ImageTextDataModule(QualityMixin, L.LightningDataModule):
         return Batch(torch.stack(images), self.tokenizer(list(captions)),
                      stats_of_dataset(dataset, len(batch)))
 
-    def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, **kwargs)
+    def _loader(self, dataset: Dataset, loader=DataLoader, **kwargs) -> DataLoader:
+        return loader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                      persistent_workers=self.num_workers > 0, **kwargs)
 
-    def train_dataloader(self) -> DataLoader:
-        # drop_last keeps every step's contrastive batch at exactly the global batch
-        return self._loader(self.train_set, shuffle=True, drop_last=True,
+    def train_dataloader(self) -> StatefulDataLoader:
+        # drop_last keeps every step's contrastive batch at exactly the global batch;
+        # a stateful loader lets a resumed run continue at the same data position
+        return self._loader(self.train_set, StatefulDataLoader, shuffle=True, drop_last=True,
                             collate_fn=self.collate)
 
     def val_dataloader(self) -> DataLoader | list:
