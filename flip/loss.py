@@ -37,11 +37,12 @@ def contrastive_loss(
     """
     all_image = image if all_image is None else all_image
     all_text = text if all_text is None else all_text
-    scale = logit_scale.float()
     labels = torch.arange(offset, offset + image.shape[0], device=image.device)
-    logits_i2t = scale * image.float() @ all_text.float().T  # (b, B)
-    logits_t2i = scale * text.float() @ all_image.float().T  # (b, B)
-    return (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
+    with torch.autocast(image.device.type, enabled=False):  # fp32 even under bf16 autocast
+        scale = logit_scale.float()
+        logits_i2t = scale * image.float() @ all_text.float().T  # (b, B)
+        logits_t2i = scale * text.float() @ all_image.float().T  # (b, B)
+        return (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
 
 
 def global_contrastive_loss(

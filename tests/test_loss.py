@@ -225,3 +225,18 @@ def test_two_process_gather_equals_full_batch(tmp_path):
     # all ranks agree after the all-reduce
     for n in ref_grads:
         assert torch.equal(results[0]["grads"][n], results[1]["grads"][n])
+
+
+def test_loss_stays_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    image = torch.nn.functional.normalize(torch.randn(16, 32), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(16, 32), dim=-1)
+    scale = torch.tensor(100.0)
+    expected = contrastive_loss(image, text, scale)
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = contrastive_loss(image.bfloat16(), text.bfloat16(), scale)
+    assert loss.dtype == torch.float32
+    # the same as fp32 on the bf16-rounded features: no bf16 matmul inside the loss
+    reference = contrastive_loss(image.bfloat16().float(), text.bfloat16().float(), scale)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(expected.item(), rel=2e-2)

@@ -113,3 +113,8 @@ def test_activation_checkpointing_run_from_config(fast_cfg):
     cfg = fast_cfg("activation_checkpointing=true")
     assert cfg.model.image.grad_checkpointing and cfg.model.text.grad_checkpointing
     assert math.isfinite(train(cfg)["train/loss"])
+
+
+def test_bf16_autocast_run_trains(fast_cfg):
+    metrics = train(fast_cfg("task.bf16_autocast=true"))
+    assert math.isfinite(metrics["train/loss"])

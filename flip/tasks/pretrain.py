@@ -39,6 +39,7 @@ class PretrainModule(L.LightningModule):
         nonfinite: str = "stop",  # a non-finite loss/gradient: "stop" the run or "skip" the step
         seed: int = 0,  # masks of step s come from seed, s and the rank: resumable
         compile: bool = False,  # torch.compile the encoders (static shapes: fixed mask count)
+        bf16_autocast: bool = False,  # encoders in bf16 autocast, loss and scale in fp32 (TPU)
     ):
         super().__init__()
         if nonfinite not in ("stop", "skip"):
@@ -70,14 +71,15 @@ class PretrainModule(L.LightningModule):
         world, rank = self.trainer.world_size, self.global_rank
         torch.manual_seed(self.hparams.seed + self.global_step * world + rank)
         micro = self.hparams.micro_batch or images.shape[0]
-        if micro >= images.shape[0]:  # the whole per-device batch fits: one pass
-            image_features, text_features, scale = self.model(images, tokens)
-            loss = global_contrastive_loss(image_features, text_features, scale)
-            self.manual_backward(loss)
-        else:
-            loss, scale = cached_contrastive_backward(
-                self.model, images, tokens, micro, self.manual_backward,
-                lambda: optimizer.toggle_model(sync_grad=False))
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.hparams.bf16_autocast):
+            if micro >= images.shape[0]:  # the whole per-device batch fits: one pass
+                image_features, text_features, scale = self.model(images, tokens)
+                loss = global_contrastive_loss(image_features, text_features, scale)
+                self.manual_backward(loss)
+            else:
+                loss, scale = cached_contrastive_backward(
+                    self.model, images, tokens, micro, self.manual_backward,
+                    lambda: optimizer.toggle_model(sync_grad=False))
         grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
             [p.grad for p in self.model.parameters() if p.grad is not None])))
         if not self._finite(loss, grad_norm):
