@@ -123,6 +123,10 @@ def test_video_pm_sets(tmp_path):
     assert sorted(map(sorted, ds.pm_offsets.values())) == [[-1, 1], [-1, 1]]
     frame = ds.frames.index("val/v2/000000.JPEG")
     assert ds[frame][1].tolist() == [True, False, True]
+    # the release's own class map files (misc/*_class_index.json + misc/rev_wnid_map.json)
+    root = testing.write_video_pm(tmp_path / "rel", videos, groups=[[3], [5, 6], [7]],
+                                  class_map="misc")
+    assert readers.video_pm("imagenet_vid", root, "test", TO_TENSOR).groups == [[3], [5, 6], [7]]
 
 
 def test_karpathy_json_and_caption_list(tmp_path):

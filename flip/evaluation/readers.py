@@ -326,7 +326,7 @@ def video_pm(name: str, root, split: str, transform, class_index: str | None = N
         misc = _find(root, ["rev_wnid_map.json"], ["misc", "metadata", ""])
         index_file = None
         if misc is not None:
-            cands = [class_index] if class_index else sorted(
+            cands = ([class_index] if class_index else []) + sorted(  # the named file, else any
                 p.name for p in misc.glob("*_class_index.json") if not p.name.startswith("imagenet_class"))
             index_file = next((misc / c for c in cands if (misc / c).is_file()), None)
         if index_file is None:

@@ -108,10 +108,12 @@ def write_caption_list(root, ann_file: str, items: Sequence[tuple[Image.Image, l
 
 
 def write_video_pm(root, videos: dict[str, list[tuple[Image.Image, list[int]]]],
-                   groups: Sequence[Sequence[int]], radius: int = 10) -> Path:
+                   groups: Sequence[Sequence[int]], radius: int = 10, class_map: str = "idx") -> Path:
     """ImageNet-Vid-Robust layout: frames {root}/val/<video>/<n:06d>.JPEG; labels.json
-    {frame: [class ids]}; pmsets.json {anchor (the middle frame): [frames within radius]};
-    metadata/rev_class_idx_map.json {class id: [ImageNet label ids]}."""
+    {frame: [class ids]}; pmsets.json {anchor (the middle frame): [frames within radius]}.
+    class_map "idx": metadata/rev_class_idx_map.json {class id: [ImageNet label ids]} (the
+    ImageNet-testbed form); "misc": the release's misc/imagenet_vid_class_index.json
+    {id: [wnid, name]} + misc/rev_wnid_map.json {video wnid: [ImageNet wnids]}."""
     root = Path(root)
     labels, pmsets = {}, {}
     for video, frames in videos.items():
@@ -127,8 +129,20 @@ def write_video_pm(root, videos: dict[str, list[tuple[Image.Image, list[int]]]],
     (root / "metadata").mkdir(exist_ok=True)
     (root / "metadata" / "labels.json").write_text(json.dumps(labels))
     (root / "metadata" / "pmsets.json").write_text(json.dumps(pmsets))
-    (root / "metadata" / "rev_class_idx_map.json").write_text(
-        json.dumps({str(k): list(g) for k, g in enumerate(groups)}))
+    if class_map == "idx":
+        (root / "metadata" / "rev_class_idx_map.json").write_text(
+            json.dumps({str(k): list(g) for k, g in enumerate(groups)}))
+    else:
+        from flip.evaluation.metadata import imagenet_classnames, imagenet_wnids
+
+        wnids = imagenet_wnids()
+        (root / "misc").mkdir(exist_ok=True)
+        vid = {str(k): [f"n9{k:07d}", f"video class {k}"] for k in range(len(groups))}
+        (root / "misc" / "imagenet_vid_class_index.json").write_text(json.dumps(vid))
+        (root / "misc" / "rev_wnid_map.json").write_text(json.dumps(
+            {vid[str(k)][0]: [wnids[i] for i in g] for k, g in enumerate(groups)}))
+        (root / "misc" / "imagenet_class_index.json").write_text(json.dumps(
+            {str(i): [w, n] for i, (w, n) in enumerate(zip(wnids, imagenet_classnames()))}))
     return root
 
 
