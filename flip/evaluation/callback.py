@@ -1,6 +1,6 @@
 """Periodic zero-shot validation during pre-training, as a Lightning callback.
 
-Every ``every_n_steps`` optimiser steps (and at the end of training) it classifies a
+Every ``every_n_steps`` optimiser steps it classifies a
 small labelled set from text prompts alone with the model being trained and logs
 ``val/<name>_top1``. Each process takes a strided share of the set; the counts are
 summed over processes, so the number is exact under DDP. Independent of the training
@@ -39,10 +39,6 @@ class ZeroShotCallback(L.Callback):
         step = trainer.global_step
         if step > 0 and step % self.every_n_steps == 0 and step != self._done_at:
             self.evaluate(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.global_step != self._done_at:
-            self.evaluate(trainer, pl_module, log=False)
 
     @torch.no_grad()
     def evaluate(self, trainer, pl_module, log: bool = True) -> float:
