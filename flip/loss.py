@@ -7,10 +7,19 @@ with all ``global_batch`` negatives. Each rank computes the loss of its own rows
 (global, global). DDP averages gradients over ranks, which makes both the loss and
 the gradients equal to those of the one-process full-batch loss.
 """
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
+
+
+def _no_autocast(device_type: str) -> AbstractContextManager:
+    """Disable autocast on ``device_type`` if it is on (meta tensors have no autocast)."""
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return nullcontext()
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -38,7 +47,7 @@ def contrastive_loss(
     all_image = image if all_image is None else all_image
     all_text = text if all_text is None else all_text
     labels = torch.arange(offset, offset + image.shape[0], device=image.device)
-    with torch.autocast(image.device.type, enabled=False):  # fp32 even under bf16 autocast
+    with _no_autocast(image.device.type):  # fp32 even under bf16 autocast
         scale = logit_scale.float()
         logits_i2t = scale * image.float() @ all_text.float().T  # (b, B)
         logits_t2i = scale * text.float() @ all_image.float().T  # (b, B)
