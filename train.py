@@ -2,16 +2,13 @@
 import hydra
 from omegaconf import DictConfig
 
-from flip.config import ConfigError
+from flip.config import run_or_exit
 from flip.train import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    try:
-        train(cfg)
-    except ConfigError as err:  # one clear sentence, no traceback
-        raise SystemExit(f"error: {err}") from None
+    run_or_exit(train, cfg)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,22 @@
 """Start-up checks of a composed run config: fail early, naming the key and what is allowed."""
+from typing import Callable, TypeVar
+
 import torch
 from omegaconf import DictConfig
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """An invalid run configuration; the message names the offending key."""
+
+
+def run_or_exit(run: Callable[[DictConfig], T], cfg: DictConfig) -> T:
+    """Entry points: a ConfigError ends the process with its one sentence, no traceback."""
+    try:
+        return run(cfg)
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def check_mask(cfg: DictConfig) -> None:

@@ -14,7 +14,7 @@ from flip.models.clip import FLIP
 from tests.conftest import CONF, compose_train
 
 ROOT = CONF.parent
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")  # hydra/: launchers
 
 
 def options(group: str) -> list[str]:

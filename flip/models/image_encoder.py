@@ -13,11 +13,10 @@ from typing import Literal
 
 import torch
 from timm.layers import PatchEmbed, build_sincos2d_pos_embed
-from timm.models import checkpoint_seq
-from timm.models.vision_transformer import Block
 from torch import nn
 
 from flip.masking import random_masking
+from flip.models.transformer import run_blocks, transformer_blocks
 
 
 class ImageEncoder(nn.Module):
@@ -47,10 +46,7 @@ class ImageEncoder(nn.Module):
         pos = build_sincos2d_pos_embed(list(grid), dim=width)  # (N, D), fixed
         self.register_buffer("pos_embed", pos.unsqueeze(0), persistent=False)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if class_token else None
-        self.blocks = nn.Sequential(
-            *[Block(width, heads, mlp_ratio, qkv_bias=True, drop_path=drop_path,
-                    norm_layer=nn.LayerNorm) for _ in range(depth)]
-        )
+        self.blocks = transformer_blocks(width, depth, heads, mlp_ratio, drop_path)
         self.norm = nn.LayerNorm(width)
         self._init_weights()
 
@@ -64,15 +60,6 @@ class ImageEncoder(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=0.02)
-        for m in self.blocks.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled():  # recompute in backward
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
 
     def forward(
         self, images: torch.Tensor, mask_ratio: float | None = None,
@@ -90,5 +77,5 @@ class ImageEncoder(nn.Module):
             x, _ = random_masking(x, mask_ratio, noise)  # (B, k, D)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.norm(self._blocks(x))
+        x = self.norm(run_blocks(self.blocks, x, self.grad_checkpointing))
         return x[:, 0] if self.pool == "token" else x.mean(dim=1)

@@ -7,9 +7,9 @@ output as the sentence feature. ``pool="mean"`` averages non-padding tokens inst
 from typing import Literal
 
 import torch
-from timm.models import checkpoint_seq
-from timm.models.vision_transformer import Block
 from torch import nn
+
+from flip.models.transformer import run_blocks, transformer_blocks
 
 PAD_ID = 0  # [PAD] in the BERT vocabulary
 
@@ -33,22 +33,10 @@ class TextEncoder(nn.Module):
         self.grad_checkpointing = grad_checkpointing
         self.token_embed = nn.Embedding(vocab_size, width)
         self.pos_embed = nn.Parameter(torch.zeros(1, context_length, width))
-        self.blocks = nn.Sequential(
-            *[Block(width, heads, mlp_ratio, qkv_bias=True, norm_layer=nn.LayerNorm)
-              for _ in range(depth)]
-        )
+        self.blocks = transformer_blocks(width, depth, heads, mlp_ratio)
         self.norm = nn.LayerNorm(width)
         nn.init.normal_(self.token_embed.weight, std=0.02)
         nn.init.normal_(self.pos_embed, std=0.01)
-        for m in self.blocks.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled():  # recompute in backward
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, L) with L == context_length -> pooled features (B, width)."""
@@ -57,7 +45,7 @@ class TextEncoder(nn.Module):
                 f"expected {self.context_length} tokens per caption, got {tokens.shape[1]}"
             )
         x = self.token_embed(tokens) + self.pos_embed  # (B, L, D)
-        x = self.norm(self._blocks(x))
+        x = self.norm(run_blocks(self.blocks, x, self.grad_checkpointing))
         if self.pool == "first":
             return x[:, 0]
         keep = (tokens != PAD_ID).unsqueeze(-1).to(x.dtype)  # (B, L, 1)
