@@ -53,6 +53,8 @@ class ZeroShotClassification(EvalModule):
         self.per_class = MulticlassStatScores(C, average=None)
         self.auroc = BinaryAUROC() if C == 2 else None
         self.multi = Collect("index", "scores", "targets")
+        label = dataset[0][1] if len(dataset) else 0  # multi-hot (VOC2007, video) or int
+        self.multilabel = isinstance(label, torch.Tensor) and label.ndim == 1
 
     def on_test_start(self) -> None:
         if self.classifier is None:
@@ -68,7 +70,7 @@ class ZeroShotClassification(EvalModule):
     def test_step(self, batch, batch_idx):
         index, images, labels = batch
         logits = self.logits(images).float()
-        if labels.ndim == 2:  # multi-hot (VOC2007, video frames)
+        if self.multilabel:  # multi-hot (VOC2007, video frames)
             self.multi.update(index=index, scores=logits, targets=labels.bool())
             return
         self.top1.update(logits, labels)
@@ -79,7 +81,7 @@ class ZeroShotClassification(EvalModule):
             self.auroc.update(logits[:, 1] - logits[:, 0], labels)
 
     def on_test_epoch_end(self) -> None:
-        if self.multi.update_count:
+        if self.multilabel:  # decided per dataset, the same on every process
             gathered = self.multi.compute()
             index, scores, targets = dedupe_by_index(
                 gathered["index"], gathered["scores"], gathered["targets"])
