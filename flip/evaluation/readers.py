@@ -228,6 +228,9 @@ def torchvision_dataset(name: str, root, split: str, transform, tv: str, split_a
         args["split"] = split
     try:
         ds = cls(str(root), transform=transform, download=False, **args)
+    except ImportError as err:  # e.g. PCAM needs h5py
+        raise ConfigError(f"dataset {name}: torchvision.datasets.{tv} needs a missing package "
+                          f"({err}); install it or use the wds/folder layout") from None
     except (RuntimeError, FileNotFoundError, OSError) as err:
         raise not_found(name, root, ["torchvision"], split, why=str(err).strip().splitlines()[0],
                         tv=tv) from None
