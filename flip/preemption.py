@@ -21,7 +21,8 @@ class PreemptionCheckpoint(L.Callback):
         self.path = Path(dirpath) / "last.ckpt"
         self._previous_sigusr1 = None
 
-    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # after Lightning registered its handlers (it restores what it found at teardown)
         if not SLURMEnvironment.detect():  # SIGUSR1 means "stop now" like SIGTERM
             self._previous_sigusr1 = signal.signal(
                 signal.SIGUSR1, lambda *_: signal.raise_signal(signal.SIGTERM))
@@ -31,7 +32,7 @@ class PreemptionCheckpoint(L.Callback):
             signal.signal(signal.SIGUSR1, self._previous_sigusr1)
             self._previous_sigusr1 = None
 
-    def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._restore()
 
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule,

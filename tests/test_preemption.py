@@ -37,3 +37,11 @@ def test_signal_checkpoint_and_exact_resume(signum, tmp_path_factory):
         assert sorted(actual) == [4, 5, 6, 7], key
         assert [actual[s] for s in range(4, 8)] == pytest.approx(
             [expected[s] for s in range(4, 8)], rel=1e-6), key
+
+
+def test_signal_handlers_are_restored_after_a_run(fast_cfg):
+    import signal
+
+    before = signal.getsignal(signal.SIGUSR1)
+    train(fast_cfg())
+    assert signal.getsignal(signal.SIGUSR1) is before
