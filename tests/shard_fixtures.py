@@ -134,3 +134,9 @@ def write_reader_shards(root: Path, n_shards: int = 4, good_per_shard: int = 8) 
 
 
 READER_SKIPS_PER_SHARD = Counter(corrupt_image=1, empty_caption=1, missing_caption=1)
+
+
+if __name__ == "__main__":  # python -m tests.shard_fixtures OUT_DIR: write them for a look
+    import sys
+
+    print(write_fixture_shards(Path(sys.argv[1])))

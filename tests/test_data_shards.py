@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from flip.config import ConfigError
 from flip.data.quality import Batch, DataError, DataQualityCallback, LoaderStats
 from flip.data.shards import (
     ShardDataModule,
@@ -73,7 +74,8 @@ def test_one_pass_reads_every_good_sample_and_counts_every_bad_one(fixture_shard
     assert stats.converted == EXPECTED_CONVERTED
     assert all(img.mode == "RGB" for img, _, _, _ in items)
     examples = stats.examples
-    assert examples["unreadable_shard"].startswith(fixture_shards.replace("{00000..00005}", "00004"))
+    missing = fixture_shards.replace("{00000..00005}", "00004")
+    assert examples["unreadable_shard"].startswith(f"{missing}: FileNotFoundError")
     assert "00005.tar" in examples["corrupt_shard"]  # the last corrupt shard read
     assert examples["large_image"].endswith("000010009: 300x300 > max_pixels=50000")
     assert examples["missing_image"].endswith("000010010: no jpg/jpeg/png/webp file")
@@ -173,15 +175,17 @@ def test_reader_with_only_bad_shards_stops_naming_them(fixture_shards):
 
 
 def test_datamodule_errors_name_the_path(fixture_shards, tmp_path):
-    with pytest.raises(DataError, match=re.escape(
-            "data.shards='/nonexistent/{00000..00003}.tar': none of the 4 shard paths exists "
-            "(first: /nonexistent/00000.tar)")):
+    with pytest.raises(ConfigError, match=re.escape(
+            "data.shards='/nonexistent/{00000..00003}.tar' matches 4 paths and none exists "
+            "(first: /nonexistent/00000.tar)")):  # a ConfigError: one line from train.py
         ShardDataModule("/nonexistent/{00000..00003}.tar", batch_size=2).setup("fit")
+    with pytest.raises(DataError, match="data.shards='/data/laion' does not exist"):
+        ShardDataModule("/data/laion", batch_size=2).setup("fit")
     bad = fixture_shards.replace("{00000..00005}", "{00004..00005}")
     with pytest.raises(DataError, match=r"data.shards=.*: no readable sample in 1 shard\(s\) read"):
         ShardDataModule(bad, batch_size=2).setup("fit")
     with pytest.raises(DataError, match="matches no shard files"):
-        ShardDataModule(str(tmp_path), batch_size=2)  # a directory without .tar files
+        ShardDataModule(str(tmp_path), batch_size=2).setup("fit")  # a folder without .tar
     assert expand_shards(str(Path(fixture_shards).parent)) == [
         str(Path(fixture_shards).parent / f"0000{i}.tar") for i in (0, 1, 2, 3, 5)]
 

@@ -10,6 +10,7 @@ the share that the 32-token context truncates.
 """
 import argparse
 import itertools
+import logging
 
 import numpy as np
 
@@ -72,6 +73,7 @@ def main(argv=None) -> None:
     parser.add_argument("--limit", type=int, help="stop after this many good samples")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     args = parser.parse_args(argv)
+    logging.getLogger("flip.data.shards").setLevel(logging.ERROR)  # the report lists skips
     try:
         result = inspect(args.shards, args.limit, args.max_pixels)
     except DataError as err:

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 import lightning as L
 import torch
 
+from flip.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 SHARD_REASONS = ("unreadable_shard", "corrupt_shard")
@@ -48,6 +50,11 @@ _ALIASES = {"missing": "missing_image", "corrupt": "corrupt_image"}  # CsvCaptio
 
 class DataError(RuntimeError):
     """The input data cannot be trained on (nothing readable, or too much of it is bad)."""
+
+
+class DataPathError(DataError, ConfigError):
+    """A data setting points at nothing readable (found at start-up; ``train.py`` prints
+    it as one ``error:`` line, like other configuration errors)."""
 
 
 @dataclass

@@ -58,7 +58,7 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from flip.data.images import DEFAULT_MAX_PIXELS, BadSample, decode_caption, decode_image
-from flip.data.quality import Batch, DataError, LoaderStats, QualityMixin
+from flip.data.quality import Batch, DataError, DataPathError, LoaderStats, QualityMixin
 from flip.data.transforms import train_transform
 from flip.tokenizer import Tokenizer
 
@@ -161,7 +161,7 @@ class _ReaderState:
 
     def handler(self, reason: str):
         def handle(exn: Exception) -> bool:
-            detail = exn.args[0] if exn.args else type(exn).__name__
+            detail = str(exn.args[0]).split(" @ ")[0] if exn.args else ""  # drop "@ <stream>"
             self.fail_shard(reason, f"{type(exn).__name__}: {detail}")
             return True  # skip and continue
         return handle
@@ -361,9 +361,7 @@ class ShardDataModule(QualityMixin, L.LightningDataModule):
         super().__init__()
         self.init_quality(max_skip_rate, skip_rate_min_samples)
         self.shards = shards
-        self.urls = expand_shards(shards)
-        if not self.urls:
-            raise DataError(f"data.shards={shards!r} matches no shard files")
+        self.urls = expand_shards(shards)  # checked in setup('fit')
         self.zeroshot_set = zeroshot
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.shuffle_buffer, self.shuffle_initial = shuffle_buffer, shuffle_initial
@@ -382,11 +380,14 @@ class ShardDataModule(QualityMixin, L.LightningDataModule):
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return
+        if not self.urls:
+            raise DataPathError(f"data.shards={self.shards!r} matches no shard files")
         local = [u for u in self.urls if is_local(u)]
         missing = [u for u in local if not os.path.isfile(u)]
         if local and len(missing) == len(self.urls):
-            raise DataError(f"data.shards={self.shards!r}: none of the {len(self.urls):,} "
-                            f"shard paths exists (first: {missing[0]})")
+            what = ("does not exist" if len(missing) == 1 else
+                    f"matches {len(missing):,} paths and none exists (first: {missing[0]})")
+            raise DataPathError(f"data.shards={self.shards!r} {what}")
         if missing:
             log.warning("data.shards: %d of %d shard paths do not exist (e.g. %s); reads of "
                         "them are skipped and counted as unreadable_shard",
@@ -396,7 +397,7 @@ class ShardDataModule(QualityMixin, L.LightningDataModule):
         try:
             first_sample(readable, self.max_pixels, self.max_consecutive_bad)
         except DataError as err:
-            raise DataError(f"data.shards={self.shards!r}: {err}") from None
+            raise DataPathError(f"data.shards={self.shards!r}: {err}") from None
         _, world = self._rank()
         readers = world * max(1, self.num_workers)
         if len(self.urls) < readers:
