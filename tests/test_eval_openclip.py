@@ -5,7 +5,6 @@ import json
 import hydra
 import pytest
 import torch
-import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
 from flip.interop.openclip import (NotExportable, export_openclip, import_openclip, main,
@@ -29,7 +28,7 @@ def make_model(*overrides, seed=0):
     torch.manual_seed(seed)
     model = hydra.utils.instantiate(cfg.model).eval()
     with torch.no_grad():  # non-trivial values everywhere (biases, norms, class token)
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return model, cfg
 

@@ -8,7 +8,6 @@ import hydra
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
 from flip.data.transforms import eval_transform

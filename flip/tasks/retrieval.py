@@ -27,7 +27,7 @@ class ZeroShotRetrieval(EvalModule):
 
     def collate(self, batch):
         index, images, captions = zip(*batch)
-        owners, keys, flat = [], [], []
+        keys, flat = [], []
         for i, caps in zip(index, captions):
             if len(caps) > MAX_CAPTIONS:
                 raise ValueError(f"image {i} has {len(caps)} captions (at most {MAX_CAPTIONS})")
