@@ -168,12 +168,24 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         flat["val/zeroshot_top1"] = top1
     if trainer.is_global_zero:
         write_results(cfg, rows)
+        log_results(cfg, flat)
         print(format_table(rows))
         heldout = next((r for r in rows if r["dataset"] == HELDOUT and r["protocol"] == "zeroshot"
                         and "value" in r), None)
         if heldout is not None:
             print(format_zero_shot(heldout["metrics"]["top1"], int(heldout["metrics"]["num_classes"])))
     return flat
+
+
+def log_results(cfg: DictConfig, flat: dict[str, float]) -> None:
+    """Send the final metrics (``<dataset>/<protocol>/<metric>``) to ``cfg.logger``, if any."""
+    if not cfg.get("logger"):
+        return
+    logger = hydra.utils.instantiate(cfg.logger)
+    logger.log_hyperparams({"ckpt_path": str(cfg.ckpt_path), "eval_task": cfg.eval_task.name,
+                            "eval_data": list(cfg.eval_data)})
+    logger.log_metrics({f"eval/{k}": v for k, v in flat.items()}, step=0)
+    logger.finalize("success")
 
 
 def write_results(cfg: DictConfig, rows: list[dict]) -> None:

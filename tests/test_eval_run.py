@@ -134,7 +134,7 @@ def test_retrieval_karpathy_and_caption_list(ckpt, tmp_path):
 
 
 def test_suite_on_the_held_out_data_with_linear_probe(ckpt, tmp_path, capsys):
-    cfg = compose_eval(f"ckpt_path={ckpt}", "eval_task=suite", "linear_probe.epochs=3",
+    cfg = compose_eval(f"ckpt_path={ckpt}", "eval_task=suite", "linear_probe.epochs=3", "logger=csv",
                        "linear_probe.batch_size=16", "linear_probe.warmup_epochs=1",
                        tmp_path=tmp_path)
     flat = evaluate(cfg)
@@ -144,6 +144,8 @@ def test_suite_on_the_held_out_data_with_linear_probe(ckpt, tmp_path, capsys):
     assert flat["val/zeroshot_top1"] == flat["heldout/zeroshot/top1"]
     assert flat["heldout/linear_probe/num_train"] == 40 and flat["heldout/linear_probe/num_samples"] == 40
     assert flat["heldout_retrieval/retrieval/num_images"] == 40
+    logged = (tmp_path / "run" / "logs" / "version_0" / "metrics.csv").read_text()
+    assert "eval/heldout/zeroshot/top1" in logged and "eval/heldout/linear_probe/top1" in logged
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].startswith("held-out zero-shot top-1:") and "| held-out | linear_probe | top1 |" in "\n".join(out)
 
