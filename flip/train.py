@@ -1,5 +1,6 @@
 """Build everything from a composed Hydra config and run pre-training."""
 import logging
+from pathlib import Path
 
 import hydra
 import lightning as L
@@ -30,6 +31,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     data = hydra.utils.instantiate(cfg.data, batch_size=per_device_batch(cfg, trainer.world_size))
 
     trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
+    if trainer.checkpoint_callback is not None:  # the final weights, whatever the interval
+        trainer.save_checkpoint(Path(trainer.checkpoint_callback.dirpath) / "last.ckpt")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if data.classnames:
         top1 = trainer.validate(module, datamodule=data, verbose=False)[0]["val/zeroshot_top1"]

@@ -32,6 +32,12 @@ def test_default_pipeline_trains_and_reports_zero_shot(fast_cfg, tmp_path, capsy
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
 
 
+def test_last_checkpoint_holds_the_final_step_mid_epoch(fast_cfg, tmp_path):
+    train(fast_cfg("data.train.size=1000"))  # 4 steps of a 62-step epoch
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 4
+
+
 def test_digits_pipeline(fast_cfg, capsys):
     metrics = train(fast_cfg("data=digits"))
     assert 0.0 <= metrics["val/zeroshot_top1"] <= 1.0
