@@ -12,10 +12,13 @@ class ConfigError(ValueError):
 
 
 def run_or_exit(run: Callable[[DictConfig], T], cfg: DictConfig) -> T:
-    """Entry points: a ConfigError ends the process with its one sentence, no traceback."""
+    """Entry points: a bad config or unusable data (flip.data.quality.DataError) ends the
+    process with its one sentence, no traceback."""
+    from flip.data.quality import DataError  # flip.data imports this module
+
     try:
         return run(cfg)
-    except ConfigError as err:
+    except (ConfigError, DataError) as err:
         raise SystemExit(f"error: {err}") from None
 
 
