@@ -1,0 +1,155 @@
+"""Checkpoints that carry their model: safe loading, the stored model config, rebuilding.
+
+Training stores the resolved model config (``_target_`` and every constructor argument,
+image size and tokenizer length included) in the checkpoint's hyper-parameters, so
+evaluation, ``init_from`` and the OpenCLIP export rebuild the architecture from the file
+alone. A config given explicitly next to a checkpoint must agree with it on every
+architecture key; run-time settings (the training mask ratio, activation checkpointing,
+drop path) may differ.
+
+Files are read with ``torch.load(weights_only=True)``: tensors, containers and the few
+types Lightning writes (allow-listed below). A file that needs anything else — arbitrary
+pickled Python, which could run code — is refused with one sentence.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import hydra
+import torch
+from lightning.fabric.utilities.data import AttributeDict
+from torch import nn
+
+from flip.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+CONFIG_KEY = "model_config"  # checkpoint["hyper_parameters"][CONFIG_KEY]
+RUNTIME_KEYS = frozenset({"mask_ratio", "grad_checkpointing", "drop_path"})
+SAFE_TYPES = [AttributeDict]  # Lightning's hyper-parameter container
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be used as asked; the message names the file."""
+
+
+def load_checkpoint(path) -> dict:
+    """The checkpoint at ``path`` loaded weights-only on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with torch.serialization.safe_globals(SAFE_TYPES):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = next((line.strip() for line in str(err).splitlines()
+                       if "Unsupported global" in line), str(err).splitlines()[0])
+        raise CheckpointError(
+            f"{path} is refused: it holds pickled Python objects that weights-only loading "
+            f"does not allow ({detail}); convert it in a trusted environment to a plain "
+            "state dict") from None
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"{path} is not a checkpoint (a dictionary of weights)")
+    return dict(ckpt)
+
+
+def model_config(ckpt: Mapping) -> dict | None:
+    """The model config training stored in ``ckpt``, or None (plain state dicts)."""
+    cfg = (ckpt.get("hyper_parameters") or {}).get(CONFIG_KEY)
+    return dict(cfg) if cfg is not None else None
+
+
+def model_state(ckpt: Mapping) -> dict[str, torch.Tensor]:
+    """The FLIP weights of a Lightning checkpoint (``model.`` prefix stripped) or of a
+    plain state dict."""
+    state = ckpt.get("state_dict", ckpt)
+    if any(k.startswith("model.") for k in state):
+        return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    return dict(state)
+
+
+def _flatten(cfg: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for k, v in cfg.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+def _is_runtime(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in RUNTIME_KEYS
+
+
+def merge_model_config(stored: Mapping, requested: Mapping | None,
+                       explicit: Iterable[str] | None = None, source: str = "the checkpoint") -> dict:
+    """The stored architecture with the requested run-time settings.
+
+    requested: the model config of the current run (or None: the stored one as is).
+    explicit: keys of ``requested`` (dotted, e.g. ``image.width``) the user set and that
+    must therefore agree with ``stored``; None = all of them. A disagreement raises
+    ``ConfigError`` naming the key and both values.
+    """
+    merged = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in stored.items()}
+    if requested is None:
+        return merged
+    have, want = _flatten(stored), _flatten(requested)
+    checked = set(want) if explicit is None else set(explicit) & set(want)
+    for key in sorted(checked):
+        if not _is_runtime(key) and have.get(key, "<absent>") != want[key]:
+            raise ConfigError(
+                f"model.{key}={want[key]!r} contradicts {source}, which was trained with "
+                f"model.{key}={have.get(key, '<absent>')!r}; drop the override (the "
+                "architecture is read from the checkpoint)")
+    for key, value in want.items():  # run-time settings come from the current run
+        if _is_runtime(key):
+            node = merged
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+    return merged
+
+
+def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> list[str]:
+    """Load ``state`` into ``model``; every model weight must be present. Returns the
+    names of checkpoint tensors the model has no place for (e.g. a training-only
+    decoder) after logging them."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing:
+        raise CheckpointError(
+            f"{source} lacks {len(missing)} weights of the model ({', '.join(missing[:4])}"
+            f"{', …' if len(missing) > 4 else ''}): it was trained with another architecture")
+    if unexpected:
+        modules = sorted({k.split(".")[0] for k in unexpected})
+        log.warning("%s: %d tensors not used by this model (modules: %s)", source,
+                    len(unexpected), ", ".join(modules))
+    return list(unexpected)
+
+
+def build_model(ckpt_path, override: Mapping | None = None) -> nn.Module:
+    """The model of a checkpoint, built from its stored config, weights loaded, in eval
+    mode. ``override``: a model config given explicitly; it must agree with the stored
+    architecture (it is required for checkpoints that store none)."""
+    ckpt = load_checkpoint(ckpt_path)
+    stored = model_config(ckpt)
+    if stored is None and override is None:
+        raise CheckpointError(
+            f"{ckpt_path} stores no model config (not written by this version of flip); "
+            "name the architecture it was trained with, e.g. model=vit_b16 data.image_size=224")
+    cfg = dict(override) if stored is None else merge_model_config(
+        stored, override, source=str(ckpt_path))
+    model = hydra.utils.instantiate(cfg)
+    load_weights(model, model_state(ckpt), str(ckpt_path))
+    return model.eval()
+
+
+def save_flip_checkpoint(path, model: nn.Module, model_cfg: Mapping) -> None:
+    """A weights-only checkpoint of ``model`` that ``build_model`` and ``eval.py`` read:
+    ``state_dict`` (``model.`` prefix) and the model config."""
+    torch.save({"state_dict": {f"model.{k}": t for k, t in model.state_dict().items()},
+                "hyper_parameters": {CONFIG_KEY: dict(model_cfg)}}, path)
