@@ -1,4 +1,4 @@
-"""FLIP vs OpenCLIP training-step benchmark at several mask ratios (issue 7).
+"""FLIP vs OpenCLIP training-step benchmark at several mask ratios.
 
     python experiments/benchmark.py --arch vit_b16 --batch 32 --threads 1 --repeats 3
     python experiments/benchmark.py --arch vit_l16 --device cuda --dtype bf16 --batch 128
@@ -7,14 +7,14 @@
 Prints a markdown table (FLOPs per sample, step time, memory, ratios to mask 0 and to
 OpenCLIP, the paper's Table 1a figures) and writes it with the raw numbers to
 ``<out>.md`` and ``<out>.json`` (default ``experiments/results/benchmark-<arch>-<device>``).
-The measuring code is ``flip/benchmark.py``.
+The measuring code is ``experiments/step_benchmark.py``.
 """
 import argparse
 import json
 import sys
 from pathlib import Path
 
-from flip.benchmark import IMPLS, Settings, run_benchmark, to_markdown
+from step_benchmark import IMPLS, Settings, run_benchmark, to_markdown
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -1,22 +1,17 @@
-"""The benchmark harness (flip.benchmark, experiments/benchmark.py): FLOPs counts against
-analytic formulas and a quick run on the tiny model. No timings are asserted."""
-import importlib.util
+"""The training-step benchmark (experiments/step_benchmark.py, experiments/benchmark.py;
+experiments/ is on pytest's path): FLOPs counts against formulas and hand counts, and every
+derived number of a run (ratios, throughput, the markdown table) recomputed from the raw
+measurements. No timings are asserted."""
 import json
-from pathlib import Path
 
+import benchmark as benchmark_cli  # experiments/benchmark.py
 import pytest
 import torch
-from timm.models.vision_transformer import Block
-
-from flip.benchmark import (
+from step_benchmark import (
     Settings, analytic_flops, block_flops, count_flops, measured_flops, model_config,
-    openclip_config, run_benchmark, to_markdown,
+    openclip_config, run_benchmark, to_markdown, top_ops,
 )
-
-_CLI = Path(__file__).resolve().parents[1] / "experiments" / "benchmark.py"
-_spec = importlib.util.spec_from_file_location("experiments_benchmark", _CLI)
-benchmark_cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(benchmark_cli)
+from timm.models.vision_transformer import Block
 
 
 @pytest.mark.parametrize("tokens, width, heads", [(17, 64, 4), (50, 96, 2), (1, 32, 1)])
@@ -72,29 +67,142 @@ def test_openclip_mirror_has_our_architecture():
     assert model.token_embedding.num_embeddings == 30522
 
 
-def test_harness_runs_on_tiny_and_counts_match_the_formula():
-    s = Settings(arch="tiny", image_size=32, batch=4, warmup=0, repeats=1, threads=None,
-                 profile=0.75)
+# tiny at 32 px, batch 4, per sample, 2 FLOPs per multiply-add, counted by hand:
+# image: patch embedding 16 patches x 128 x (3*8*8) = 786_432; a block on L tokens of width
+#   128: qkv + proj + fc1 + fc2 = L*12*128^2 multiply-adds, QK^T + AV = 2*L^2*128:
+#   L=17 (16 patches + class token): 6_832_640, L=5 (mask 0.75 keeps 4): 1_978_880;
+#   3 blocks; projection 128 x 128 = 32_768.
+# text: 32 tokens of width 64: 3_407_872 per block, 2 blocks, projection 64 x 128 = 16_384.
+# loss: two (4 x 128) @ (128 x 4) logit matmuls, 2 * 2 * 4 * 4 * 128 FLOPs for 4 samples:
+#   2_048 per sample.
+# train step: backward = 2 x forward, but the patch embedding needs no input gradient.
+TINY32 = {
+    0.0: {"image": 786_432 + 3 * 6_832_640 + 32_768, "text": 2 * 3_407_872 + 16_384},
+    0.75: {"image": 786_432 + 3 * 1_978_880 + 32_768, "text": 2 * 3_407_872 + 16_384},
+}
+for _f in TINY32.values():
+    _f["forward"] = _f["image"] + _f["text"] + 2_048
+    _f["train"] = 3 * _f["forward"] - 786_432
+
+
+@pytest.mark.parametrize("impl", ["flip", "openclip"])
+def test_counted_flops_of_tiny_equal_the_hand_count(impl):
+    cfg = model_config("tiny", 32)
+    counted = measured_flops(cfg, impl, (0.0, 0.75), batch=4)
+    assert counted == TINY32
+    assert {r: analytic_flops(cfg, r, batch=4) for r in TINY32} == TINY32
+
+
+def test_top_ops_counts_calls_and_ranks_by_self_time():
+    a = torch.randn(128, 128)
+
+    def work():
+        for _ in range(3):
+            a @ a
+        for _ in range(5):
+            a + 1
+
+    ops = top_ops(work, torch.device("cpu"), rows=1000)  # every op
+    calls = {o["op"]: o["calls"] for o in ops}
+    assert calls["aten::mm"] == 3 and calls["aten::add"] == 5
+    self_ms = [o["self_ms"] for o in ops]
+    assert self_ms == sorted(self_ms, reverse=True)
+    for o in ops:
+        assert o["share"] == pytest.approx(o["self_ms"] / sum(self_ms))
+
+
+def _number(cell: str) -> float | None:
+    return None if cell == "–" else float(cell.rstrip("×"))
+
+
+def table_rows(markdown: str) -> dict[tuple[str, float], dict[str, float | None]]:
+    """The numbers of to_markdown's main table, parsed back, by (impl, mask)."""
+    out = {}
+    for line in markdown.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) != 13 or cells[0] not in ("flip", "openclip"):
+            continue
+        ratio, analytic = cells[6].replace("(", "").replace(")", "").split()
+        time, cpu_time = cells[10].replace("(", "").replace(")", "").split()
+        wall = cells[7].replace("[", " ").replace("]", "").replace("–", " ").split()
+        vs = cells[12].replace("(", "").replace(")", "").split()
+        out[cells[0], float(cells[1])] = {
+            "visible": int(cells[2]), "image": float(cells[3]), "text": float(cells[4]),
+            "train": float(cells[5]), "ratio": float(ratio), "analytic": float(analytic),
+            "wall": tuple(map(float, wall)) if wall != ["–"] else None,
+            "samples_per_s": _number(cells[9]), "time_ratio": _number(time),
+            "cpu_time_ratio": _number(cpu_time), "mb_per_sample": _number(cells[11]),
+            "vs": tuple(map(_number, vs)) if vs else None,
+        }
+    return out
+
+
+def assert_table_equals_json(markdown: str, result: dict) -> None:
+    """Every number of the markdown table is the json's, at the printed precision."""
+    table = table_rows(markdown)
+    assert set(table) == {(r["impl"], r["mask"]) for r in result["rows"]}
+    for r in result["rows"]:
+        t = table[r["impl"], r["mask"]]
+        assert t["visible"] == r["visible_patches"]
+        for key in ("image", "text", "train"):
+            assert t[key] == pytest.approx(r["flops"][key] / 1e9, abs=5e-4)
+        assert t["ratio"] == pytest.approx(r["flops_ratio"], abs=5e-4)
+        assert t["analytic"] == pytest.approx(r["analytic_ratio"], abs=5e-4)
+        if r["wall_s"] is None:
+            assert t["wall"] is None and t["samples_per_s"] is None
+            continue
+        w = r["wall_s"]
+        assert t["wall"] == pytest.approx((w["median"], w["min"], w["max"]), abs=5e-4)
+        assert t["samples_per_s"] == pytest.approx(r["samples_per_s"], abs=5e-3)
+        assert t["time_ratio"] == pytest.approx(r["time_ratio"], abs=5e-4)
+        assert t["cpu_time_ratio"] == pytest.approx(r["cpu_time_ratio"], abs=5e-4)
+        assert t["mb_per_sample"] == pytest.approx(r["peak_mb_per_sample"], abs=0.05)
+        if "speedup_vs_openclip" in r:
+            assert t["vs"] == pytest.approx(
+                (r["speedup_vs_openclip"], r["cpu_speedup_vs_openclip"]), abs=5e-3)
+
+
+def test_harness_run_on_tiny_derives_every_number_from_its_measurements():
+    batch = 4
+    s = Settings(arch="tiny", image_size=32, batch=batch, warmup=0, repeats=2, profile=0.75)
     result = run_benchmark(s)
     rows = {(r["impl"], r["mask"]): r for r in result["rows"]}
     assert set(rows) == {(i, m) for i in ("flip", "openclip") for m in (0.0, 0.5, 0.75)}
-    cfg = model_config("tiny", 32)
-    for r in rows.values():
-        a = analytic_flops(cfg, r["mask"], batch=4)
-        # the counted training step of our model is the formula exactly
-        if r["impl"] == "flip":
-            for key in ("image", "text", "forward", "train"):
-                assert r["flops"][key] == a[key], (r["mask"], key)
-        assert abs(r["flops_ratio"] - r["analytic_ratio"]) < 0.01
-        assert r["wall_s"]["n"] == 1 and r["wall_s"]["median"] > 0
-        assert r["samples_per_s"] > 0
     # masking removes image tokens: 16 patches, 8 and 4 kept
     assert [rows["flip", m]["visible_patches"] for m in (0.0, 0.5, 0.75)] == [16, 8, 4]
-    assert rows["flip", 0.75]["flops_ratio"] < rows["flip", 0.5]["flops_ratio"] < 1
-    assert "speedup_vs_openclip" in rows["flip", 0.5]
-    assert result["profile"]["flip"][0]["self_ms"] >= 0
-    table = to_markdown(result)
-    assert "| flip | 0.75 | 4 |" in table and "throughput vs OpenCLIP" in table
+    for impl in ("flip", "openclip"):
+        assert rows[impl, 0.75]["flops"] == TINY32[0.75]
+    for (impl, mask), r in rows.items():
+        base = rows[impl, 0.0]
+        # ratios: one raw measurement over another, recomputed here
+        assert r["flops_ratio"] == r["flops"]["train"] / base["flops"]["train"]
+        assert r["analytic_ratio"] == (analytic_flops(model_config("tiny", 32), mask, batch)["train"]
+                                       / analytic_flops(model_config("tiny", 32), 0.0, batch)["train"])
+        assert r["text_share"] == base["flops"]["text"] / base["flops"]["image"]
+        w, c = r["wall_s"], r["cpu_s"]
+        assert w["n"] == c["n"] == 2
+        assert w["median"] == pytest.approx((w["min"] + w["max"]) / 2)  # median of two
+        assert c["median"] == pytest.approx((c["min"] + c["max"]) / 2)
+        assert r["samples_per_s"] == pytest.approx(batch / w["median"])
+        assert r["time_ratio"] == pytest.approx(w["median"] / base["wall_s"]["median"])
+        assert r["cpu_time_ratio"] == pytest.approx(c["median"] / base["cpu_s"]["median"])
+        assert r["peak_mb_per_sample"] == pytest.approx(r["peak_mb"] / batch)
+    for mask in (0.0, 0.5, 0.75):
+        ours, theirs = rows["flip", mask], rows["openclip", mask]
+        assert ours["speedup_vs_openclip"] == pytest.approx(
+            theirs["wall_s"]["median"] / ours["wall_s"]["median"])
+        assert ours["cpu_speedup_vs_openclip"] == pytest.approx(
+            theirs["cpu_s"]["median"] / ours["cpu_s"]["median"])
+        assert "speedup_vs_openclip" not in theirs
+    # the profile of one step at mask 0.75: ranked by self time, one entry per op
+    for impl in ("flip", "openclip"):
+        ops = result["profile"][impl]
+        assert [o["self_ms"] for o in ops] == sorted((o["self_ms"] for o in ops), reverse=True)
+        assert len({o["op"] for o in ops}) == len(ops) == 15
+    markdown = to_markdown(result)
+    assert_table_equals_json(markdown, result)
+    speedup = rows["flip", 0.5]["speedup_vs_openclip"]
+    assert f"- mask 0.5: throughput vs OpenCLIP {speedup:.2f}× wall" in markdown
 
 
 def test_flops_only_run_of_vit_l16_gives_table_1a():
@@ -115,5 +223,7 @@ def test_command_line_writes_json_and_markdown(tmp_path, capsys):
     data = json.loads(out.with_suffix(".json").read_text())
     assert [r["mask"] for r in data["rows"]] == [0.0, 0.75]
     assert data["meta"]["command"].startswith("python experiments/benchmark.py --arch tiny")
-    assert "| flip | 0 | 16 |" in out.with_suffix(".md").read_text()
-    assert "| flip | 0.75 | 4 |" in capsys.readouterr().out
+    markdown = out.with_suffix(".md").read_text()
+    assert_table_equals_json(markdown, data)  # the written table is the written json
+    assert data["rows"][1]["flops"]["image"] == TINY32[0.75]["image"]
+    assert table_rows(capsys.readouterr().out) == table_rows(markdown)

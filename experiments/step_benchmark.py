@@ -1,4 +1,4 @@
-"""Training-step benchmark of FLIP against OpenCLIP's patch-dropout CLIP (issue 7).
+"""Training-step benchmark of FLIP against OpenCLIP's patch-dropout CLIP: the measuring code.
 
 For one architecture of ``conf/model/`` and several mask ratios it measures, for our
 model and for the same architecture built with open-clip-torch:
@@ -12,6 +12,7 @@ model and for the same architecture built with open-clip-torch:
 - the peak memory a step adds: CUDA max allocated, or resident-set growth on CPU.
 
 ``experiments/benchmark.py`` is the command line; :func:`to_markdown` renders the table.
+This is tooling beside the library (it imports open-clip-torch), not part of ``flip``.
 """
 import ctypes
 import math
@@ -23,7 +24,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
+from importlib.resources import files
 
 import torch
 from hydra.utils import instantiate
@@ -35,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from flip.loss import contrastive_loss
 from flip.masking import num_visible
 
-MODEL_CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+MODEL_CONF = files("flip.conf") / "model"  # conf/model, installed with the package
 IMPLS = ("flip", "openclip")
 # FLIP Table 1a (ViT-L/16, image + text): FLOPs and wall-clock time relative to mask 0.
 PAPER_FLOPS = {0.0: 1.00, 0.5: 0.52, 0.75: 0.28}
@@ -46,7 +47,7 @@ PAPER_TEXT_SHARE = 0.044  # text encoder FLOPs / image encoder FLOPs, ViT-L/16
 def model_config(arch: str, image_size: int) -> dict:
     """``conf/model/<arch>.yaml`` resolved at ``image_size`` (mask ratio 0)."""
     root = OmegaConf.create({"data": {"image_size": image_size}, "mask": 0.0,
-                             "model": OmegaConf.load(MODEL_CONF / f"{arch}.yaml")})
+                             "model": OmegaConf.create((MODEL_CONF / f"{arch}.yaml").read_text())})
     return OmegaConf.to_container(root.model, resolve=True)
 
 
@@ -493,7 +494,7 @@ def _met(ok: bool) -> str:
 
 
 def to_markdown(result: dict) -> str:
-    """The measured table, the goals of issue 7 and the profiles as markdown."""
+    """The measured table, the performance goals and the profiles as markdown."""
     meta, rows = result["meta"], result["rows"]
     st = meta["settings"]
     timing = ("FLOPs only (counted on the meta device)" if st.get("flops_only") else
@@ -530,7 +531,7 @@ def to_markdown(result: dict) -> str:
 
 
 def goals(result: dict) -> list[str]:
-    """Issue 7's goals checked on our rows, one markdown bullet each: FLOPs ratios within
+    """The performance goals checked on our rows, one markdown bullet each: FLOPs ratios within
     0.01 of the analytic ones, step-time ratios at most 1.05 × the FLOPs ratios, and
     throughput at least 1.1 × OpenCLIP's."""
     ours = [r for r in result["rows"] if r["impl"] == "flip"]
