@@ -15,28 +15,29 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import hydra
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 
-from flip.grad_cache import cached_contrastive_backward
+from flip.grad_cache import cached_backward
 from flip.loss import contrastive_loss
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 VARIANTS = ("one_shot", "accumulate", "cached")
 
 
 def build(model: str, mask: float):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    """The model of ``conf/model/<model>`` (installed as ``flip.conf``), its training
+    objective and input size."""
+    with initialize_config_module(config_module="flip.conf", version_base="1.3"):
         cfg = compose("train", overrides=[f"model={model}", f"mask={mask}", "output_dir=/tmp"])
     if model != "tiny":
         cfg.data.image_size = 224
-    return hydra.utils.instantiate(cfg.model).train(), cfg.data.image_size
+    return (hydra.utils.instantiate(cfg.model).train(), hydra.utils.instantiate(cfg.objective),
+            cfg.data.image_size)
 
 
-def step(variant: str, model, images, tokens, micro: int) -> None:
+def step(variant: str, model, objective, images, tokens, micro: int) -> None:
     if variant == "one_shot":
         contrastive_loss(*model(images, tokens)).backward()
     elif variant == "accumulate":
@@ -44,22 +45,22 @@ def step(variant: str, model, images, tokens, micro: int) -> None:
         for i in range(0, images.shape[0], micro):
             (contrastive_loss(*model(images[i:i + micro], tokens[i:i + micro])) / n).backward()
     else:
-        cached_contrastive_backward(model, images, tokens, micro)
+        cached_backward(model, objective, images, tokens, micro)
     model.zero_grad(set_to_none=True)
 
 
 def measure(variant: str, args) -> dict:
     """Run in a fresh process: warm-up, timed repeats, peak RSS above the model's."""
     torch.manual_seed(0)
-    model, size = build(args.model, args.mask)
+    model, objective, size = build(args.model, args.mask)
     images = torch.randn(args.batch, 3, size, size)
     tokens = torch.randint(1, 30522, (args.batch, 32))
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step(variant, model, images, tokens, args.micro)  # warm-up
+    step(variant, model, objective, images, tokens, args.micro)  # warm-up
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        step(variant, model, images, tokens, args.micro)
+        step(variant, model, objective, images, tokens, args.micro)
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base  # KiB on Linux
     return {"variant": variant, "times": times, "peak_mib": peak / 1024}

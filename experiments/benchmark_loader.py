@@ -31,11 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from flip.data import shards as sh  # noqa: E402
-from flip.data.images import decode_image  # noqa: E402
+from flip.data import shards as sh
+from flip.data.images import decode_image
 
 WORDS = ("a photo of the old red temple with a garden and blue sky over the hills at dusk "
          "close up of a pink flower petals in bright sunlight on a summer day").split()
@@ -118,12 +115,12 @@ def measure_model(arch: str, mask: float, batch: int, steps: int, threads: int) 
     """Seconds per training step (forward, loss, backward, AdamW) at 224 px: the fastest
     of ``steps`` after one warm-up step."""
     import hydra
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
 
     from flip.loss import global_contrastive_loss
 
     torch.set_num_threads(threads)
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_module(config_module="flip.conf", version_base="1.3"):
         cfg = compose("train", overrides=[f"model={arch}", f"mask={mask}",
                                           "data.image_size=224", "output_dir=/tmp/unused"])
     torch.manual_seed(0)
