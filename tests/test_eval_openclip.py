@@ -1,16 +1,18 @@
 """OpenCLIP interoperability: an exported FLIP model, loaded by stock open-clip-torch from
-its folder, gives the same embeddings as FLIP (≤1e-5), and imports back unchanged."""
+its folder, gives the same embeddings as FLIP (≤1e-5), and imports back unchanged; the
+command line reads the architecture from the files."""
 import json
 
 import hydra
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
+from flip.checkpoint import load_checkpoint, model_config, model_state, save_flip_checkpoint
 from flip.interop.openclip import (NotExportable, export_openclip, import_openclip, main,
                                    to_openclip_state_dict)
 from flip.tokenizer import Tokenizer
-from tests.conftest import CONF
+from tests.conftest import compose_train
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -18,19 +20,20 @@ TEXTS = ["a red circle", "two blue squares and a small yellow star", "the digit 
          "a photo of a large dog on the left"]
 
 
+SMALL = ["model.image.width=48", "model.image.depth=2", "model.image.heads=2",
+         "model.text.width=32", "model.text.depth=2", "model.text.heads=2", "model.embed_dim=24"]
+
+
 def make_model(*overrides, seed=0):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("eval", overrides=["ckpt_path=unused", "output_dir=/tmp/x",
-                                         "model.image.width=48", "model.image.depth=2",
-                                         "model.image.heads=2", "model.text.width=32",
-                                         "model.text.depth=2", "model.text.heads=2",
-                                         "model.embed_dim=24", *overrides])
+    """A small FLIP with non-trivial values everywhere and its resolved model config."""
+    cfg = compose_train("mask=0.0", *SMALL, *overrides)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     torch.manual_seed(seed)
-    model = hydra.utils.instantiate(cfg.model).eval()
+    model = hydra.utils.instantiate(model_cfg).eval()
     with torch.no_grad():  # non-trivial values everywhere (biases, norms, class token)
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    return model, cfg
+    return model, model_cfg
 
 
 @pytest.mark.parametrize("pool", ["avg", "token"])
@@ -80,15 +83,59 @@ def test_models_without_an_openclip_equivalent_are_refused(tmp_path):
         export_openclip(model, tmp_path)
 
 
-def test_command_line_export_and_import(tmp_path):
-    model, cfg = make_model()
-    ckpt = tmp_path / "m.ckpt"
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, ckpt)
-    size = ["model.image.width=48", "model.image.depth=2", "model.image.heads=2",
-            "model.text.width=32", "model.text.depth=2", "model.text.heads=2", "model.embed_dim=24"]
-    main(["export", str(ckpt), str(tmp_path / "oc"), *size])  # python -m flip.interop.openclip …
-    assert (tmp_path / "oc" / "open_clip_pytorch_model.bin").is_file()
-    main(["import", str(tmp_path / "oc"), str(tmp_path / "back.ckpt"), *size])
-    back = torch.load(tmp_path / "back.ckpt", weights_only=False)["state_dict"]
+def assert_same_weights(state: dict, model: torch.nn.Module) -> None:
+    assert state.keys() == model.state_dict().keys()
     for k, v in model.state_dict().items():
-        torch.testing.assert_close(back[f"model.{k}"], v, atol=1e-6, rtol=0)
+        torch.testing.assert_close(state[k], v, atol=1e-6, rtol=0, msg=k)
+
+
+def test_command_line_reads_the_architecture_from_the_files(tmp_path, capsys):
+    model, model_cfg = make_model("model.image.pool=token")  # not the default pool either
+    ckpt = tmp_path / "m.ckpt"
+    save_flip_checkpoint(ckpt, model, model_cfg)
+    main(["export", str(ckpt), str(tmp_path / "oc")])  # python -m flip.interop.openclip …
+    assert (tmp_path / "oc" / "open_clip_pytorch_model.bin").is_file()
+    main(["import", str(tmp_path / "oc"), str(tmp_path / "back.ckpt")])
+    back = load_checkpoint(tmp_path / "back.ckpt")  # weights only
+    assert model_config(back) == model_cfg  # the imported checkpoint carries its architecture
+    assert_same_weights(model_state(back), model)
+    assert "python eval.py ckpt_path=" in capsys.readouterr().out
+
+
+def test_command_line_refuses_an_override_that_contradicts_the_checkpoint(tmp_path):
+    model, model_cfg = make_model()
+    ckpt = tmp_path / "m.ckpt"
+    save_flip_checkpoint(ckpt, model, model_cfg)
+    with pytest.raises(SystemExit, match=r"model.image.depth=3 .*model.image.depth=2"):
+        main(["export", str(ckpt), str(tmp_path / "oc"), *SMALL, "model.image.depth=3"])
+    main(["export", str(ckpt), str(tmp_path / "oc"), *SMALL])  # agreeing overrides: fine
+    with pytest.raises(SystemExit, match=r"model.embed_dim=32 .*model.embed_dim=24"):
+        main(["import", str(tmp_path / "oc"), str(tmp_path / "b.ckpt"), *SMALL,
+              "model.embed_dim=32"])
+
+
+def test_command_line_needs_the_architecture_only_for_files_without_one(tmp_path, capsys):
+    model, _ = make_model()
+    ckpt = tmp_path / "plain.ckpt"  # an old-style checkpoint: weights, no model config
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    state["model.decoder.weight"] = torch.zeros(3, 3)  # a training-only module
+    torch.save({"state_dict": state}, ckpt)
+    with pytest.raises(SystemExit, match="stores no FLIP model config; name the architecture"):
+        main(["export", str(ckpt), str(tmp_path / "oc")])
+    main(["export", str(ckpt), str(tmp_path / "oc"), *SMALL])
+    assert "not exported: 1 tensors" in capsys.readouterr().out  # reported, not dropped silently
+    config = tmp_path / "oc" / "open_clip_config.json"
+    cfg = json.loads(config.read_text())
+    del cfg["flip"]["model_config"]  # as in an OpenCLIP folder from elsewhere
+    config.write_text(json.dumps(cfg))
+    with pytest.raises(SystemExit, match="stores no FLIP model config"):
+        main(["import", str(tmp_path / "oc"), str(tmp_path / "back.ckpt")])
+    main(["import", str(tmp_path / "oc"), str(tmp_path / "back.ckpt"), *SMALL])
+    assert_same_weights(model_state(load_checkpoint(tmp_path / "back.ckpt")), model)
+
+
+def test_a_checkpoint_with_pickled_code_is_refused(tmp_path):
+    ckpt = tmp_path / "unsafe.ckpt"
+    torch.save({"state_dict": {}, "callback": Tokenizer(32)}, ckpt)  # an arbitrary object
+    with pytest.raises(SystemExit, match=f"{ckpt} is refused"):
+        main(["export", str(ckpt), str(tmp_path / "oc")])

@@ -28,22 +28,36 @@ Models without a class token (``class_token=False``) and mean-pooled text
 tokenised with ``flip.tokenizer.Tokenizer`` (no [CLS]/[SEP]); OpenCLIP's own
 ``bert-base-uncased`` HF tokenizer would add [CLS].
 
-Command line (the model/data groups as for training and eval):
-    python -m flip.interop.openclip export <ckpt> <out_dir> [model=vit_b16 data.image_size=224]
-    python -m flip.interop.openclip import <out_dir> <out.ckpt> [model=… as above]
+Command line (the architecture travels: from the checkpoint's stored model config on
+export, from the export's ``open_clip_config.json`` on import):
+    python -m flip.interop.openclip export <ckpt> <out_dir>
+    python -m flip.interop.openclip import <out_dir> <out.ckpt>
+Files that carry no FLIP model config (older checkpoints, other OpenCLIP folders) need
+the architecture named as for training, e.g. ``model=vit_b16 data.image_size=224``;
+named next to a file that carries one, it must agree with it.
 """
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
+import hydra
 import torch
+from omegaconf import OmegaConf
 from timm.layers import build_sincos2d_pos_embed
 
+from flip.checkpoint import (CheckpointError, load_checkpoint, load_weights, merge_model_config,
+                             model_config, model_state, save_flip_checkpoint)
+from flip.config import ConfigError
 from flip.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from flip.models.clip import FLIP
 
+USAGE = """usage: python -m flip.interop.openclip export <ckpt> <out_dir> [model overrides]
+       python -m flip.interop.openclip import <out_dir> <out.ckpt> [model overrides]
+The architecture comes from the checkpoint / the export; name it (model=vit_b16
+data.image_size=224) only for files that store none."""
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_pytorch_model.bin"
 
@@ -151,8 +165,9 @@ def to_openclip_state_dict(model: FLIP) -> dict[str, torch.Tensor]:
     return {k: t.contiguous().clone() for k, t in out.items()}
 
 
-def export_openclip(model: FLIP, out_dir) -> Path:
-    """Write ``open_clip_config.json`` and ``open_clip_pytorch_model.bin`` to ``out_dir``."""
+def export_openclip(model: FLIP, out_dir, model_cfg: Mapping | None = None) -> Path:
+    """Write ``open_clip_config.json`` and ``open_clip_pytorch_model.bin`` to ``out_dir``.
+    ``model_cfg``: the FLIP model config, kept in the json so an import needs no other."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = {
@@ -162,6 +177,8 @@ def export_openclip(model: FLIP, out_dir) -> Path:
         "flip": {"note": "tokenise with flip.tokenizer.Tokenizer (BERT uncased, no [CLS]/[SEP], "
                          "length 32); embeddings may carry one extra zero component"},
     }
+    if model_cfg is not None:
+        config["flip"]["model_config"] = dict(model_cfg)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     torch.save(to_openclip_state_dict(model), out / WEIGHTS_FILE)
     return out
@@ -223,31 +240,71 @@ def import_openclip(folder, model: FLIP) -> FLIP:
     return from_openclip_state_dict(state, model)
 
 
+def compose_model_config(overrides: list[str]) -> dict:
+    """The model config of the training configs (``pkg://flip.conf``) with these overrides,
+    resolved; mask 0 unless an override says otherwise."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="flip.conf", version_base="1.3"):
+        cfg = compose("train", overrides=["mask=0.0", "output_dir=.", *overrides])
+    return OmegaConf.to_container(cfg.model, resolve=True)
+
+
+def _architecture(stored: Mapping | None, overrides: list[str], source: str) -> dict:
+    """The model config of ``source``: the one it stores, checked against ``overrides``;
+    or the one ``overrides`` name."""
+    requested = compose_model_config(overrides) if overrides else None
+    if stored is None and requested is None:
+        raise CheckpointError(f"{source} stores no FLIP model config; name the architecture, "
+                              "e.g. model=vit_b16 data.image_size=224")
+    return dict(requested) if stored is None else merge_model_config(stored, requested,
+                                                                     source=source)
+
+
+def export_checkpoint(ckpt_path, out_dir, overrides: list[str] = ()) -> Path:
+    """Export the model of a FLIP checkpoint (architecture from the checkpoint)."""
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = _architecture(model_config(ckpt), list(overrides), str(ckpt_path))
+    model = hydra.utils.instantiate(cfg).eval()
+    left_out = load_weights(model, model_state(ckpt), str(ckpt_path))
+    if left_out:
+        modules = sorted({k.split(".")[0] for k in left_out})
+        print(f"not exported: {len(left_out)} tensors of the checkpoint outside the CLIP model "
+              f"(modules: {', '.join(modules)})")
+    return export_openclip(model, out_dir, cfg)
+
+
+def import_folder(folder, ckpt_path, overrides: list[str] = ()) -> Path:
+    """Write the OpenCLIP export in ``folder`` as a FLIP checkpoint that carries its model
+    config (``python eval.py ckpt_path=<ckpt_path>`` reads it)."""
+    folder = Path(folder)
+    config = folder / CONFIG_FILE
+    if not config.is_file():
+        raise CheckpointError(f"{folder} has no {CONFIG_FILE}: not an OpenCLIP model folder")
+    stored = json.loads(config.read_text()).get("flip", {}).get("model_config")
+    cfg = _architecture(stored, list(overrides), str(config))
+    model = import_openclip(folder, hydra.utils.instantiate(cfg))
+    save_flip_checkpoint(ckpt_path, model, cfg)
+    return Path(ckpt_path)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``export <ckpt> <out_dir> [overrides]`` or ``import <dir> <out.ckpt> [overrides]``."""
-    from hydra import compose, initialize_config_dir
-    import hydra as _hydra
-
-    from flip.evaluation.common import load_model
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) < 3 or argv[0] not in ("export", "import"):
-        raise SystemExit(__doc__.split("Command line")[1])
+        raise SystemExit(USAGE)
     cmd, src, dst, overrides = argv[0], argv[1], argv[2], argv[3:]
-    conf = Path(__file__).resolve().parents[2] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose("eval", overrides=["ckpt_path=" + src, "output_dir=.", *overrides])
-    if cmd == "export":
-        try:
-            out = export_openclip(load_model(cfg.model, src), dst)
-        except NotExportable as err:
-            raise SystemExit(f"error: {err}") from None
-        print(f"wrote {out / CONFIG_FILE} and {out / WEIGHTS_FILE}; load with "
-              f"open_clip.create_model('local-dir:{out}')")
-    else:
-        model = import_openclip(src, _hydra.utils.instantiate(cfg.model))
-        torch.save({"state_dict": {f"model.{k}": t for k, t in model.state_dict().items()}}, dst)
-        print(f"wrote {dst} (FLIP weights; evaluate with python eval.py ckpt_path={dst})")
+    try:
+        if cmd == "export":
+            out = export_checkpoint(src, dst, overrides)
+            print(f"wrote {out / CONFIG_FILE} and {out / WEIGHTS_FILE}; load with "
+                  f"open_clip.create_model('local-dir:{out}')")
+        else:
+            out = import_folder(src, dst, overrides)
+            print(f"wrote {out} (FLIP weights and model config; evaluate with "
+                  f"python eval.py ckpt_path={out})")
+    except (NotExportable, ConfigError) as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":
