@@ -9,12 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from flip.evaluation.common import StridedSampler
-from flip.evaluation.metrics import (average_precision_11pt, dedupe_by_index,
-                                     mean_average_precision_11pt, pm_k, retrieval_recall)
-from flip.tasks.retrieval import ZeroShotRetrieval
-from flip.tasks.zeroshot import ZeroShotClassification, group_max
-from flip.zeroshot import build_zero_shot_classifier
+from flip.eval.metrics import (average_precision_11pt, dedupe_by_index,
+                               mean_average_precision_11pt, pm_k, retrieval_recall)
+from flip.eval.module import StridedSampler
+from flip.eval.retrieval import ZeroShotRetrieval
+from flip.eval.zeroshot import ZeroShotClassification, build_zero_shot_classifier, group_max
 
 
 # -- retrieval --------------------------------------------------------------------------------
