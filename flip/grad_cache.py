@@ -11,6 +11,7 @@ over micro-batches changes the loss (fewer negatives). Gradient caching (Gao et 
 3. re-run each micro-batch with autograd, *with the same mask and RNG state*, and
    backpropagate the cached embedding gradients through it (``<f, g>`` surrogate);
    gradients accumulate in ``.grad``; data-parallel sync runs on the last one only.
+   Per-sample terms of the objective (``flip/objective.py``) are added in this pass.
 
 Loss and gradients equal the one-shot full batch (tests/test_grad_cache.py). OpenCLIP's
 ``accum_freq`` re-draws the patch mask in step 3; this does not.
@@ -20,8 +21,8 @@ from typing import Callable
 
 import torch
 
-from flip.loss import global_contrastive_loss
 from flip.models.clip import FLIP
+from flip.objective import Objective
 
 
 def _rng_state(device: torch.device) -> tuple:
@@ -35,16 +36,17 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-def cached_contrastive_backward(
+def cached_backward(
     model: FLIP,
+    objective: Objective,
     images: torch.Tensor,
     tokens: torch.Tensor,
     micro_batch: int,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
     no_sync: Callable[[], AbstractContextManager] = nullcontext,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Accumulate into ``.grad`` the gradients of the global-batch loss; return
-    (loss, logit scale), detached.
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """Accumulate into ``.grad`` the gradients of the objective on the whole batch;
+    return (loss, its parts, logit scale), detached.
 
     images (B, 3, H, W), tokens (B, L): this rank's batch, B a multiple of micro_batch.
     backward: how to backpropagate a scalar (Lightning: ``manual_backward``).
@@ -55,32 +57,38 @@ def cached_contrastive_backward(
     if B % micro_batch:
         raise ValueError(f"batch {B} is not a multiple of the micro-batch {micro_batch}")
     chunks = [slice(i, i + micro_batch) for i in range(0, B, micro_batch)]
-    noise = torch.rand(B, model.visual.num_patches, device=device)  # one mask per sample
+    image_mask, text_mask = model.draw_masks(B, device)  # one mask per sample and tower
 
     states, image_features, text_features = [], [], []
     with torch.no_grad():  # 1. embed without graph
         for c in chunks:
             states.append(_rng_state(device))
-            image_features.append(model.encode_image(images[c], noise=noise[c]))
-            text_features.append(model.encode_text(tokens[c]))
+            image_features.append(model.encode_image(images[c], image_mask[c]))
+            text_features.append(model.encode_text(tokens[c], text_mask[c]))
     after = _rng_state(device)
 
-    # 2. global loss, gradients w.r.t. the embeddings and the scale only
+    # 2. global contrastive loss, gradients w.r.t. the embeddings and the scale only
     image_all = torch.cat(image_features).requires_grad_()
     text_all = torch.cat(text_features).requires_grad_()
     scale = model.scale()
-    loss = global_contrastive_loss(image_all, text_all, scale)
-    grad_image, grad_text, grad_scale = torch.autograd.grad(loss, [image_all, text_all, scale])
+    contrastive = objective.contrastive(image_all, text_all, scale)
+    grad_image, grad_text, grad_scale = torch.autograd.grad(
+        contrastive, [image_all, text_all, scale])
 
-    # 3. replay each micro-batch with graph and push the cached gradients through
+    # 3. replay each micro-batch with graph, push the cached gradients through, add the
+    # per-sample terms
+    parts = {"contrastive": contrastive.detach()}
     for i, (c, state) in enumerate(zip(chunks, states)):
         last = i == len(chunks) - 1
         _set_rng_state(state, device)
         with nullcontext() if last else no_sync():
-            surrogate = (model.encode_image(images[c], noise=noise[c]) * grad_image[c]).sum()
-            surrogate = surrogate + (model.encode_text(tokens[c]) * grad_text[c]).sum()
+            features = model.forward_features(images[c], tokens[c], image_mask[c], text_mask[c])
+            surrogate = (features.image * grad_image[c]).sum() + (features.text * grad_text[c]).sum()
+            for name, term in objective.per_sample(features, images[c], tokens[c], B).items():
+                surrogate = surrogate + term
+                parts[name] = parts.get(name, 0.0) + term.detach()
             if last:  # the logit scale's gradient joins the synchronised backward
                 surrogate = surrogate + model.scale() * grad_scale
             backward(surrogate)
     _set_rng_state(after, device)
-    return loss.detach(), scale.detach()
+    return sum(parts.values()), parts, scale.detach()

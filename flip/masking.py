@@ -1,17 +1,58 @@
-"""Random patch masking (FLIP §3, MAE's `random_masking`).
+"""Token masking (FLIP §3, MAE's `random_masking`) and the mask spec both towers take.
 
-Per sample: draw uniform noise over the N patch tokens, argsort it, keep the first
+Per sample: draw uniform noise over the N tokens, argsort it, keep the first
 ``k = int(N * (1 - ratio))``. ``k`` depends only on ``N`` and the ratio, never on the
 data, so shapes are static (XLA and ``torch.compile`` see one graph).
+
+A :class:`Mask` says what one forward pass of one tower drops: the ratio and, to replay
+a mask exactly (gradient caching re-runs a micro-batch), the noise that drew it. The
+FLIP model draws one per tower for a whole batch (``FLIP.draw_masks``); slicing a mask
+by batch rows gives the micro-batch's part.
 """
+from __future__ import annotations
+
+from dataclasses import dataclass
+
 import torch
 
 
-def num_visible(num_patches: int, ratio: float) -> int:
-    """Number of patch tokens kept at masking ratio ``ratio`` (at least one)."""
+def num_visible(num_tokens: int, ratio: float) -> int:
+    """Number of tokens kept at masking ratio ``ratio`` (at least one)."""
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
-    return max(1, int(num_patches * (1.0 - ratio)))
+    return max(1, int(num_tokens * (1.0 - ratio)))
+
+
+@dataclass(frozen=True)
+class Mask:
+    """What one forward pass of one tower drops.
+
+    ratio: fraction of tokens dropped; 0 keeps every token in order.
+    noise: (B, N) uniform noise; the same noise gives the same mask. None: drawn afresh.
+    """
+
+    ratio: float = 0.0
+    noise: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        num_visible(1, self.ratio)  # validates the ratio
+
+    def __getitem__(self, rows) -> Mask:
+        """The mask of a subset of the batch (e.g. ``mask[0:32]`` for a micro-batch)."""
+        return self if self.noise is None else Mask(self.ratio, self.noise[rows])
+
+    def drawn(self, batch: int, num_tokens: int, device: torch.device | str) -> Mask:
+        """This mask with its noise drawn now (a no-op at ratio 0 or when already drawn)."""
+        if self.ratio == 0 or self.noise is not None:
+            return self
+        return Mask(self.ratio, torch.rand(batch, num_tokens, device=device))
+
+    def apply(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, N, D) -> the kept tokens (B, k, D) and their indices (B, k) into N;
+        (x, None) at ratio 0."""
+        if self.ratio == 0:
+            return x, None
+        return random_masking(x, self.ratio, self.noise)
 
 
 def random_masking(
@@ -19,7 +60,7 @@ def random_masking(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep a random subset of tokens per sample.
 
-    x: (B, N, D) patch tokens (position embedding already added).
+    x: (B, N, D) tokens (position embedding already added).
     noise: optional (B, N) uniform noise; passing the same noise reproduces the same
         mask (gradient caching re-runs a micro-batch with its first-pass mask).
     Returns the visible tokens (B, k, D) and their indices (B, k) into N.
@@ -28,6 +69,8 @@ def random_masking(
     k = num_visible(N, ratio)
     if noise is None:
         noise = torch.rand(B, N, device=x.device)  # drawn on the device: no host sync
+    elif noise.shape != (B, N):
+        raise ValueError(f"mask noise has shape {tuple(noise.shape)}, expected {(B, N)}")
     keep = torch.argsort(noise, dim=1)[:, :k]  # (B, k) ascending noise is kept
     visible = torch.gather(x, 1, keep.unsqueeze(-1).expand(B, k, D))  # (B, k, D)
     return visible, keep

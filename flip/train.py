@@ -4,13 +4,51 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from flip.checkpoint import load_checkpoint, load_weights, merge_model_config, model_config, model_state
 from flip.config import check_hardware, check_mask, per_device_batch
 from flip.zeroshot import format_zero_shot
 
 log = logging.getLogger(__name__)
+
+
+def command_line_model_keys() -> set[str] | None:
+    """Model config keys the user set on the command line (dotted, relative to
+    ``model``; ``data.image_size`` counts as ``image.image_size``); None = the whole model
+    group was chosen. Empty outside a Hydra run (a config composed in code)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return set()
+    keys = set()
+    for override in HydraConfig.get().overrides.task:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key == "model":
+            return None
+        if key.startswith("model."):
+            keys.add(key[len("model."):])
+        elif key == "data.image_size":
+            keys.add("image.image_size")
+    return keys
+
+
+def resolve_model_config(cfg: DictConfig, ckpt: dict | None) -> dict:
+    """The run's model config: the composed one, or with ``init_from`` the checkpoint's
+    architecture (command-line model settings must agree with it) with this run's
+    run-time settings (mask ratio, activation checkpointing). ``data.image_size``
+    follows the checkpoint."""
+    requested = OmegaConf.to_container(cfg.model, resolve=True)
+    stored = model_config(ckpt) if ckpt is not None else None
+    if stored is None:
+        return requested
+    merged = merge_model_config(stored, requested, command_line_model_keys(),
+                                source=f"init_from={cfg.init_from}")
+    size = merged["image"]["image_size"]
+    if cfg.data.image_size != size:
+        log.info("data.image_size=%s from the init_from checkpoint", size)
+        cfg.data.image_size = size
+    return merged
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -19,12 +57,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_hardware(cfg.trainer.accelerator)
     L.seed_everything(cfg.seed, workers=True)
 
+    ckpt = load_checkpoint(cfg.init_from) if cfg.init_from else None
+    model_cfg = resolve_model_config(cfg, ckpt)
     logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else False
+    if logger:  # the whole resolved run config, next to the metrics
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    module = hydra.utils.instantiate(cfg.task, model=hydra.utils.instantiate(cfg.model))
-    if cfg.init_from:
-        state = torch.load(cfg.init_from, map_location="cpu", weights_only=False)["state_dict"]
-        module.load_state_dict(state)
+    module = hydra.utils.instantiate(cfg.task, _partial_=True)(
+        model=hydra.utils.instantiate(model_cfg),
+        objective=hydra.utils.instantiate(cfg.objective), model_config=model_cfg)
+    if ckpt is not None:
+        load_weights(module.model, model_state(ckpt), f"init_from={cfg.init_from}")
         log.info("initialised weights from %s", cfg.init_from)
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, max_steps=module.total_steps, logger=logger, callbacks=callbacks)

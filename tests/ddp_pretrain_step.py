@@ -1,5 +1,6 @@
 """One PretrainModule step under Lightning DDP on 2 CPU (gloo) processes; each rank saves
-its synchronised gradients. Run by tests/test_grad_cache.py:
+its synchronised gradients and how many gradient all-reduces DDP ran (a counting comm
+hook around DDP's own all-reduce). Run by tests/test_grad_cache.py:
     python tests/ddp_pretrain_step.py OUT_DIR MICRO_BATCH
 """
 import json
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -16,6 +18,14 @@ from test_grad_cache import batch, tiny_flip  # noqa: E402  (one model/data defi
 from flip.tasks.pretrain import PretrainModule  # noqa: E402
 
 NOISE_SEED = 1000  # the module seeds step 0 of rank r with NOISE_SEED + r
+
+
+ALL_REDUCES = []  # one entry per gradient bucket all-reduced by DDP
+
+
+def counting_allreduce(state, bucket):
+    ALL_REDUCES.append(bucket.index())
+    return default_hooks.allreduce_hook(state, bucket)
 
 
 def build_model():
@@ -30,6 +40,10 @@ class Capture(L.Callback):
     def __init__(self, out: Path):
         self.out = out
 
+    def on_train_start(self, trainer, module):
+        # Lightning registers comm hooks on CUDA only; the DDP wrapper takes one on gloo too
+        trainer.strategy.model.register_comm_hook(None, counting_allreduce)
+
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         # the sampler's shuffled share of this rank, for the test's reference computation
         torch.save(batch, self.out / f"batch{trainer.global_rank}.pt")
@@ -42,7 +56,7 @@ class Capture(L.Callback):
         module.captured["loss"] = outputs["loss"].detach() if isinstance(outputs, dict) else outputs
         torch.save(module.captured, self.out / f"rank{trainer.global_rank}.pt")
         if trainer.global_rank == 0:
-            meta = {"world_size": trainer.world_size,
+            meta = {"world_size": trainer.world_size, "all_reduces": len(ALL_REDUCES),
                     "micro_batches": float(trainer.callback_metrics["train/micro_batches"])}
             (self.out / "meta.json").write_text(json.dumps(meta))
 

@@ -14,7 +14,9 @@ from flip.models.clip import FLIP
 from tests.conftest import CONF, compose_train
 
 ROOT = CONF.parent
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")  # hydra/: launchers
+# training groups (hydra/: launchers; eval_*: the groups of conf/eval.yaml)
+GROUPS = sorted(p.name for p in CONF.iterdir()
+                if p.is_dir() and p.name != "hydra" and not p.name.startswith(("eval_", "_")))
 
 
 def options(group: str) -> list[str]:
@@ -23,7 +25,7 @@ def options(group: str) -> list[str]:
 
 def test_groups_and_their_options_exist():
     assert GROUPS == ["accelerator", "batch", "callbacks", "data", "experiment", "logger",
-                      "model", "schedule", "task", "trainer"]
+                      "model", "objective", "schedule", "task", "trainer"]
     assert options("model") == ["tiny", "vit_b16", "vit_h14", "vit_l14", "vit_l16"]
     assert options("accelerator") == ["cpu", "gpu", "tpu"]
     assert {"16k", "32k", "64k", "1k", "tiny"} <= set(options("batch"))

@@ -1,5 +1,6 @@
-"""Gradient caching: loss and every gradient equal the one-shot full batch (with masking),
-on one process and through Lightning DDP with 2 gloo processes."""
+"""Gradient caching: loss and every gradient equal the one-shot full batch (with masking,
+with a per-sample auxiliary term), on one process and through Lightning DDP with 2 gloo
+processes, where it also synchronises gradients once per step."""
 import copy
 import json
 import subprocess
@@ -9,9 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from flip.grad_cache import cached_contrastive_backward
+from torch import nn
+
+from flip.grad_cache import cached_backward
 from flip.loss import contrastive_loss
-from flip.models.clip import FLIP
+from flip.masking import Mask
+from flip.models.clip import FLIP, Features
+from flip.objective import Objective
 from flip.models.image_encoder import ImageEncoder
 from flip.models.text_encoder import TextEncoder
 
@@ -36,17 +41,40 @@ def grads(model: FLIP) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def one_shot(model: FLIP, images, tokens, noise) -> torch.Tensor:
-    image, text, scale = model(images, tokens, noise=noise)
-    loss = contrastive_loss(image, text, scale)
+class TokenPenalty(nn.Module):
+    """A per-sample auxiliary term with its own parameter, reading the image tokens and
+    kept indices: mean squared (projected tokens) + position-dependent weight."""
+
+    def __init__(self, width: int = 32, weight: float = 0.3):
+        super().__init__()
+        self.weight, self.head = weight, nn.Linear(width, 4)
+
+    def forward(self, features: Features, images, tokens) -> torch.Tensor:
+        x = self.head(features.image_tokens)  # (b, T, 4)
+        where = features.image_keep.to(x.dtype).mean(1) / 16  # (b,)
+        return (x**2).mean((1, 2)) * (1 + where) + images.mean((1, 2, 3)) ** 2
+
+
+def objective(aux: bool = False) -> Objective:
+    torch.manual_seed(11)
+    return Objective({"penalty": TokenPenalty()} if aux else None).double()
+
+
+def one_shot(model: FLIP, images, tokens, noise, aux: Objective | None = None) -> torch.Tensor:
+    if aux is None:
+        image, text, scale = model(images, tokens, Mask(model.visual.mask_ratio, noise))
+        loss = contrastive_loss(image, text, scale)
+    else:
+        features = model.forward_features(images, tokens, Mask(model.visual.mask_ratio, noise))
+        loss = aux(features, model.scale(), images, tokens)[0]
     loss.backward()
     return loss.detach()
 
 
-def assert_same_grads(actual: dict, expected: dict) -> None:
+def assert_same_grads(actual: dict, expected: dict, min_count: int = 11) -> None:
     """Every gradient within 1e-5 relative error (norm of the difference / norm); the
     loss itself is computed in fp32, so elementwise checks on near-zero entries are noise."""
-    assert actual.keys() == expected.keys() and len(expected) > 10
+    assert actual.keys() == expected.keys() and len(expected) >= min_count
     for name in expected:
         error = (actual[name] - expected[name]).norm() / expected[name].norm()
         assert error <= 1e-5, f"{name}: relative error {error:.2e}"
@@ -59,11 +87,32 @@ def test_cached_equals_one_shot_with_masking(micro):
     torch.manual_seed(7)
     noise = torch.rand(B, reference.visual.num_patches)  # what the cached path draws first
     expected_loss = one_shot(reference, images, tokens, noise.double())
+    contrastive_only = objective()
     torch.manual_seed(7)
-    loss, scale = cached_contrastive_backward(cached, images, tokens, micro)
+    loss, parts, scale = cached_backward(cached, contrastive_only, images, tokens, micro)
     torch.testing.assert_close(loss, expected_loss, rtol=1e-10, atol=0)
+    assert parts.keys() == {"contrastive"}
     assert scale.item() == pytest.approx(1 / 0.07)
     assert_same_grads(grads(cached), grads(reference))
+
+
+@pytest.mark.parametrize("micro", [2, 8])
+def test_cached_equals_one_shot_with_an_auxiliary_term(micro):
+    """The per-sample term is added in the replay pass; its parameters get the one-shot
+    gradients too, and the reported parts add up to the loss."""
+    images, tokens = batch()
+    reference, cached = tiny_flip(), tiny_flip()
+    ref_objective, cached_objective = objective(aux=True), objective(aux=True)
+    torch.manual_seed(7)
+    noise = torch.rand(B, reference.visual.num_patches)
+    expected_loss = one_shot(reference, images, tokens, noise.double(), ref_objective)
+    torch.manual_seed(7)
+    loss, parts, _ = cached_backward(cached, cached_objective, images, tokens, micro)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-10, atol=0)
+    assert parts.keys() == {"contrastive", "penalty"} and parts["penalty"] > 0
+    torch.testing.assert_close(parts["contrastive"] + parts["penalty"], loss, rtol=1e-12, atol=0)
+    assert_same_grads(grads(cached), grads(reference))
+    assert_same_grads(grads(cached_objective), grads(ref_objective), min_count=2)
 
 
 def test_plain_accumulation_would_differ():
@@ -73,7 +122,7 @@ def test_plain_accumulation_would_differ():
     noise = torch.rand(B, reference.visual.num_patches).double()
     one_shot(reference, images, tokens, noise)
     for c in (slice(0, 4), slice(4, 8)):
-        image, text, scale = accumulated(images[c], tokens[c], noise=noise[c])
+        image, text, scale = accumulated(images[c], tokens[c], Mask(0.5, noise[c]))
         (contrastive_loss(image, text, scale) / 2).backward()
     name = "visual.blocks.0.attn.qkv.weight"
     assert not torch.allclose(grads(accumulated)[name], grads(reference)[name], rtol=1e-3)
@@ -86,15 +135,16 @@ def test_second_pass_replays_dropout_randomness():
     micro = 4
     torch.manual_seed(3)  # reference: same RNG order as the cached first pass
     noise = torch.rand(B, reference.visual.num_patches).double()
-    features = [(reference.encode_image(images[c], noise=noise[c]), reference.encode_text(tokens[c]))
+    features = [(reference.encode_image(images[c], Mask(0.5, noise[c])), reference.encode_text(tokens[c]))
                 for c in (slice(0, micro), slice(micro, B))]
     image = torch.cat([f[0] for f in features])
     text = torch.cat([f[1] for f in features])
     expected_loss = contrastive_loss(image, text, reference.scale())
     expected_loss.backward()
     after_reference = torch.rand(1)
+    contrastive_only = objective()
     torch.manual_seed(3)
-    loss, _ = cached_contrastive_backward(cached, images, tokens, micro)
+    loss, _, _ = cached_backward(cached, contrastive_only, images, tokens, micro)
     torch.testing.assert_close(loss, expected_loss.detach(), rtol=1e-10, atol=0)
     assert_same_grads(grads(cached), grads(reference))
     # the RNG continues where the first pass left it, not replayed twice
@@ -104,7 +154,7 @@ def test_second_pass_replays_dropout_randomness():
 def test_batch_not_a_multiple_of_the_micro_batch_is_rejected():
     images, tokens = batch()
     with pytest.raises(ValueError, match="batch 8 is not a multiple of the micro-batch 3"):
-        cached_contrastive_backward(tiny_flip(), images, tokens, 3)
+        cached_backward(tiny_flip(), objective(), images, tokens, 3)
 
 
 @pytest.mark.slow
@@ -118,6 +168,16 @@ def test_lightning_ddp_two_processes_equals_one_shot(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["micro_batches"] == 2.0 and meta["world_size"] == 2
+    # one gradient sync per step: as many bucket all-reduces as a one-shot step (micro
+    # batch 4 = the whole per-device batch), not one per micro-batch
+    one_shot_dir = tmp_path / "one_shot"
+    one_shot_dir.mkdir()
+    out = subprocess.run([sys.executable, str(script), str(one_shot_dir), "4"],
+                         capture_output=True, text=True, timeout=300, cwd=script.parent.parent)
+    assert out.returncode == 0, out.stderr[-3000:]
+    one_shot_meta = json.loads((one_shot_dir / "meta.json").read_text())
+    assert one_shot_meta["micro_batches"] == 1.0
+    assert meta["all_reduces"] == one_shot_meta["all_reduces"] >= 1
 
     from ddp_pretrain_step import NOISE_SEED, build_model  # the script's own setup
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from flip.masking import num_visible, random_masking
+from flip.masking import Mask, num_visible, random_masking
 from flip.models.image_encoder import ImageEncoder
 
 # Tiny ViT: 32 px images, 8 px patches -> N = 16 patch tokens.
@@ -132,7 +132,7 @@ def test_encoder_ratio_zero_is_identity():
     plain.load_state_dict(masked.state_dict())
     masked.train(), plain.train()
     x = _images()
-    out_forced = masked(x, mask_ratio=0.0)
+    out_forced = masked(x, Mask(0.0))
     out_plain = plain(x)
     assert torch.equal(out_forced, out_plain)
     # and the configured 0.75 really masks in training (so the comparison means something)
@@ -162,7 +162,7 @@ def test_eval_mode_does_not_mask():
     assert torch.equal(out, plain(x))
     # an explicit ratio still masks at evaluation (masked inference)
     seen, h = _capture_block_input(masked)
-    masked(x, mask_ratio=0.75)
+    masked(x, Mask(0.75))
     h.remove()
     assert seen[0].shape[1] == 1 + N_PATCHES // 4
 
@@ -173,7 +173,7 @@ def test_train_mode_blocks_see_visible_tokens(class_token):
     seen, h = _capture_block_input(enc)
     x = _images(3)
     noise = torch.rand(3, N_PATCHES, generator=torch.Generator().manual_seed(5))
-    out = enc(x, noise=noise)
+    out = enc(x, Mask(0.75, noise))
     h.remove()
     k = int(N_PATCHES * 0.25)
     assert seen[0].shape == (3, int(class_token) + k, WIDTH)
@@ -191,5 +191,5 @@ def test_encoder_same_noise_reproduces_output():
     enc = _encoder(0.75).train()
     x = _images(2)
     noise = torch.rand(2, N_PATCHES)
-    assert torch.equal(enc(x, noise=noise), enc(x, noise=noise))
-    assert not torch.allclose(enc(x, noise=noise), enc(x, noise=torch.rand(2, N_PATCHES)))
+    assert torch.equal(enc(x, Mask(0.75, noise)), enc(x, Mask(0.75, noise)))
+    assert not torch.allclose(enc(x, Mask(0.75, noise)), enc(x, Mask(0.75, torch.rand(2, N_PATCHES))))

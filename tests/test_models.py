@@ -256,11 +256,21 @@ def test_logit_scale_init_and_clip():
     assert model.scale().item() == pytest.approx(math.exp(2.0), rel=1e-6)  # inside: no clip
 
 
-def test_logit_scale_clip_is_exactly_100():
+def test_logit_scale_clip_passes_gradients_at_the_bound():
+    """exp(clip(s, 0, log 100)) as the official code; at the bound itself the gradient
+    is not zero (else a scale clamped there could never come back), above it it is."""
     model = _flip()
     with torch.no_grad():
+        model.logit_scale.fill_(math.log(100))
+    model.scale().backward()
+    assert model.logit_scale.grad.item() == pytest.approx(100.0, rel=1e-6)  # d exp(s)/ds
+    model.logit_scale.grad = None
+    with torch.no_grad():
         model.logit_scale.fill_(10.0)
-    assert model.scale().item() == 100.0
+    model.scale().backward()
+    assert model.logit_scale.grad.item() == 0.0
+    model.clamp_logit_scale_()
+    assert model.logit_scale.item() == pytest.approx(math.log(100), abs=1e-6)
 
 
 def test_forward_matches_encoders_in_eval():
@@ -270,15 +280,6 @@ def test_forward_matches_encoders_in_eval():
     assert torch.equal(img, model.encode_image(x))
     assert torch.equal(txt, model.encode_text(t))
     assert torch.equal(scale, model.scale())
-
-
-def test_no_weight_decay_names_are_parameters():
-    model = _flip()
-    names = dict(model.named_parameters())
-    nwd = model.no_weight_decay()
-    assert nwd  # non-empty
-    for n in nwd:
-        assert n in names, n
 
 
 # ------------------------------------------------------------- real Hydra model configs

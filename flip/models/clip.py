@@ -2,16 +2,41 @@
 
 A plain ``nn.Module`` usable without Lightning, with OpenCLIP's interface:
 ``encode_image``, ``encode_text`` and ``forward`` returning normalised features and
-``logit_scale.exp()``.
+``logit_scale.exp()``. ``forward_features`` also returns each tower's tokens and kept
+indices, for objectives and heads that need more than the pooled embedding.
 """
+from __future__ import annotations
+
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flip.masking import Mask
 from flip.models.image_encoder import ImageEncoder
 from flip.models.text_encoder import TextEncoder
+
+
+@dataclass
+class Features:
+    """One forward pass of both towers."""
+
+    image: torch.Tensor  # (B, E) normalised image embeddings
+    text: torch.Tensor  # (B, E) normalised text embeddings
+    image_tokens: torch.Tensor  # (B, T, D) after the final norm, class token first if any
+    image_keep: torch.Tensor | None  # (B, k) kept patch indices; None = all patches
+    text_tokens: torch.Tensor  # (B, k', D')
+    text_keep: torch.Tensor | None  # (B, k') kept token positions; None = all
+
+
+def no_decay_names(module: nn.Module) -> set[str]:
+    """The official FLIP code's no-decay set of any module: biases, LayerNorm scales and
+    position embeddings (``opt_util.filter_bias_and_norm`` and ``filter_posembed``)."""
+    norms = {f"{name}.weight" for name, m in module.named_modules() if isinstance(m, nn.LayerNorm)}
+    return {n for n, _ in module.named_parameters()
+            if n.endswith(".bias") or n in norms or "pos_embed" in n}
 
 
 class FLIP(nn.Module):
@@ -32,28 +57,62 @@ class FLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(init_logit_scale))
         self.max_logit_scale = max_logit_scale
 
-    def no_weight_decay(self) -> set[str]:
-        """Parameter names excluded from weight decay besides biases and norms."""
-        return {"visual.cls_token", "text.pos_embed", "logit_scale"}
+    def no_weight_decay(self, official: bool = True) -> set[str]:
+        """Names of the parameters AdamW must not decay.
 
-    def encode_image(
-        self, images: torch.Tensor, mask_ratio: float | None = None,
-        noise: torch.Tensor | None = None, normalize: bool = True,
-    ) -> torch.Tensor:
-        x = self.image_proj(self.visual(images, mask_ratio, noise))
+        official (the FLIP code: t5x ``filter_bias_and_norm`` + ``filter_posembed``):
+        biases, LayerNorm scales and position embeddings; the class token and the logit
+        scale *are* decayed. official=False: the official config's comment ("bias, norm,
+        cls, posembed"), which also spares the class token and the logit scale.
+        """
+        names = no_decay_names(self)
+        return names if official else names | {"visual.cls_token", "logit_scale"}
+
+    def draw_masks(self, batch: int, device: torch.device | str) -> tuple[Mask, Mask]:
+        """The (image, text) masks of a training batch at the configured ratios, noise
+        drawn now so that any part of the batch can be re-run with the same mask."""
+        image = Mask(self.visual.mask_ratio if self.training else 0.0)
+        text = Mask(self.text.mask_ratio if self.training else 0.0)
+        return (image.drawn(batch, self.visual.num_patches, device),
+                text.drawn(batch, self.text.num_tokens, device))
+
+    def forward_features(
+        self, images: torch.Tensor, tokens: torch.Tensor,
+        image_mask: Mask | None = None, text_mask: Mask | None = None,
+    ) -> Features:
+        image_tokens, image_keep = self.visual.forward_features(images, image_mask)
+        text_tokens, text_keep = self.text.forward_features(tokens, text_mask)
+        image = self.image_proj(self.visual.forward_head(image_tokens))
+        text = self.text_proj(self.text.forward_head(text_tokens, tokens, text_keep))
+        return Features(F.normalize(image, dim=-1), F.normalize(text, dim=-1),
+                        image_tokens, image_keep, text_tokens, text_keep)
+
+    def encode_image(self, images: torch.Tensor, mask: Mask | None = None,
+                     normalize: bool = True) -> torch.Tensor:
+        x = self.image_proj(self.visual(images, mask))
         return F.normalize(x, dim=-1) if normalize else x
 
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        x = self.text_proj(self.text(tokens))
+    def encode_text(self, tokens: torch.Tensor, mask: Mask | None = None,
+                    normalize: bool = True) -> torch.Tensor:
+        x = self.text_proj(self.text(tokens, mask))
         return F.normalize(x, dim=-1) if normalize else x
 
     def scale(self) -> torch.Tensor:
-        """exp of the logit scale clipped to [0, log 100], i.e. a scale in [1, 100].
+        """exp of the logit scale clipped to [0, log 100] (the official code's
+        ``exp(clip(logit_scale, 0, log 100))``). The clip passes gradients at its bounds,
+        and ``clamp_logit_scale_`` keeps the parameter within them after each step, so a
+        scale that reaches the bound can come back."""
+        return self.logit_scale.clamp(0.0, self.max_logit_scale).exp()
 
-        Clipped after exp so the bounds are exact in fp32; no host sync (XLA-friendly)."""
-        return self.logit_scale.exp().clamp(1.0, math.exp(self.max_logit_scale))
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Clip the parameter itself to [0, max] (after an optimiser step): above the
+        bound its gradient would be 0 for good."""
+        self.logit_scale.clamp_(0.0, self.max_logit_scale)
 
     def forward(
-        self, images: torch.Tensor, tokens: torch.Tensor, noise: torch.Tensor | None = None
+        self, images: torch.Tensor, tokens: torch.Tensor,
+        image_mask: Mask | None = None, text_mask: Mask | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.encode_image(images, noise=noise), self.encode_text(tokens), self.scale()
+        return (self.encode_image(images, image_mask), self.encode_text(tokens, text_mask),
+                self.scale())

@@ -15,7 +15,7 @@ import torch
 from timm.layers import PatchEmbed, build_sincos2d_pos_embed
 from torch import nn
 
-from flip.masking import random_masking
+from flip.masking import Mask
 from flip.models.transformer import run_blocks, transformer_blocks
 
 
@@ -61,21 +61,27 @@ class ImageEncoder(nn.Module):
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=0.02)
 
-    def forward(
-        self, images: torch.Tensor, mask_ratio: float | None = None,
-        noise: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """images (B, 3, H, W) -> pooled features (B, width).
+    def forward_features(
+        self, images: torch.Tensor, mask: Mask | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """images (B, 3, H, W) -> tokens after the final norm (B, [1 +] k, D), class token
+        first, and the kept patch indices (B, k) into the N patches (None: all, in order).
 
-        mask_ratio: None = the configured ratio in training and 0 in eval; a number
-        forces it (masked inference). noise: (B, N) to reproduce a mask.
+        mask: None = the configured ratio in training and none in eval; a ``Mask``
+        forces a ratio (masked inference) or replays a mask (its noise).
         """
-        if mask_ratio is None:
-            mask_ratio = self.mask_ratio if self.training else 0.0
+        if mask is None:
+            mask = Mask(self.mask_ratio if self.training else 0.0)
         x = self.patch_embed(images) + self.pos_embed  # (B, N, D)
-        if mask_ratio > 0:
-            x, _ = random_masking(x, mask_ratio, noise)  # (B, k, D)
+        x, keep = mask.apply(x)  # (B, k, D)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.norm(run_blocks(self.blocks, x, self.grad_checkpointing))
-        return x[:, 0] if self.pool == "token" else x.mean(dim=1)
+        return self.norm(run_blocks(self.blocks, x, self.grad_checkpointing)), keep
+
+    def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T, D) -> pooled features (B, D)."""
+        return tokens[:, 0] if self.pool == "token" else tokens.mean(dim=1)
+
+    def forward(self, images: torch.Tensor, mask: Mask | None = None) -> torch.Tensor:
+        """images (B, 3, H, W) -> pooled features (B, width)."""
+        return self.forward_head(self.forward_features(images, mask)[0])

@@ -1,7 +1,7 @@
 """Masked CLIP pre-training (FLIP) as a LightningModule.
 
-Owns the model, the global-batch contrastive loss, the held-out zero-shot metric
-and the optimiser. lr = base_lr x global_batch / 256, linear warm-up then cosine to 0,
+Owns the model, the objective (global-batch contrastive loss plus optional per-sample
+terms, ``flip/objective.py``), the held-out zero-shot metric and the optimiser. lr = base_lr x global_batch / 256, linear warm-up then cosine to 0,
 both counted in samples seen (global_step x global_batch).
 
 Optimisation is manual so that one step can contrast a per-device batch larger than
@@ -10,16 +10,18 @@ gradient caching (``flip/grad_cache.py``), still one optimiser step and one
 data-parallel gradient sync per global batch.
 """
 import time
+from contextlib import nullcontext
+from typing import Literal
 
 import lightning as L
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 
-from flip.grad_cache import cached_contrastive_backward
-from flip.loss import global_contrastive_loss
+from flip.grad_cache import cached_backward
 from flip.masking import num_visible
-from flip.models.clip import FLIP
+from flip.models.clip import FLIP, no_decay_names
+from flip.objective import Objective
 from flip.schedule import warmup_cosine
 from flip.zeroshot import build_zero_shot_classifier
 
@@ -31,21 +33,31 @@ class PretrainModule(L.LightningModule):
         global_batch: int,  # contrastive batch over all devices
         total_samples: int,  # training length in samples seen
         warmup_samples: int,
+        objective: Objective | None = None,  # default: the contrastive loss alone
+        model_config: dict | None = None,  # stored in checkpoints: eval/export rebuild the model
         micro_batch: int | None = None,  # per device; None = the whole per-device batch
         base_lr: float = 4e-6,  # per 256 samples (official FLIP)
         weight_decay: float = 0.2,
+        # official: decay all but biases, norm scales, position embeddings (FLIP code);
+        # config_comment: also spare the class token and the logit scale
+        no_decay: Literal["official", "config_comment"] = "official",
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         nonfinite: str = "stop",  # a non-finite loss/gradient: "stop" the run or "skip" the step
         seed: int = 0,  # masks of step s come from seed, s and the rank: resumable
         compile: bool = False,  # torch.compile the encoders (static shapes: fixed mask count)
-        bf16_autocast: bool = False,  # encoders in bf16 autocast, loss and scale in fp32 (TPU)
+        # turn bf16 autocast on around the step (TPU: weights and loss stay fp32); false
+        # leaves the precision to the Trainer (bf16-mixed autocasts the step itself)
+        bf16_autocast: bool = False,
     ):
         super().__init__()
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
-        self.save_hyperparameters(ignore=["model"])
+        if no_decay not in ("official", "config_comment"):
+            raise ValueError(f"no_decay must be 'official' or 'config_comment', got {no_decay!r}")
+        self.save_hyperparameters(ignore=["model", "objective"])
         self.model = model
+        self.objective = objective if objective is not None else Objective()
         self.automatic_optimization = False  # one step may span several micro-batches
         self.lr = base_lr * global_batch / 256
         self._last_step_time: float | None = None
@@ -71,25 +83,34 @@ class PretrainModule(L.LightningModule):
         world, rank = self.trainer.world_size, self.global_rank
         torch.manual_seed(self.hparams.seed + self.global_step * world + rank)
         micro = self.hparams.micro_batch or images.shape[0]
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.hparams.bf16_autocast):
+        # never switch off an autocast the Trainer's precision turned on
+        bf16 = torch.autocast(self.device.type, torch.bfloat16) if self.hparams.bf16_autocast \
+            else nullcontext()
+        with bf16:
             if micro >= images.shape[0]:  # the whole per-device batch fits: one pass
-                image_features, text_features, scale = self.model(images, tokens)
-                loss = global_contrastive_loss(image_features, text_features, scale)
+                image_mask, text_mask = self.model.draw_masks(images.shape[0], images.device)
+                features = self.model.forward_features(images, tokens, image_mask, text_mask)
+                scale = self.model.scale()
+                loss, parts = self.objective(features, scale, images, tokens)
                 self.manual_backward(loss)
             else:
-                loss, scale = cached_contrastive_backward(
-                    self.model, images, tokens, micro, self.manual_backward,
+                loss, parts, scale = cached_backward(
+                    self.model, self.objective, images, tokens, micro, self.manual_backward,
                     lambda: optimizer.toggle_model(sync_grad=False))
         grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
-            [p.grad for p in self.model.parameters() if p.grad is not None])))
+            [p.grad for p in self.parameters() if p.grad is not None])))
         if not self._finite(loss, grad_norm):
             optimizer.zero_grad(set_to_none=True)
             return None
         lr = schedule.get_last_lr()[0]  # the rate this step uses
         optimizer.step()
+        self.model.clamp_logit_scale_()  # a clipped scale must be able to come back
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
         self._log_train(loss, scale, lr, images.shape[0], images.shape[0] // micro)
+        if len(parts) > 1:
+            self.log_dict({f"train/loss_{k}": v for k, v in parts.items()},
+                          batch_size=images.shape[0])
         self.log("train/grad_norm", grad_norm, batch_size=images.shape[0])
         return loss
 
@@ -147,16 +168,16 @@ class PretrainModule(L.LightningModule):
     # -- optimisation -----------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
-        named = self.model.no_weight_decay()
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            # biases, norm weights, position embeddings, class token, logit scale
-            (no_decay if p.ndim < 2 or name in named else decay).append(p)
+        official = hp.no_decay == "official"
+        no_decay = {f"model.{n}" for n in self.model.no_weight_decay(official)} | {
+            f"objective.{n}" for n in no_decay_names(self.objective)}
+        decay, rest = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (rest if name in no_decay else decay).append(p)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
+             {"params": rest, "weight_decay": 0.0}],
             lr=self.lr, betas=tuple(hp.betas), eps=hp.eps,
         )
         schedule = LambdaLR(optimizer, lambda step: warmup_cosine(
