@@ -8,7 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flip.checkpoint import load_checkpoint, load_weights, merge_model_config, model_config, model_state
 from flip.config import check_hardware, check_mask, per_device_batch
-from flip.zeroshot import format_zero_shot
+from flip.eval.zeroshot import format_zero_shot
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from flip.masking import num_visible
 from flip.models.clip import FLIP, no_decay_names
 from flip.objective import Objective
 from flip.schedule import warmup_cosine
-from flip.zeroshot import build_zero_shot_classifier
+from flip.eval.zeroshot import build_zero_shot_classifier
 
 
 class PretrainModule(L.LightningModule):
