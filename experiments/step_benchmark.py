@@ -127,8 +127,10 @@ def adamw(model: nn.Module, no_decay: Callable[[str, torch.Tensor], bool], impl:
 
 
 def build_flip(cfg: dict, adamw_impl: str) -> Trainee:
+    """Our model stepped as training steps it: the official no-decay set, the logit scale
+    clipped after every step."""
     model = instantiate(cfg)
-    named = model.no_weight_decay()
+    no_decay = model.no_weight_decay()
 
     def set_mask(ratio: float) -> None:
         model.visual.mask_ratio = ratio
@@ -136,8 +138,8 @@ def build_flip(cfg: dict, adamw_impl: str) -> Trainee:
     def loss(images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return contrastive_loss(*model(images, tokens))
 
-    opt = adamw(model, lambda n, p: p.ndim < 2 or n in named, adamw_impl)
-    return Trainee("flip", model, set_mask, loss, opt)
+    opt = adamw(model, lambda n, p: n in no_decay, adamw_impl)
+    return Trainee("flip", model, set_mask, loss, opt, model.clamp_logit_scale_)
 
 
 def openclip_config(cfg: dict) -> dict:
