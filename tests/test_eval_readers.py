@@ -1,13 +1,22 @@
-"""Evaluation-set readers on tiny fixtures written in the real on-disk layouts."""
+"""Evaluation datasets on tiny fixtures written in the real on-disk layouts: CLIP_benchmark's
+builders (its webdataset export, torchvision folders, VOCdevkit, ImageNet class folders) and
+our readers (ObjectNet, PM-k video sets, ImageNetV2, Karpathy captions, Hateful Memes)."""
+import hydra
 import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from flip.evaluation import metadata, readers, testing
-from flip.evaluation.datasets import build_eval_set
-from flip.evaluation.readers import DatasetNotFound
+from flip.config import ConfigError
+from flip.eval import metadata, readers
+from flip.eval.datasets import (READ_ONLY_BUILDERS, class_names, clip_benchmark_set,
+                                prompt_templates)
+from flip.eval.module import IndexedStream
+from flip.eval.readers import DatasetNotFound
+from flip.eval.runner import build_split
+from tests import eval_fixtures as fx
 from tests.conftest import CONF
 
 TO_TENSOR = T.Compose([T.Resize((8, 8)), T.ToTensor()])
@@ -15,11 +24,13 @@ TO_TENSOR = T.Compose([T.Resize((8, 8)), T.ToTensor()])
 
 def eval_cfg(*overrides, tmp_path):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("eval", overrides=["ckpt_path=unused", f"output_dir={tmp_path}", *overrides])
+        cfg = compose("eval", overrides=["ckpt_path=unused", f"output_dir={tmp_path}", *overrides])
+    cfg.image_size = 8  # what evaluate() reads from the checkpoint
+    return cfg
 
 
 def images(n, seed=0):
-    return [testing.solid_image(seed + i) for i in range(n)]
+    return [fx.solid_image(seed + i) for i in range(n)]
 
 
 def test_metadata_files():
@@ -44,65 +55,95 @@ def test_metadata_files():
     assert metadata.classnames("cb:pets")[:2] == ["Abyssinian", "American Bulldog"]
 
 
-def test_every_table4_config_points_at_its_metadata(tmp_path):
-    cfg = eval_cfg("eval_data=table4", tmp_path=tmp_path)
-    assert len(cfg.eval_data) == 25
+def test_every_paper_config_builds_by_target_with_its_metadata(tmp_path):
+    cfg = eval_cfg("eval_data=paper", "data_root=/data", tmp_path=tmp_path)
+    assert len(cfg.eval_data) == 25 + 1 + 2 + 7  # Table 4, ImageNet, Table 5, Table 6
     for name, entry in cfg.eval_data.items():
-        assert entry.kind == "classification" and entry.root.endswith(f"/{name}")
-        assert metadata.classnames(entry.classnames) and metadata.templates(entry.templates)
+        assert callable(hydra.utils.get_method(entry.dataset._target_)), name
+        assert entry.dataset.root.startswith("/data/"), name
+        assert entry.kind in ("classification", "retrieval", "video") and entry.protocols, name
+        if entry.dataset.get("builder") is not None:
+            assert entry.dataset.builder in READ_ONLY_BUILDERS, name
+        if entry.kind != "retrieval":
+            assert metadata.templates(entry.templates), name
+        if entry.get("classnames") is not None:
+            assert metadata.classnames(entry.classnames), name
+    table4 = eval_cfg("eval_data=table4", tmp_path=tmp_path).eval_data
+    assert all(e.dataset.root.endswith(f"/{n}") for n, e in table4.items())
 
 
-def test_wds_export_classification_and_captions(tmp_path):
+def test_wds_export_through_clip_benchmark(tmp_path):
     samples = [(img, i % 3) for i, img in enumerate(images(7))]
-    root = testing.write_wds(tmp_path / "wds", "test", samples, ["a", "b", "c"], ["x {}"], per_shard=3)
-    ds = readers.TarShards("fx", root, "test", TO_TENSOR)
-    assert len(ds) == 7 and ds.classnames == ["a", "b", "c"] and ds.templates == ["x {}"]
-    assert [ds[i][1] for i in range(7)] == [i % 3 for i in range(7)]
+    root = fx.write_wds(tmp_path / "wds", "test", samples, ["a", "b", "c"], ["x {}"], per_shard=3)
+    ds = clip_benchmark_set("fx", root, "test", TO_TENSOR)
+    items = list(ds)
+    assert ds.classes == ["a", "b", "c"] and ds.templates == ["x {}"]
+    assert [y for _, y in items] == [i % 3 for i in range(7)]
     # webp decodes lossy; compare against the same encoding decoded by PIL directly
-    want = TO_TENSOR(samples[4][0])
-    assert torch.allclose(ds[4][0], want, atol=0.1)
+    assert torch.allclose(items[4][0], TO_TENSOR(samples[4][0]), atol=0.1)
     caps = [(img, [f"cap {i}", f"other {i}"]) for i, img in enumerate(images(4))]
-    root = testing.write_wds(tmp_path / "ret", "test", caps, image_format="jpg")
-    rs = readers.TarShards("fx", root, "test", TO_TENSOR, mode="txt")
-    assert [rs[i][1] for i in range(4)] == [c for _, c in caps]
+    root = fx.write_wds(tmp_path / "ret", "test", caps, image_format="jpg")
+    assert [c for _, c in clip_benchmark_set("fx", root, "test", TO_TENSOR)] == [c for _, c in caps]
     multi = [(img, np.array([i % 2, 1, 0], dtype=np.uint8)) for i, img in enumerate(images(3))]
-    root = testing.write_wds(tmp_path / "voc", "test", multi, ["x", "y", "z"])
-    ml = readers.TarShards("fx", root, "test", TO_TENSOR)
-    assert [ml[i][1].tolist() for i in range(3)] == [[False, True, False], [True, True, False],
-                                                     [False, True, False]]
+    root = fx.write_wds(tmp_path / "voc", "test", multi, ["x", "y", "z"])
+    assert [y.tolist() for _, y in clip_benchmark_set("fx", root, "test", TO_TENSOR)] == [
+        [0, 1, 0], [1, 1, 0], [0, 1, 0]]
     with pytest.raises(DatasetNotFound, match="nshards.txt"):
-        readers.TarShards("fx", tmp_path / "none", "test", TO_TENSOR)
+        clip_benchmark_set("fx", tmp_path / "none", "test", TO_TENSOR)
+
+
+def test_streamed_share_covers_every_sample_once_over_processes_and_workers(tmp_path):
+    samples = [(img, i) for i, img in enumerate(images(11))]
+    root = fx.write_wds(tmp_path / "wds", "test", samples, [str(i) for i in range(11)], per_shard=2)
+    seen = {}
+    for rank in range(2):  # 2 processes x 2 loader workers over 6 shards
+        stream = IndexedStream(clip_benchmark_set("fx", root, "test", TO_TENSOR), rank, 2)
+        for index, _, label in DataLoader(stream, batch_size=None, num_workers=2):
+            assert int(index) not in seen
+            seen[int(index)] = int(label)
+    assert sorted(seen.values()) == list(range(11))
 
 
 def test_image_folder_names_and_label_numbers(tmp_path):
-    testing.write_folders(tmp_path / "a" / "test", {"sea_lake": images(2), "forest": images(1)})
+    fx.write_folders(tmp_path / "a" / "test", {"sea_lake": images(2), "forest": images(1)})
     ds = readers.image_folder("fx", tmp_path / "a", "test", TO_TENSOR)
-    assert ds.classnames == ["forest", "sea lake"] and sorted(l for _, l in ds.samples) == [0, 1, 1]
-    testing.write_folders(tmp_path / "b" / "test", {"0": images(1), "2": images(1), "10": images(1)})
+    assert ds.classes == ["forest", "sea lake"] and sorted(l for _, l in ds.samples) == [0, 1, 1]
+    fx.write_folders(tmp_path / "b" / "test", {"0": images(1), "2": images(1), "10": images(1)})
     ds = readers.image_folder("fx", tmp_path / "b", "test", TO_TENSOR)
-    assert ds.classnames is None and sorted(l for _, l in ds.samples) == [0, 2, 10]
+    assert ds.classes is None and sorted(l for _, l in ds.samples) == [0, 2, 10]
     (tmp_path / "b" / "classnames.txt").write_text("\n".join(f"n{i}" for i in range(11)))
-    assert readers.image_folder("fx", tmp_path / "b", "test", TO_TENSOR).classnames[10] == "n10"
+    assert readers.image_folder("fx", tmp_path / "b", "test", TO_TENSOR).classes[10] == "n10"
 
 
-def test_imagenet_variants_label_spaces(tmp_path):
+def test_imagenet_class_folders_through_clip_benchmark_and_v2(tmp_path):
     a_wnids = metadata.label_space("imagenet_a")
-    testing.write_folders(tmp_path / "ina", {a_wnids[5]: images(2), a_wnids[199]: images(1)})
-    ds = readers.imagenet_folder("imagenet_a", tmp_path / "ina", "test", TO_TENSOR, "imagenet_a")
-    assert sorted(l for _, l in ds.samples) == [5, 5, 199]
+    fx.write_folders(tmp_path / "ina", {w: images(1, i) for i, w in enumerate(a_wnids)})
+    ds = clip_benchmark_set("imagenet_a", tmp_path / "ina", "test", TO_TENSOR, builder="imagenet-a")
     inet = metadata.imagenet_wnid_index()
-    assert len(ds.groups) == 200 and ds.groups[5] == [inet[a_wnids[5]]]
-    assert len(ds.classnames) == 1000
-    testing.write_folders(tmp_path / "v2", {"0": images(1), "999": images(1)})
-    ds = readers.imagenet_folder("imagenet_v2", tmp_path / "v2", "test", TO_TENSOR)
-    assert sorted(l for _, l in ds.samples) == [0, 999] and ds.groups is None
-    testing.write_folders(tmp_path / "val" / "val", {"n01440764": images(1)})
-    ds = readers.imagenet_folder("imagenet", tmp_path / "val", "val", TO_TENSOR)
-    assert [l for _, l in ds.samples] == [0]
+    names = metadata.imagenet_classnames()
+    assert ds.classes == [names[inet[w]] for w in a_wnids]  # the 200 of the 1000, label order
+    assert [ds[i][1] for i in (0, 5, 199)] == [0, 5, 199]
+    fx.write_folders(tmp_path / "part", {w: images(1) for w in a_wnids[:3]})
+    with pytest.raises(ConfigError, match="3 class folders .* 200 classes"):  # labels would shift
+        clip_benchmark_set("imagenet_a", tmp_path / "part", "test", TO_TENSOR, builder="imagenet-a")
+    fx.write_folders(tmp_path / "v2", {"0": images(1), "999": images(1), "12": images(2)})
+    ds = readers.imagenet_v2("imagenet_v2", tmp_path / "v2", "test", TO_TENSOR)
+    assert sorted(l for _, l in ds.samples) == [0, 12, 12, 999] and len(ds.classes) == 1000
+
+
+def test_builders_never_download(tmp_path):
+    missing = tmp_path / "nothing_here"
+    with pytest.raises(DatasetNotFound, match="no such directory"):
+        clip_benchmark_set("imagenet_a", missing, "test", TO_TENSOR, builder="imagenet-a")
+    assert not missing.exists()  # CLIP_benchmark would have created it and downloaded into it
+    with pytest.raises(ConfigError, match="'imagenetv2' builder may download"):
+        clip_benchmark_set("imagenet_v2", tmp_path, "test", TO_TENSOR, builder="imagenetv2")
+    with pytest.raises(ConfigError, match="'eurosat' builder has no 'train' split"):
+        clip_benchmark_set("eurosat", tmp_path, "train", TO_TENSOR, builder="eurosat")
 
 
 def test_objectnet_mapping(tmp_path):
-    root = testing.write_objectnet(tmp_path, {
+    root = fx.write_objectnet(tmp_path, {
         "alarm_clock": ("Alarm clock", [409, 530], images(2)),
         "banana": ("Banana", [954], images(1)),
     })
@@ -114,7 +155,7 @@ def test_objectnet_mapping(tmp_path):
 
 def test_video_pm_sets(tmp_path):
     videos = {"v1": [(img, [1]) for img in images(5)], "v2": [(img, [0, 2]) for img in images(3, 9)]}
-    root = testing.write_video_pm(tmp_path, videos, groups=[[3], [5, 6], [7]], radius=1)
+    root = fx.write_video_pm(tmp_path, videos, groups=[[3], [5, 6], [7]], radius=1)
     ds = readers.video_pm("imagenet_vid", root, "test", TO_TENSOR)
     assert ds.groups == [[3], [5, 6], [7]] and len(ds) == 3 + 3  # anchors and neighbours only
     anchors = {ds.frames[a]: [ds.frames[n] for n in ns] for a, ns in ds.pmsets.items()}
@@ -124,55 +165,60 @@ def test_video_pm_sets(tmp_path):
     frame = ds.frames.index("val/v2/000000.JPEG")
     assert ds[frame][1].tolist() == [True, False, True]
     # the release's own class map files (misc/*_class_index.json + misc/rev_wnid_map.json)
-    root = testing.write_video_pm(tmp_path / "rel", videos, groups=[[3], [5, 6], [7]],
+    root = fx.write_video_pm(tmp_path / "rel", videos, groups=[[3], [5, 6], [7]],
                                   class_map="misc")
     assert readers.video_pm("imagenet_vid", root, "test", TO_TENSOR).groups == [[3], [5, 6], [7]]
 
 
 def test_karpathy_json_and_caption_list(tmp_path):
     items = [(img, [f"caption {i}.{j}" for j in range(5)]) for i, img in enumerate(images(3))]
-    root = testing.write_karpathy(tmp_path / "f", "dataset_flickr30k.json", "flickr30k-images", items)
+    root = fx.write_karpathy(tmp_path / "f", "dataset_flickr30k.json", "flickr30k-images", items)
     ds = readers.captions_json("flickr30k", root, "test", TO_TENSOR,
                                "dataset_flickr30k.json", "flickr30k-images")
     assert len(ds) == 3 and ds[2][1] == items[2][1]  # the extra train image is skipped
-    root = testing.write_caption_list(tmp_path / "c", "coco_test.json", items)
+    root = fx.write_caption_list(tmp_path / "c", "coco_test.json", items)
     ds = readers.captions_json("coco", root, "test", TO_TENSOR, "coco_test.json")
     assert len(ds) == 3 and ds[1][1] == items[1][1]
 
 
-def test_voc_jsonl_and_torchvision_mnist(tmp_path):
-    voc = testing.write_voc(tmp_path / "voc", [(images(1)[0], [0, 14]), (images(1, 5)[0], [3])],
-                            readers.VOC_CLASSES)
-    ds = readers.voc2007("voc2007", voc, "test", TO_TENSOR)
+def test_voc_mnist_through_clip_benchmark_and_jsonl(tmp_path):
+    from clip_benchmark.datasets.voc2007 import object_categories
+
+    voc = fx.write_voc(tmp_path / "voc", [(images(1)[0], [0, 14]), (images(1, 5)[0], [3])],
+                       object_categories)
+    ds = clip_benchmark_set("voc2007", voc, "test", TO_TENSOR, builder="voc2007_multilabel")
     assert ds[0][1].nonzero().flatten().tolist() == [0, 14] and ds[1][1].sum() == 1
-    hm = testing.write_jsonl(tmp_path / "hm", "dev_seen", [(img, i % 2) for i, img in enumerate(images(4))])
+    digits = [(np.full((28, 28), 20 * i, np.uint8), i) for i in range(10)]
+    fx.write_mnist(tmp_path / "mnist", digits)
+    ds = clip_benchmark_set("mnist", tmp_path / "mnist", "test", TO_TENSOR, builder="mnist")
+    assert len(ds) == 10 and ds[3][1] == 3 and ds.classes == metadata.classnames("cb:mnist")
+    assert ds[3][0].mean() == pytest.approx(60 / 255, abs=1e-6)  # the pixels written
+    hm = fx.write_jsonl(tmp_path / "hm", "dev_seen", [(img, i % 2) for i, img in enumerate(images(4))])
     ds = readers.jsonl("hateful_memes", hm, "dev_seen", TO_TENSOR)
     assert [ds[i][1] for i in range(4)] == [0, 1, 0, 1]
-    digits = [(np.full((28, 28), 20 * i, np.uint8), i) for i in range(10)]
-    testing.write_mnist(tmp_path / "mnist", digits)
-    ds = readers.torchvision_dataset("mnist", tmp_path / "mnist", "test", TO_TENSOR, tv="MNIST",
-                                     split_arg="train", classnames=metadata.classnames("cb:mnist"))
-    assert len(ds) == 10 and ds[3][1] == 3 and ds.classnames[3] == "3"
 
 
 def test_missing_dataset_names_the_expected_layouts(tmp_path):
     cfg = eval_cfg("eval_data=cifar10", f"data_root={tmp_path}", tmp_path=tmp_path)
     with pytest.raises(DatasetNotFound) as err:
-        build_eval_set("cifar10", cfg.eval_data.cifar10, "test", TO_TENSOR, cfg)
+        build_split("cifar10", cfg.eval_data.cifar10, "test")
     msg = str(err.value)
-    assert f"dataset cifar10 not found at {tmp_path}/cifar10" in msg
-    assert "test/nshards.txt" in msg and "<class>/<image>" in msg and "torchvision.datasets.CIFAR10" in msg
+    assert f"dataset cifar10 not found at {tmp_path}/cifar10 (no such directory)" in msg
+    assert "test/nshards.txt" in msg and "CLIP_benchmark's `cifar10` builder" in msg
     assert "nothing is downloaded" in msg
 
 
-def test_build_eval_set_resolves_names_and_templates(tmp_path):
-    testing.write_folders(tmp_path / "mnist" / "test", {str(i): images(1, i) for i in range(10)})
-    cfg = eval_cfg("eval_data=mnist", f"data_root={tmp_path}", tmp_path=tmp_path)
-    es = build_eval_set("mnist", cfg.eval_data.mnist, "test", TO_TENSOR, cfg)
-    assert es.classnames == metadata.classnames("clip:MNIST") and es.templates == ['a photo of the number: "{}".']
-    testing.write_folders(tmp_path / "imagenet" / "val", {"n01440764": images(1)})
+def test_class_names_and_templates_from_data_or_config(tmp_path):
+    fx.write_folders(tmp_path / "ucf101" / "test", {str(i): images(1, i) for i in range(101)})
+    cfg = eval_cfg("eval_data=ucf101", f"data_root={tmp_path}", tmp_path=tmp_path)
+    ds = build_split("ucf101", cfg.eval_data.ucf101, "test")  # folders named by label: no names
+    assert ds.classes is None and ds[0][0].shape == (3, 8, 8)  # the configured transform
+    assert class_names(cfg.eval_data.ucf101, ds) == metadata.classnames("clip:UCF101")
+    assert prompt_templates(cfg.eval_data.ucf101, ds, "simple7") == metadata.templates("clip:UCF101")
+    fx.write_wds(tmp_path / "imagenet", "test", [(images(1)[0], 0)], ["tench"] * 1000, ["x {}"])
     for kind, n in (("simple7", 7), ("openai80", 80)):
         cfg = eval_cfg("eval_data=imagenet", f"data_root={tmp_path}",
                        f"zeroshot.imagenet_templates={kind}", tmp_path=tmp_path)
-        es = build_eval_set("imagenet", cfg.eval_data.imagenet, "val", TO_TENSOR, cfg)
-        assert len(es.templates) == n and len(es.classnames) == 1000
+        ds = build_split("imagenet", cfg.eval_data.imagenet, "test")
+        assert len(prompt_templates(cfg.eval_data.imagenet, ds, kind)) == n
+        assert class_names(cfg.eval_data.imagenet, ds) == ["tench"] * 1000  # the export's own
