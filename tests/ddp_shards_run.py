@@ -1,4 +1,5 @@
-"""ShardDataModule under Lightning DDP: 2 CPU (gloo) ranks x 2 loader workers, 4 steps.
+"""ShardDataModule under Lightning DDP: 2 CPU (gloo) ranks x 2 loader workers, one pass
+over the shards (``OnePass``: the stream ends, so every reader's counts are final).
 Called by tests/test_data_shards.py (strategy="ddp_fork"), or on its own:
     python tests/ddp_shards_run.py SHARD_DIR OUT_DIR
 Each rank writes the (shard:sample) ids of the captions its LightningModule received to
@@ -12,7 +13,16 @@ import lightning as L
 import torch
 
 from flip.data.quality import DataQualityCallback
-from flip.data.shards import ShardDataModule
+from flip.data.shards import ShardDataModule, ShardStream
+
+
+class OnePass(ShardDataModule):
+    """The training DataModule with a finite stream: one pass over each reader's shards."""
+
+    def stream(self) -> ShardStream:
+        stream = super().stream()
+        stream.passes = 1
+        return stream
 
 
 class Recorder(L.LightningModule):
@@ -22,8 +32,8 @@ class Recorder(L.LightningModule):
         self.weight = torch.nn.Parameter(torch.ones(()))
 
     def training_step(self, batch, batch_idx):
-        images, tokens = batch  # a plain pair: the DataModule stripped the stats
-        assert type(batch) is tuple and images.shape == (4, 3, 16, 16)
+        images, tokens = batch
+        assert type(batch) is tuple and images.shape == (4, 3, 16, 16)  # no stats on it
         tok = self.trainer.datamodule.tokenizer
         for row in tokens:
             m = re.fullmatch(r"shard (\d+) sample (\d+) a photo", tok.decode(row))
@@ -50,10 +60,10 @@ class Totals(L.Callback):
 
 
 def main(shards: str, out: Path, strategy: str = "ddp") -> None:
-    data = ShardDataModule(shards, batch_size=4, image_size=16, num_workers=2,
-                           shuffle_buffer=0, skip_rate_min_samples=10**6)
+    data = OnePass(shards, batch_size=4, image_size=16, num_workers=2, shuffle_buffer=0,
+                   skip_rate_min_samples=10**6)
     quality = DataQualityCallback(every=1)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=4,
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[quality, Totals(quality, out)])
     trainer.fit(Recorder(out), datamodule=data)

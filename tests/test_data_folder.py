@@ -1,5 +1,6 @@
-"""Captioned image folders and CSVs: exact skip counts, carried from loader workers; the
-image-folder zero-shot set; non-RGB conversion; a folder run end to end."""
+"""Captioned image folders and CSVs: exact skip counts, reported by loader workers; the
+image-folder zero-shot set; non-RGB conversion, the same in training and evaluation; a
+folder run end to end."""
 import math
 from collections import Counter
 
@@ -12,8 +13,14 @@ from flip.data.csv_dataset import CsvCaptions
 from flip.data.datamodule import ImageTextDataModule
 from flip.data.folder import FolderCaptions, ImageFolderZeroShot
 from flip.data.images import BadSample, decode_image, to_rgb
-from flip.data.quality import Batch, LoaderStats
-from flip.data.transforms import to_normalized_tensor
+from flip.data.quality import LoaderStats
+from flip.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    eval_transform,
+    to_normalized_tensor,
+    train_transform,
+)
 from flip.train import train
 from tests.shard_fixtures import encode, noise_image
 
@@ -79,24 +86,25 @@ def test_csv_skips_empty_captions_and_huge_images(tmp_path):
     assert ds.check() == Counter(ok=1, empty_caption=1, large_image=1)
 
 
-def test_loader_workers_ship_their_skip_counts_with_each_batch(folder):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_workers_report_exact_skip_counts_beside_plain_batches(folder, workers):
     ds = FolderCaptions(folder, image_size=16, max_pixels=100_000)
-    dm = ImageTextDataModule(ds, image_size=16, batch_size=7, num_workers=2)
+    dm = ImageTextDataModule(ds, image_size=16, batch_size=7, num_workers=workers)
     dm.setup("fit")  # probes item 0 (good): nothing to report
-    total = LoaderStats()
+    assert dm.loader_stats == LoaderStats()
     for batch in dm.train_dataloader():  # one epoch: 14 items, 2 batches of 7
-        assert isinstance(batch, Batch) and len(batch) == 2
-        images, tokens = dm.on_before_batch_transfer(batch, 0)
+        assert type(batch) is tuple and len(batch) == 2
+        images, tokens = batch
         assert images.shape == (7, 3, 16, 16) and tokens.shape == (7, 32)
-        total += batch.stats
+    total = dm.loader_stats
     # whatever the shuffle, each bad item is skipped by itself and the bad ones before it
     assert total.samples == 14 and sum(total.skipped.values()) == 21
     # sorted: c_blank c_corrupt c_empty c_huge c_nocaption c_truncated; the j-th of them is
     # skipped j times (by itself and by each bad item before it)
     assert total.skipped == Counter(empty_caption=1, corrupt_image=2 + 6, empty_image=3,
                                     large_image=4, missing_caption=5)
-    assert dm.loader_stats.skipped == total.skipped  # accumulated by the hook
-    assert set(total.converted) <= {"CMYK", "L", "RGBA", "P"}
+    # each non-RGB image is loaded once (bad items wrap around to item 0, an RGB jpg)
+    assert total.converted == Counter(CMYK=1, L=1, RGBA=1, P=1)
 
 
 def test_image_folder_zero_shot(tmp_path):
@@ -128,6 +136,20 @@ def test_non_rgb_modes_convert_to_the_right_colours():
     with pytest.raises(BadSample, match="large_image: 4x4 > max_pixels=15"):
         decode_image(encode(Image.new("RGB", (4, 4)), "PNG"), max_pixels=15)
     assert to_normalized_tensor()(white_clear).shape == (3, 2, 2)
+
+
+@pytest.mark.parametrize("rgba, over_white", [
+    ((0, 0, 0, 0), (255, 255, 255)),  # fully transparent black: white, not black
+    ((255, 0, 0, 128), (255, 127, 127)),  # half-transparent red: 127 = 255 * (1 - 128/255)
+])
+def test_transparency_is_white_in_training_evaluation_and_to_rgb(rgba, over_white):
+    image = Image.new("RGBA", (40, 30), rgba)  # uniform: any crop, flip or resize keeps it
+    assert to_rgb(image).getpixel((0, 0)) == over_white
+    want = (torch.tensor(over_white) / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(
+        IMAGENET_STD)
+    for transform in (train_transform(16), eval_transform(16), to_normalized_tensor()):
+        x = transform(image)
+        assert torch.allclose(x, want[:, None, None].expand_as(x), atol=1e-5)
 
 
 @pytest.mark.slow

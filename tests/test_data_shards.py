@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 from torch.utils.data import DataLoader
+from torch.utils.data._utils.pin_memory import pin_memory
 
 from flip.config import ConfigError
-from flip.data.quality import Batch, DataError, DataQualityCallback, LoaderStats
+from flip.data.quality import DataError, DataQualityCallback, LoaderStats, SharedStats
 from flip.data.shards import (
     ShardDataModule,
     ShardStream,
@@ -21,6 +22,7 @@ from flip.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_normalized_tens
 from flip.tokenizer import Tokenizer
 from flip.train import train
 from tests.conftest import compose_fast
+from tests.ddp_shards_run import OnePass, main as run_ddp
 from tests.shard_fixtures import (
     EXPECTED_CONVERTED,
     EXPECTED_GOOD,
@@ -78,7 +80,8 @@ def test_one_pass_reads_every_good_sample_and_counts_every_bad_one(fixture_shard
     assert examples["unreadable_shard"].startswith(f"{missing}: FileNotFoundError")
     assert "00005.tar" in examples["corrupt_shard"]  # the last corrupt shard read
     assert examples["large_image"].endswith("000010009: 300x300 > max_pixels=50000")
-    assert examples["missing_image"].endswith("000010010: no jpg/jpeg/png/webp file")
+    assert examples["missing_image"].endswith(
+        "000010010: no jpg/jpeg/png/webp/bmp/gif/ppm/tif/tiff file")
     assert "data: 22 good samples, 7 skipped (24.14% of 29 read)" in stats.summary()
     assert "shards read: 6, failed: 4 (66.67%)" in stats.summary()
 
@@ -94,23 +97,32 @@ def test_truncation_at_a_member_boundary_is_not_silent(tmp_path):
 
 
 def test_batches_are_full_typed_and_normalised(fixture_shards):
+    stats = SharedStats(1)
     stream = ShardStream(fixture_shards, batch_size=5, image_size=32, passes=1,
-                         shuffle_buffer=0, max_pixels=MAX_PIXELS)
-    batches = list(stream)
+                         shuffle_buffer=0, max_pixels=MAX_PIXELS, stats=stats)
+    batches, read_before = [], []
+    for batch in stream:
+        read_before.append(stats.read().samples)  # what the reader had reported by then
+        batches.append(batch)
     assert len(batches) == 4  # 22 good samples: 4 full batches, the last 2 dropped
     for batch in batches:
-        assert isinstance(batch, Batch) and isinstance(batch, tuple) and len(batch) == 2
-        images, tokens = batch  # the (images, tokens) protocol
+        assert type(batch) is tuple and len(batch) == 2  # a plain (images, tokens) pair
+        images, tokens = batch
         assert images.shape == (5, 3, 32, 32) and images.dtype == torch.float32
         assert tokens.shape == (5, 32) and tokens.dtype == torch.int64
     images, tokens = batches[0]
     # sample 000000000 is solid red: any crop/flip of it is red, normalised with ImageNet stats
     assert torch.allclose(images[0], normalised(RED).expand(3, 32, 32), atol=0.05)
     assert torch.equal(tokens[0], Tokenizer(32)(caption(0, 0))[0])
-    total = LoaderStats()
-    for batch in batches:
-        total += batch.stats
-    assert total.samples == 20  # stats travel with the batches that were delivered
+    # each batch's counts are reported before the batch is handed over; the end of the
+    # pass reports the rest, the 2 good samples of the dropped partial batch included
+    assert read_before == [5, 10, 15, 20]
+    total = stats.read()
+    assert total.samples == EXPECTED_GOOD and total.shards == 6
+    assert total.skipped == EXPECTED_SKIPPED + EXPECTED_SHARD_FAILURES
+    assert total.converted == EXPECTED_CONVERTED
+    assert total.examples["large_image"].endswith("000010009: 300x300 > max_pixels=50000")
+    assert stream.state.stats.samples == 0  # all of it handed to the shared table
 
 
 def test_transparency_is_composited_over_white(fixture_shards):
@@ -130,14 +142,17 @@ def test_readers_on_ranks_and_workers_read_disjoint_shards(tmp_path):
     pattern = write_reader_shards(tmp_path, n_shards=4, good_per_shard=8)
     seen, total = {}, LoaderStats()
     for rank in (0, 1):  # 2 ranks x 2 DataLoader worker processes, one pass each
+        stats = SharedStats(2)  # a row per worker of this rank
         stream = ShardStream(pattern, batch_size=4, image_size=16, rank=rank, world_size=2,
-                             passes=1, shuffle_buffer=0)
+                             passes=1, shuffle_buffer=0, stats=stats)
         loader = DataLoader(stream, batch_size=None, num_workers=2, collate_fn=keep_batch)
         seen[rank] = []
         for batch in loader:
-            assert isinstance(batch, Batch) and batch[0].shape == (4, 3, 16, 16)
+            assert type(batch) is tuple and batch[0].shape == (4, 3, 16, 16)
             seen[rank] += shard_of(batch[1])
-            total += batch.stats
+        per_worker = [LoaderStats.from_tensor(row) for row in stats.counts]
+        assert [w.samples for w in per_worker] == [8, 8] and [w.shards for w in per_worker] == [1, 1]
+        total += stats.read()
     # reader k = rank * 2 + worker owns shard k; every sample exactly once
     assert sorted(seen[0]) == [(s, i) for s in (0, 1) for i in range(8)]
     assert sorted(seen[1]) == [(s, i) for s in (2, 3) for i in range(8)]
@@ -149,13 +164,14 @@ def test_stream_is_infinite_reshuffled_and_seeded(tmp_path):
     pattern = write_reader_shards(tmp_path, n_shards=3, good_per_shard=4)
 
     def read(batches, **kwargs):
-        stream = ShardStream(pattern, batch_size=4, image_size=16, shuffle_buffer=0, **kwargs)
-        out, stats = [], LoaderStats()
+        stats = SharedStats(1)
+        stream = ShardStream(pattern, batch_size=4, image_size=16, shuffle_buffer=0,
+                             stats=stats, **kwargs)
+        out = []
         for i, batch in enumerate(stream):
             out.append(shard_of(batch[1]))
-            stats += batch.stats
             if i + 1 == batches:
-                return out, stats
+                return out, stats.read()
 
     passes, stats = read(3 * 8)  # one batch = one shard; 8 passes over 3 shards
     assert stats.samples == 96 and stats.shards == 24
@@ -190,16 +206,69 @@ def test_datamodule_errors_name_the_path(fixture_shards, tmp_path):
         str(Path(fixture_shards).parent / f"0000{i}.tar") for i in (0, 1, 2, 3, 5)]
 
 
-def test_datamodule_strips_and_accumulates_batch_stats(tmp_path):
+def test_datamodule_workers_report_counts_outside_plain_batches(tmp_path):
     pattern = write_reader_shards(tmp_path, n_shards=2, good_per_shard=8)
-    dm = ShardDataModule(pattern, batch_size=8, image_size=16, num_workers=2, shuffle_buffer=0)
+    dm = OnePass(pattern, batch_size=4, image_size=16, num_workers=2, shuffle_buffer=0)
     dm.setup("fit")
-    loader = iter(dm.train_dataloader())
-    for _ in range(4):  # 2 per worker: each reader's single shard read twice
-        batch = dm.on_before_batch_transfer(next(loader), 0)
-        assert type(batch) is tuple and len(batch) == 2
-    assert dm.loader_stats.samples == 32 and dm.loader_stats.shards == 4
-    assert dm.loader_stats.skipped == Counter({r: 4 * n for r, n in READER_SKIPS_PER_SHARD.items()})
+    assert dm.loader_stats == LoaderStats()  # setup's probe of the first sample is not counted
+    batches = list(dm.train_dataloader())  # one pass: each worker reads its one shard
+    assert len(batches) == 4
+    for batch in batches:
+        assert type(batch) is tuple and [type(t) for t in batch] == [torch.Tensor] * 2
+        assert dm.on_before_batch_transfer(batch, 0) is batch  # nothing to take off
+    stats = dm.loader_stats
+    assert stats.samples == 16 and stats.shards == 2
+    assert stats.skipped == Counter({r: 2 * n for r, n in READER_SKIPS_PER_SHARD.items()})
+    # the example of the last worker with one: worker 1, which reads shard 1
+    assert stats.examples["corrupt_image"].endswith(
+        "00001.tar 000019001: not a recognised image format")
+
+
+@pytest.mark.filterwarnings("ignore:.*pin_memory.*:UserWarning")  # CPU-only torch: no pinning
+def test_pin_memory_is_a_datamodule_setting_and_batches_survive_pinning(tmp_path, monkeypatch):
+    pattern = write_reader_shards(tmp_path, n_shards=2, good_per_shard=8)
+    for pin in (False, True):
+        dm = ShardDataModule(pattern, batch_size=4, image_size=16, num_workers=0,
+                             shuffle_buffer=0, pin_memory=pin)
+        assert dm.train_dataloader().pin_memory is pin
+    images, tokens = batch = next(iter(dm.train_dataloader()))
+    # what the loader's pin-memory step does to a batch, with Tensor.pin_memory standing in
+    # for the page-locked copy that needs a GPU: both tensors come through (a Batch with a
+    # .stats attribute lost it here)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, device=None: t.clone())
+    pinned = pin_memory(batch)
+    assert len(pinned) == 2 and torch.equal(pinned[0], images) and torch.equal(pinned[1], tokens)
+    assert dm.loader_stats.samples == 4  # counts still arrive, beside the batch
+
+
+@pytest.mark.slow
+def test_counts_reach_the_main_process_from_spawned_workers(tmp_path):
+    pattern = write_reader_shards(tmp_path, n_shards=2, good_per_shard=8)
+    stats = SharedStats(1)
+    stream = ShardStream(pattern, batch_size=4, image_size=16, passes=1, shuffle_buffer=0,
+                         stats=stats)
+    loader = DataLoader(stream, batch_size=None, num_workers=1, collate_fn=keep_batch,
+                        multiprocessing_context="spawn")
+    assert len(list(loader)) == 4
+    total = stats.read()
+    assert total.samples == 16 and total.shards == 2
+    assert total.skipped == Counter({r: 2 * n for r, n in READER_SKIPS_PER_SHARD.items()})
+
+
+def test_shared_stats_round_trip_every_field():
+    stats = LoaderStats(samples=7, shards=3, skipped=Counter(corrupt_shard=2, empty_caption=1),
+                        converted=Counter(CMYK=2, P=1, RGBa=4))
+    stats.skip("large_image", "x.tar 0001: " + "é" * 400)  # cut at EXAMPLE_BYTES, UTF-8 safe
+    table = SharedStats(2)
+    table.add(stats)
+    table.add(LoaderStats(samples=1, skipped=Counter(large_image=1)))
+    total = table.read()
+    assert total.samples == 8 and total.shards == 3
+    assert total.skipped == Counter(corrupt_shard=2, empty_caption=1, large_image=2)
+    assert total.converted == Counter(CMYK=2, P=1, RGBa=4)
+    assert total.examples["large_image"] == "x.tar 0001: " + "é" * 250  # 12 + 500 bytes
+    with pytest.raises(ValueError, match=r"skip reasons \['typo'\] are not in"):
+        table.add(LoaderStats(skipped=Counter(typo=1)))
 
 
 def test_skip_rate_above_the_limit_stops_with_the_counts():
@@ -233,24 +302,34 @@ def test_train_on_shards_logs_exact_skip_counts_and_resumes_them(tmp_path, caplo
     common = ("data=laion", f"data.shards={shards}", "data.image_size=32",
               "data.shuffle_buffer=0", "logger=csv", "trainer.log_every_n_steps=1",
               "callbacks.checkpoint.every_n_train_steps=2", "callbacks.checkpoint.save_top_k=-1")
-    expected = {f"data/skipped_{r}": 4.0 * 2 * READER_SKIPS_PER_SHARD.get(r, 0)
-                for r in ("unreadable_shard", "corrupt_shard", "missing_image", "empty_image",
-                          "corrupt_image", "large_image", "missing_caption", "empty_caption")}
+
+    def expected(batches: int) -> dict:
+        """The counts after ``batches`` batches of 16 read in this process: each batch is
+        one pass over the 2 shards (8 good samples and 3 bad ones each)."""
+        skips = {f"data/skipped_{r}": 2.0 * batches * READER_SKIPS_PER_SHARD.get(r, 0)
+                 for r in ("unreadable_shard", "corrupt_shard", "missing_image", "empty_image",
+                           "corrupt_image", "large_image", "missing_caption", "empty_caption")}
+        return {**skips, "data/samples_read": 22.0 * batches, "data/shards_read": 2.0 * batches}
+
+    def last_counts(root) -> dict:
+        last = read_metrics(root)[-1]
+        return {k: float(v) for k, v in last.items()
+                if k.startswith("data/skipped_") or k in ("data/samples_read", "data/shards_read")}
+
     metrics = train(compose_fast(*common, output_dir=tmp_path / "full"))
-    # 4 steps of 16 = 4 passes over the 2 shards of 8 good samples (and 3 bad ones each)
-    assert metrics["train/samples_seen"] == 64.0
-    last = read_metrics(tmp_path / "full")[-1]
-    assert {k: float(v) for k, v in last.items() if k.startswith("data/skipped_")} == expected
-    assert float(last["data/samples_read"]) == 64 + 24 and float(last["data/shards_read"]) == 8
-    assert "data: 64 good samples, 24 skipped (27.27% of 88 read)" in caplog.text
+    assert metrics["train/samples_seen"] == 64.0  # 4 steps of 16
+    # counts are of the reader (no loader workers here): the 4 batches trained on and the
+    # one Lightning fetched ahead to see whether the stream had ended
+    assert last_counts(tmp_path / "full") == expected(5)
+    assert "data: 80 good samples, 30 skipped (27.27% of 110 read)" in caplog.text
 
     caplog.clear()  # resume at step 2: the counts continue, the stream is reseeded
     ckpt = tmp_path / "full" / "checkpoints" / "step00000002.ckpt"
     assert torch.load(ckpt, weights_only=False)["ShardDataModule"] == {"batches_seen": 2}
     train(compose_fast(*common, f"ckpt_path={ckpt}", output_dir=tmp_path / "resumed"))
-    last = read_metrics(tmp_path / "resumed")[-1]
-    assert {k: float(v) for k, v in last.items() if k.startswith("data/skipped_")} == expected
-    assert "data: 64 good samples, 24 skipped (27.27% of 88 read)" in caplog.text
+    # 3 batches read by step 2 (saved in the checkpoint), 3 more by the resumed run
+    assert last_counts(tmp_path / "resumed") == expected(6)
+    assert "data: 96 good samples, 36 skipped (27.27% of 132 read)" in caplog.text
 
 
 @pytest.mark.slow
@@ -268,10 +347,8 @@ def test_training_stops_when_too_much_input_is_bad(fixture_shards, tmp_path):
 def test_ddp_ranks_and_workers_read_disjoint_shards_and_counts_add_up(tmp_path):
     """Lightning DDP on 2 gloo processes x 2 loader workers, through the DataModule and
     DataQualityCallback: each of the 4 readers owns one shard (tests/ddp_shards_run.py)."""
-    from tests.ddp_shards_run import main
-
     write_reader_shards(tmp_path / "shards", n_shards=4, good_per_shard=8)
-    main(str(tmp_path / "shards"), tmp_path, strategy="ddp_fork")  # forks: no re-import
+    run_ddp(str(tmp_path / "shards"), tmp_path, strategy="ddp_fork")  # forks: no re-import
     seen = {r: (tmp_path / f"rank{r}.txt").read_text().split() for r in (0, 1)}
     samples = {r: sorted(tuple(map(int, s.split(":"))) for s in seen[r]) for r in (0, 1)}
     assert samples[0] == [(s, i) for s in (0, 1) for i in range(8)]

@@ -6,6 +6,8 @@ from pathlib import Path
 from PIL import Image
 
 from flip.data import inspect_shards, make_shards
+from flip.data.folder import FolderCaptions
+from flip.data.images import IMAGE_EXTENSIONS
 from flip.data.shards import ShardStream
 from tests.shard_fixtures import MAX_PIXELS, encode, noise_image, write_fixture_shards
 
@@ -57,6 +59,31 @@ def test_make_shards_from_a_folder(tmp_path, capsys):
     captions = [c for _, c, _, _ in stream.samples()]
     assert captions == ["a grey bar"] + [f"picture number {i}" for i in range(7)]
     assert stream.state.stats.converted == {"L": 1} and not stream.state.stats.skipped
+
+
+def test_every_image_extension_goes_from_a_folder_through_shards_to_the_reader(tmp_path):
+    formats = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP",
+               ".gif": "GIF", ".ppm": "PPM", ".tif": "TIFF", ".tiff": "TIFF"}
+    assert sorted(formats) == sorted(IMAGE_EXTENSIONS)  # the test covers the whole list
+    root = tmp_path / "images"
+    root.mkdir()
+    for i, (ext, fmt) in enumerate(formats.items()):
+        name = f"img{i}{ext.upper() if i % 2 else ext}"  # suffixes in any case
+        noise_image(i, (20, 16)).save(root / name, fmt)
+        (root / name).with_suffix(".txt").write_text(f"picture {i}")
+    (root / "notes.md").write_text("not an image")
+    assert len(FolderCaptions(root, image_size=8)) == 9
+    make_shards.main(["--folder", str(root), "--out", str(tmp_path / "shards")])
+    shard = tmp_path / "shards" / "00000.tar"
+    images = [m for m in members(shard) if not m.endswith((".json", ".txt"))]
+    assert images == [f"00000{i:04d}{ext}" for i, ext in enumerate(formats)]  # own bytes
+    with tarfile.open(shard) as tar:
+        assert tar.extractfile("000000004.bmp").read() == (root / "img4.bmp").read_bytes()
+    stream = ShardStream(str(shard), 1, passes=1, shuffle_buffer=0, transform=lambda img: img)
+    items = list(stream.samples())
+    assert [c for _, c, _, _ in items] == [f"picture {i}" for i in range(9)]
+    assert all(img.mode == "RGB" and img.size == (20, 16) for img, _, _, _ in items)
+    assert not stream.state.stats.skipped and stream.state.stats.converted == {"P": 1}  # gif
 
 
 def test_make_shards_from_a_csv_with_resize(tmp_path, capsys):

@@ -1,10 +1,11 @@
 """Your own captioned images as a folder, and an image-folder zero-shot set.
 
-``FolderCaptions(root)``: every image under ``root`` (recursively; .jpg .jpeg .png .webp
-.bmp .gif, any case) whose caption is the UTF-8 text file next to it with the same stem
-(``cat.jpg`` + ``cat.txt``). Same behaviour as ``CsvCaptions`` (it is one): bad images
-and missing (``missing_caption``) or blank (``empty_caption``) captions are skipped,
-counted and replaced by the next readable item, so batches stay full.
+``FolderCaptions(root)``: every image under ``root`` (recursively; any suffix in
+``flip.data.images.IMAGE_EXTENSIONS``, any case) whose caption is the UTF-8 text file
+next to it with the same stem (``cat.jpg`` + ``cat.txt``). Same behaviour as
+``CsvCaptions`` (it is one): bad images and missing (``missing_caption``) or blank
+(``empty_caption``) captions are skipped, counted and replaced by the next readable item,
+so batches stay full.
 
 ``ImageFolderZeroShot(root)``: ``root/<class name>/*.jpg`` (the torchvision ImageFolder
 layout, e.g. ImageNet val); class names are the folder names with ``_`` read as spaces
@@ -20,18 +21,23 @@ import torch
 from torch.utils.data import Dataset
 
 from flip.data.csv_dataset import CsvCaptions
-from flip.data.images import DEFAULT_MAX_PIXELS, BadSample, decode_caption, decode_image
+from flip.data.images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    BadSample,
+    decode_caption,
+    decode_image,
+)
 from flip.data.transforms import eval_transform
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 DEFAULT_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}."]
 
 
 def list_images(root: Path) -> list[Path]:
     """Image files under ``root``, recursively, sorted, as paths relative to ``root``."""
     return sorted(p.relative_to(root) for p in root.rglob("*")
-                  if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+                  if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
 class FolderCaptions(CsvCaptions):
@@ -44,7 +50,7 @@ class FolderCaptions(CsvCaptions):
             raise FileNotFoundError(f"image folder not found: {self.root}")
         self.rows = [(str(p), str(p.with_suffix(".txt"))) for p in list_images(self.root)]
         if not self.rows:
-            raise ValueError(f"{self.root}: no images ({' '.join(IMAGE_SUFFIXES)}) in this "
+            raise ValueError(f"{self.root}: no images ({' '.join(IMAGE_EXTENSIONS)}) in this "
                              "folder or below it")
         self._init_counters(image_size, transform, max_consecutive_bad, max_pixels)
 

@@ -1,4 +1,9 @@
-"""Decoding untrusted image bytes and captions into training inputs, or a named reason why not.
+"""Image files: which suffixes are images, decoding untrusted bytes and captions into
+training inputs (or a named reason why not), and the one conversion to RGB.
+
+``IMAGE_EXTENSIONS`` are the file suffixes read as images everywhere (image folders, shard
+members, evaluation sets); ``to_rgb`` is the conversion every pipeline applies, in
+training and in evaluation.
 
 ``decode_image`` and ``decode_caption`` raise ``BadSample(reason, detail)`` for input that
 must be skipped; the callers count the reason (see ``flip.data.quality``). Reasons:
@@ -21,6 +26,8 @@ import warnings
 
 from PIL import Image
 
+# lower case: compare with ``path.suffix.lower()``; shard members use them without the dot
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".ppm", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # PIL's own warning threshold: 89,478,485
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 

@@ -6,17 +6,18 @@
 
 Output: ``OUT/00000.tar, 00001.tar, ...`` with ``--per-shard`` samples each; sample
 ``i`` of shard ``s`` has key ``f"{s:05d}{i:04d}"`` (img2dataset's scheme for shards of up
-to 10,000) and members ``KEY.jpg`` (or the source's own .png/.webp), ``KEY.txt`` (the
-caption) and ``KEY.json`` (key, caption, source, width, height). Train on them with
-``python train.py data=laion data.shards=OUT`` (a directory: all its .tar; the command
-is printed) or with a brace pattern, quoted for Hydra:
-``python train.py data=laion 'data.shards="OUT/{00000..00041}.tar"'``.
+to 10,000) and members ``KEY.jpg`` (or the source file's own extension, one of
+``flip.data.images.IMAGE_EXTENSIONS``), ``KEY.txt`` (the caption) and ``KEY.json`` (key,
+caption, source, width, height). Train on them with ``python train.py data=laion
+data.shards=OUT`` (a directory: all its .tar; the command is printed) or with a brace
+pattern, quoted for Hydra: ``python train.py data=laion 'data.shards="OUT/{00000..00041}.tar"'``.
 
 By default every image is decoded once (``--no-verify`` skips that): unreadable,
 zero-byte or oversized images and blank or missing captions are left out and counted.
-Without ``--resize`` the original file bytes are stored; with ``--resize N`` the image
-is converted to RGB, its shorter side resized to N (bicubic; never enlarged) and stored
-as JPEG at ``--quality``, like img2dataset's ``resize_mode=keep_ratio``.
+Without ``--resize`` the original file bytes are stored (a file whose suffix is not an
+image extension is re-encoded as JPEG); with ``--resize N`` the image is converted to RGB
+(``flip.data.images.to_rgb``), its shorter side resized to N (bicubic; never enlarged)
+and stored as JPEG at ``--quality``, like img2dataset's ``resize_mode=keep_ratio``.
 """
 import argparse
 import csv
@@ -30,9 +31,13 @@ import webdataset as wds
 from PIL import Image
 
 from flip.data.folder import list_images
-from flip.data.images import DEFAULT_MAX_PIXELS, BadSample, decode_caption, decode_image
-
-_EXT = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
+from flip.data.images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    BadSample,
+    decode_caption,
+    decode_image,
+)
 
 
 def from_csv(path: Path, image_root: Path | None = None):
@@ -93,12 +98,14 @@ def write_shards(items, out: Path, per_shard: int = 10_000, resize: int | None =
                 img, name, ext = source, "", "jpg"
                 data = encode(img, resize, quality)
             else:
-                name, ext = str(source), _EXT.get(source.suffix.lower(), "jpg")
+                name, suffix = str(source), source.suffix.lower()
                 data = source.read_bytes()
-                if verify or resize is not None or source.suffix.lower() not in _EXT:
+                kept = resize is None and suffix in IMAGE_EXTENSIONS  # the file's own bytes
+                ext = suffix[1:] if kept else "jpg"
+                if verify or not kept:
                     img, _ = decode_image(data, max_pixels)
-                    if resize is not None or source.suffix.lower() not in _EXT:
-                        data, ext = encode(img, resize, quality), "jpg"
+                    if not kept:
+                        data = encode(img, resize, quality)
                 else:
                     img = None
                     if not data:

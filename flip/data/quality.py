@@ -1,20 +1,22 @@
-"""Bad input never kills a run and never passes silently: skip, count, carry, log, enforce.
+"""Bad input never kills a run and never passes silently: skip, count, report, log, enforce.
 
 How the counts travel
 ---------------------
 A bad sample is skipped where it is read, usually inside a DataLoader worker process,
 and counted there in a ``LoaderStats`` (good samples, shards opened, skips per reason,
-non-RGB images converted, one recent example per reason). Counters in a worker cannot be
-read from the main process, so every batch carries the counts its worker accumulated
-since that worker's previous batch: the training loader yields ``Batch`` objects, which
-are 2-tuples ``(images, tokens)`` with one extra attribute ``.stats``. A ``Batch``
-unpacks exactly like the plain pair, so code that iterates ``train_dataloader()``
-directly sees the data protocol unchanged.
+non-RGB images converted by mode, one recent example per reason). Counters in a worker
+cannot be read from the main process, so each reader adds its counts to a
+``SharedStats``: a small table in shared memory (one row per DataLoader worker, row 0
+without workers) that the DataModule creates in ``train_dataloader()`` and hands to the
+dataset (``ShardStream``) or the collate function (map-style sets) that runs in the
+workers. A reader adds its new counts just before it hands over each batch, and once
+more when a finite pass ends; the main process reads the sum of the rows whenever it
+wants (``datamodule.loader_stats``). Batches stay plain ``(images, tokens)`` tuples, so
+``data.pin_memory`` can be on. Nothing is queued: counts are visible as soon as they are
+added, need no draining, are not lost when workers stop (persistent or not), and travel
+the same way with fork or spawn workers (torch shares the memory) and in-process.
 
-During ``Trainer.fit``, ``QualityMixin.on_before_batch_transfer`` (a LightningDataModule
-hook, mixed into the repository's DataModules) adds ``batch.stats`` to
-``datamodule.loader_stats`` and hands the LightningModule a plain ``(images, tokens)``
-tuple. ``DataQualityCallback`` (``conf/callbacks/default.yaml``) then, every
+``DataQualityCallback`` (``conf/callbacks/default.yaml``) then, every
 ``trainer.log_every_n_steps`` batches, sums the counts over ranks, logs
 ``data/skipped_<reason>``, ``data/samples_read``, ``data/skip_rate`` and friends, stops the
 run with ``DataError`` when a skip rate exceeds ``data.max_skip_rate`` (after
@@ -25,17 +27,23 @@ Two rates are enforced, both against ``max_skip_rate``:
 * sample skip rate = skipped samples / (good + skipped samples);
 * shard failure rate = failed shard reads (unreadable or corrupt) / shard reads.
 
-Counts are of the *reader*: samples that were read and counted but were still in a
-shuffle buffer or a prefetched batch when training stopped are included.
+Counts are of the *readers*, in whole batches: they include the batches the loader has
+prefetched but training has not used yet (at most ``num_workers x prefetch_factor`` plus
+the one Lightning fetches ahead), and, in an endless stream, not the skips a reader met
+after its latest batch (they come with its next one).
 """
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 
 import lightning as L
+import numpy as np
 import torch
+from PIL import Image
+from torch.utils.data import get_worker_info
 
 from flip.config import ConfigError
 
@@ -45,6 +53,8 @@ SHARD_REASONS = ("unreadable_shard", "corrupt_shard")
 SAMPLE_REASONS = ("missing_image", "empty_image", "corrupt_image", "large_image",
                   "missing_caption", "empty_caption")
 REASONS = SHARD_REASONS + SAMPLE_REASONS
+MODES = (*Image.MODES, "other")  # original modes of converted images; "other": any new one
+EXAMPLE_BYTES = 512  # kept of each example in shared memory (UTF-8)
 _ALIASES = {"missing": "missing_image", "corrupt": "corrupt_image"}  # CsvCaptions' keys
 
 
@@ -118,18 +128,26 @@ class LoaderStats:
         return cls(d["samples"], d["shards"], Counter(d["skipped"]), Counter(d["converted"]),
                    dict(d["examples"]))
 
-    # ---- summing over DDP ranks: a fixed-order vector -----------------------------------
-    def to_tensor(self, device=None) -> torch.Tensor:
-        values = [self.samples, self.shards, *(self.skipped[r] for r in REASONS),
-                  sum(self.converted.values())]
-        return torch.tensor(values, dtype=torch.float64, device=device)
+    # ---- shared memory and sums over DDP ranks: a fixed-order vector --------------------
+    def to_tensor(self, device=None, dtype=torch.float64) -> torch.Tensor:
+        """samples, shards, skips per ``REASONS``, conversions per ``MODES``."""
+        unknown = set(self.skipped) - set(REASONS)
+        if unknown:
+            raise ValueError(f"skip reasons {sorted(unknown)} are not in "
+                             "flip.data.quality.REASONS; add them there")
+        modes = [self.converted[m] for m in MODES[:-1]]
+        other = sum(self.converted.values()) - sum(modes)
+        values = [self.samples, self.shards, *(self.skipped[r] for r in REASONS), *modes, other]
+        return torch.tensor(values, dtype=dtype, device=device)
 
     @classmethod
-    def from_tensor(cls, t: torch.Tensor, like: LoaderStats) -> LoaderStats:
-        """Counts from ``to_tensor`` (summed over ranks); modes and examples from ``like``."""
+    def from_tensor(cls, t: torch.Tensor, examples: dict | None = None) -> LoaderStats:
+        """The counts of a ``to_tensor`` vector (or a sum of them), with these examples."""
         v = [int(x) for x in t.tolist()]
-        skipped = Counter({r: n for r, n in zip(REASONS, v[2:2 + len(REASONS)]) if n})
-        return cls(v[0], v[1], skipped, Counter(like.converted), dict(like.examples))
+        n = 2 + len(REASONS)
+        skipped = Counter({r: c for r, c in zip(REASONS, v[2:n]) if c})
+        converted = Counter({m: c for m, c in zip(MODES, v[n:]) if c})
+        return cls(v[0], v[1], skipped, converted, dict(examples or {}))
 
     def metrics(self) -> dict[str, float]:
         out = {f"data/skipped_{r}": float(self.skipped[r]) for r in REASONS}
@@ -158,28 +176,50 @@ class LoaderStats:
         return "\n".join(lines)
 
 
-class Batch(tuple):
-    """``(images, tokens)``, carrying the ``LoaderStats`` read since the previous batch.
+class SharedStats:
+    """The ``LoaderStats`` of one loader's readers, in shared memory: readers ``add``, any
+    process ``read``s their sum.
 
-    Unpacks and indexes as the plain pair (``len(batch) == 2``). Note: ``pin_memory=True``
-    rebuilds tuples and would drop ``stats``; the loaders here do not pin.
+    ``readers``: rows, one per DataLoader worker (1 when loading in-process). A reader adds
+    to its own row only (``get_worker_info().id``, 0 in-process), so writers never race; a
+    ``read`` during an ``add`` may see that batch's counts half added. Pickled into
+    spawned workers, the tensors stay shared (torch's multiprocessing reductions).
     """
 
-    def __new__(cls, images: torch.Tensor, tokens: torch.Tensor,
-                stats: LoaderStats | None = None):
-        self = super().__new__(cls, (images, tokens))
-        self.stats = stats
-        return self
+    def __init__(self, readers: int):
+        width = len(LoaderStats().to_tensor())
+        self.counts = torch.zeros(readers, width, dtype=torch.int64).share_memory_()
+        self.examples = torch.zeros(readers, len(REASONS), EXAMPLE_BYTES,
+                                    dtype=torch.uint8).share_memory_()
 
-    def __reduce__(self):  # survives the trip from a worker process
-        return (Batch, (self[0], self[1], self.stats))
+    def add(self, stats: LoaderStats) -> None:
+        """Add ``stats`` (a reader's counts since its last ``add``) to the caller's row."""
+        info = get_worker_info()
+        row = info.id if info is not None else 0
+        self.counts[row] += stats.to_tensor(dtype=torch.int64)
+        for reason, example in stats.examples.items():
+            text = np.zeros(EXAMPLE_BYTES, np.uint8)
+            data = example.encode()[:EXAMPLE_BYTES]
+            text[:len(data)] = np.frombuffer(data, np.uint8)
+            self.examples[row, REASONS.index(reason)] = torch.from_numpy(text)
+
+    def read(self) -> LoaderStats:
+        """The sum over readers, with each reason's example from the last reader that has one."""
+        examples = {}
+        for i, reason in enumerate(REASONS):
+            for row in self.examples[:, i].numpy():
+                text = row.tobytes().rstrip(b"\0").decode(errors="ignore")
+                if text:
+                    examples[reason] = text
+        return LoaderStats.from_tensor(self.counts.sum(0), examples)
 
 
 def stats_of_dataset(dataset, samples: int) -> LoaderStats:
     """The delta of a map-style dataset's ``skipped`` Counter since the last call.
 
     Call it where the dataset lives (in the DataLoader worker: the collate function), with
-    the number of good samples in the batch. Datasets without ``skipped`` count nothing.
+    the number of good samples in the batch, and ``SharedStats.add`` the result. Datasets
+    without ``skipped`` count nothing.
     """
     skipped = getattr(dataset, "skipped", None)
     stats = LoaderStats(samples=samples)
@@ -199,24 +239,37 @@ def stats_of_dataset(dataset, samples: int) -> LoaderStats:
 
 
 class QualityMixin:
-    """DataModule part: strips ``Batch.stats`` before transfer and accumulates them.
+    """DataModule part: the readers' ``SharedStats``, and the training batches seen.
 
     ``max_skip_rate``: largest tolerated fraction of skipped samples (and of failed shard
-    reads); ``skip_rate_min_samples``: samples to read before the rate is enforced.
+    reads); ``skip_rate_min_samples``: samples to read before the rate is enforced. The
+    DataModule sets ``num_workers`` and passes ``shared_stats()`` to its training loader's
+    readers.
     """
 
     def init_quality(self, max_skip_rate: float = 0.05, skip_rate_min_samples: int = 1000):
         if not 0 <= max_skip_rate <= 1:
             raise ValueError(f"data.max_skip_rate={max_skip_rate!r} must be in [0, 1]")
         self.max_skip_rate, self.skip_rate_min_samples = max_skip_rate, skip_rate_min_samples
-        self.loader_stats = LoaderStats()  # this rank's, since this process started
+        self._shared_stats, self._shared_stats_pid = None, None
         self.batches_seen = 0  # training batches, including those before a resume
 
+    def shared_stats(self) -> SharedStats:
+        """The table this process's training loaders report to, one row per worker; made on
+        first use in each process, so DDP ranks forked from one parent do not share it."""
+        if self._shared_stats is None or self._shared_stats_pid != os.getpid():
+            self._shared_stats = SharedStats(max(1, self.num_workers))
+            self._shared_stats_pid = os.getpid()
+        return self._shared_stats
+
+    @property
+    def loader_stats(self) -> LoaderStats:
+        """This rank's counts since this process started, as of now."""
+        return self.shared_stats().read()
+
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        if isinstance(batch, Batch):
-            self.loader_stats += batch.stats
+        if self.trainer is not None and self.trainer.training:
             self.batches_seen += 1
-            return tuple(batch)
         return batch
 
     # saved in checkpoints: a resumed stream is seeded by the batches already trained on
@@ -252,7 +305,7 @@ class DataQualityCallback(L.Callback):
             total += stats
         else:
             summed = trainer.strategy.reduce(stats.to_tensor(pl_module.device), reduce_op="sum")
-            total += LoaderStats.from_tensor(summed.cpu(), like=stats)
+            total += LoaderStats.from_tensor(summed.cpu(), examples=stats.examples)
         return total
 
     # counts continue across a resume (as of the last sum before the checkpoint)

@@ -1,8 +1,9 @@
 """LAION-style webdataset shards (img2dataset layout) as an infinite training stream.
 
-A shard is a tar file of samples ``KEY.jpg`` (or .jpeg/.png/.webp), ``KEY.txt`` (the
-caption) and optionally ``KEY.json`` (metadata, unused here), as written by img2dataset
-or by ``python -m flip.data.make_shards``. ``shards`` is a brace pattern
+A shard is a tar file of samples ``KEY.jpg`` (or another of the image extensions,
+``flip.data.images.IMAGE_EXTENSIONS``), ``KEY.txt`` (the caption) and optionally
+``KEY.json`` (metadata, unused here), as written by img2dataset or by
+``python -m flip.data.make_shards``. ``shards`` is a brace pattern
 (``/data/laion400m/{00000..41407}.tar``), several patterns joined by ``::``, a directory
 (all its ``*.tar``), or a list of these; anything ``webdataset.gopen`` opens works
 (local paths, ``pipe:curl -s URL``, ``s3://`` via a pipe).
@@ -34,10 +35,12 @@ Bad input is skipped and counted per reason (``flip.data.quality``): shards that
 be opened (``unreadable_shard``), tar streams that break off or are not tar at all
 (``corrupt_shard``, including truncation exactly at a member boundary, which tarfile
 itself would pass silently), samples without an image or caption, zero-byte, corrupt or
-oversized images, empty captions (``flip.data.images``). Each batch carries the counts of
-its worker (``Batch.stats``). A reader that sees ``max_consecutive_bad`` failures in a
-row without one good sample raises ``DataError`` naming its shards, and ``setup('fit')``
-fails at once, naming ``data.shards``, when no path exists or nothing can be read.
+oversized images, empty captions (``flip.data.images``). Each reader adds its counts to
+the DataModule's ``SharedStats`` just before it hands over each batch (and at the end of
+a finite pass), outside the batches, which are plain ``(images, tokens)`` tuples. A
+reader that sees ``max_consecutive_bad`` failures in a row without one good sample raises
+``DataError`` naming its shards, and ``setup('fit')`` fails at once, naming
+``data.shards``, when no path exists or nothing can be read.
 """
 from __future__ import annotations
 
@@ -57,13 +60,19 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from flip.data.images import DEFAULT_MAX_PIXELS, BadSample, decode_caption, decode_image
-from flip.data.quality import Batch, DataError, DataPathError, LoaderStats, QualityMixin
+from flip.data.images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    BadSample,
+    decode_caption,
+    decode_image,
+)
+from flip.data.quality import DataError, DataPathError, LoaderStats, QualityMixin, SharedStats
 from flip.data.transforms import train_transform
 from flip.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_MEMBERS = tuple(ext[1:] for ext in IMAGE_EXTENSIONS)  # "jpg", ...: a sample's image
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")  # gz bz2 xz zst
 _WARNINGS = 5  # per reader: the first few skips are logged, the rest only counted
 
@@ -226,9 +235,9 @@ def _decode(samples, state: _ReaderState, transform, max_pixels: int | None):
     """(image tensor, caption, key, url) for every usable sample; the rest are counted."""
     for sample in samples:
         key, url = sample.get("__key__"), sample.get("__url__")
-        ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        ext = next((e for e in IMAGE_MEMBERS if e in sample), None)
         if ext is None:
-            state.skip_sample("missing_image", f"{url} {key}: no {'/'.join(IMAGE_EXTS)} file")
+            state.skip_sample("missing_image", f"{url} {key}: no {'/'.join(IMAGE_MEMBERS)} file")
             continue
         if "txt" not in sample:
             state.skip_sample("missing_caption", f"{url} {key}: no .txt file")
@@ -248,19 +257,23 @@ def _decode(samples, state: _ReaderState, transform, max_pixels: int | None):
 
 # ------------------------------------------------------------------------------ dataset
 class ShardStream(IterableDataset):
-    """Batches ``Batch(images (B, 3, S, S) float, tokens (B, L) long)`` from shards.
+    """Batches ``(images (B, 3, S, S) float, tokens (B, L) long)`` from shards.
 
     Use with ``DataLoader(stream, batch_size=None, collate_fn=keep_batch)``: batching,
     shard splitting per rank and worker, shuffling and skip counting happen here.
     ``passes=None``: forever (training); an int: that many passes over each reader's
-    shards (inspection, tests), then the last partial batch is dropped.
+    shards (inspection, tests), then the last partial batch is dropped. ``stats``: where
+    each reader adds its counts, before every batch and at the end of its passes
+    (``ShardDataModule`` passes its ``SharedStats``); without it they stay in
+    ``self.state.stats`` of the reading process.
     """
 
     def __init__(self, urls, batch_size: int, image_size: int = 224, tokenizer=None,
                  shuffle_buffer: int = 5000, shuffle_initial: int = 1000, seed: int = 0,
                  rank: int = 0, world_size: int = 1, start: int = 0, passes: int | None = None,
                  crop_scale=(0.5, 1.0), hflip: bool = True, transform=None,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS, max_consecutive_bad: int = 1000):
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, max_consecutive_bad: int = 1000,
+                 stats: SharedStats | None = None):
         super().__init__()
         self.urls = expand_shards(urls) if isinstance(urls, str) else list(urls)
         if not self.urls:
@@ -272,6 +285,7 @@ class ShardStream(IterableDataset):
             image_size, tuple(crop_scale), hflip)
         self.shuffle_buffer, self.shuffle_initial = shuffle_buffer, shuffle_initial
         self.max_pixels, self.max_consecutive_bad = max_pixels, max_consecutive_bad
+        self.stats = stats
         self.state: _ReaderState | None = None  # of the last iteration in this process
 
     def reader(self) -> tuple[int, int, int, int]:
@@ -304,19 +318,25 @@ class ShardStream(IterableDataset):
                               max_pixels=self.max_pixels))
         return iter(wds.DataPipeline(*stages))
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         images, captions = [], []
         for image, caption, _, _ in self.samples():
             images.append(image)
             captions.append(caption)
             if len(images) == self.batch_size:
-                yield Batch(torch.stack(images), self.tokenizer(captions), self.state.stats.take())
+                self._report()
+                yield torch.stack(images), self.tokenizer(captions)
                 images, captions = [], []
+        self._report()  # a finished pass: what was read after its last full batch
+
+    def _report(self) -> None:
+        if self.stats is not None:
+            self.stats.add(self.state.stats.take())
 
 
 def keep_batch(batch):
     """DataLoader collate_fn for pre-batched items: pass through (default_convert would
-    turn the ``Batch`` tuple into a list)."""
+    turn the ``(images, tokens)`` tuple into a list)."""
     return batch
 
 
@@ -347,6 +367,7 @@ class ShardDataModule(QualityMixin, L.LightningDataModule):
         image_size: int = 224,
         batch_size: int = 256,
         num_workers: int = 4,
+        pin_memory: bool = False,
         context_length: int = 32,
         shuffle_buffer: int = 5000,
         shuffle_initial: int = 1000,
@@ -364,6 +385,7 @@ class ShardDataModule(QualityMixin, L.LightningDataModule):
         self.urls = expand_shards(shards)  # checked in setup('fit')
         self.zeroshot_set = zeroshot
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
+        self.pin_memory = pin_memory
         self.shuffle_buffer, self.shuffle_initial = shuffle_buffer, shuffle_initial
         self.crop_scale, self.hflip = tuple(crop_scale), hflip
         self.max_pixels, self.max_consecutive_bad, self.seed = max_pixels, max_consecutive_bad, seed
@@ -413,16 +435,17 @@ class ShardDataModule(QualityMixin, L.LightningDataModule):
             seed=self.seed, rank=rank, world_size=world,
             start=self.batches_seen,  # restored from a checkpoint: fresh data on resume
             crop_scale=self.crop_scale, hflip=self.hflip, max_pixels=self.max_pixels,
-            max_consecutive_bad=self.max_consecutive_bad)
+            max_consecutive_bad=self.max_consecutive_bad, stats=self.shared_stats())
 
     def train_dataloader(self) -> DataLoader:
         workers = self.num_workers
         return DataLoader(self.stream(), batch_size=None, collate_fn=keep_batch,
                           num_workers=workers, persistent_workers=workers > 0,
-                          prefetch_factor=2 if workers > 0 else None)
+                          prefetch_factor=2 if workers > 0 else None, pin_memory=self.pin_memory)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.zeroshot_set is None:
             return []
         return DataLoader(self.zeroshot_set, batch_size=self.batch_size,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          pin_memory=self.pin_memory)

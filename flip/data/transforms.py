@@ -5,30 +5,23 @@
 ``to_normalized_tensor``: no geometry at all, for synthetic data whose captions
 describe positions ("on the left") that crops or flips would make false.
 
-Every pipeline first converts its input to RGB, so greyscale, palette or RGBA files
-all come out with three channels. All pieces are picklable (DataLoader workers).
+Every pipeline first converts its input to RGB with ``flip.data.images.to_rgb`` (the
+conversion the decoders use: transparency composited over white, 16-bit scaled), so
+greyscale, palette or RGBA images come out with three channels, the same in training and
+evaluation. All pieces are picklable (DataLoader workers).
 """
-from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
+
+from flip.data.images import to_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ToRGB:
-    """Convert a PIL image to mode RGB (a no-op for images that already are)."""
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        return img if img.mode == "RGB" else img.convert("RGB")
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
-
-
 def to_normalized_tensor() -> T.Compose:
     """PIL -> float tensor (3, H, W) normalised with the ImageNet mean/std."""
-    return T.Compose([ToRGB(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return T.Compose([to_rgb, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def train_transform(
@@ -36,7 +29,7 @@ def train_transform(
 ) -> T.Compose:
     """RandomResizedCrop(image_size, scale, bicubic) [+ horizontal flip] + normalise."""
     steps = [
-        ToRGB(),
+        to_rgb,
         T.RandomResizedCrop(
             image_size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC
         ),
@@ -51,7 +44,7 @@ def eval_transform(image_size: int) -> T.Compose:
     """Resize the short side to image_size (bicubic), centre crop square, normalise."""
     return T.Compose(
         [
-            ToRGB(),
+            to_rgb,
             T.Resize(image_size, interpolation=InterpolationMode.BICUBIC),
             T.CenterCrop(image_size),
             T.ToTensor(),
