@@ -162,7 +162,18 @@ def test_suite_on_the_held_out_data_with_linear_probe(ckpt, tmp_path, capsys):
     assert flat["heldout/zeroshot/top1"] == pytest.approx(np.mean(hits), abs=1e-6)
     assert flat["val/zeroshot_top1"] == flat["heldout/zeroshot/top1"]
     assert flat["heldout/linear_probe/num_train"] == 40 and flat["heldout/linear_probe/num_samples"] == 40
+    # held-out retrieval R@1 = no other caption (image) strictly closer than the own one
+    pairs = hydra.utils.instantiate(cfg.data.train, split="heldout", size=40)
+    with torch.no_grad():
+        img = model.encode_image(torch.stack([x for x, _ in pairs]))
+        txt = model.encode_text(Tokenizer(32)([c for _, c in pairs]))
+    sim = (img @ txt.T).numpy()
+    own = np.diag(sim)
     assert flat["heldout_retrieval/retrieval/num_images"] == 40
+    assert flat["heldout_retrieval/retrieval/image_to_text_R@1"] == pytest.approx(
+        np.mean((sim > own[:, None]).sum(1) == 0), abs=1e-6)
+    assert flat["heldout_retrieval/retrieval/text_to_image_R@1"] == pytest.approx(
+        np.mean((sim > own[None, :]).sum(0) == 0), abs=1e-6)
     logged = (tmp_path / "run" / "logs" / "version_0" / "metrics.csv").read_text()
     assert "eval/heldout/zeroshot/top1" in logged and "eval/heldout/linear_probe/top1" in logged
     out = capsys.readouterr().out.strip().splitlines()
@@ -204,6 +215,13 @@ def test_wrong_task_for_dataset_kind(ckpt, tmp_path):
     cfg = compose_eval(f"ckpt_path={ckpt}", "eval_task=zeroshot", "eval_data=flickr30k",
                        tmp_path=tmp_path)
     with pytest.raises(ConfigError, match="eval_data.flickr30k is a retrieval dataset"):
+        evaluate(cfg)
+
+
+def test_held_out_evaluation_needs_a_data_config_with_a_held_out_set(ckpt, tmp_path):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("eval", overrides=[f"ckpt_path={ckpt}", f"output_dir={tmp_path}", "data=folder"])
+    with pytest.raises(ConfigError, match=r"eval_data.heldout.dataset is null"):
         evaluate(cfg)
 
 

@@ -66,6 +66,10 @@ def protocols_for(task: DictConfig, name: str, entry: DictConfig) -> list[str]:
 def build_split(name: str, entry: DictConfig, role: str):
     """``entry.dataset`` instantiated with the arguments of ``entry.splits.<role>``
     (``test``: the evaluated split; ``train``: what a linear probe trains on)."""
+    if entry.get("dataset") is None:
+        raise ConfigError(f"eval_data.{name}.dataset is null: the data config has no held-out "
+                          "set (data.zeroshot); choose one with one (data=shapes, data=digits) "
+                          "or other eval_data")
     splits = entry.get("splits") or {}
     if role not in splits:
         raise ConfigError(f"eval_data.{name}.splits has no {role!r} split"
