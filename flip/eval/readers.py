@@ -28,9 +28,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from flip.config import ConfigError
+from flip.data.images import IMAGE_EXTENSIONS, to_rgb
 from flip.eval import metadata
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".tif", ".tiff", ".gif")
 
 LAYOUTS = {
     "wds": "the CLIP_benchmark webdataset export: {root}/{split}/nshards.txt, {root}/{split}/0.tar … "
@@ -83,8 +82,10 @@ def not_found(name: str, root, formats: Sequence[str], split: str = "test", why:
 
 
 def load_image(file) -> Image.Image:
+    """The image as RGB, converted as training converts it (``flip.data.images.to_rgb``)."""
     with Image.open(file) as im:
-        return im.convert("RGB")
+        im.load()
+        return to_rgb(im)
 
 
 class ImageList(Dataset):
