@@ -257,7 +257,7 @@ def test_counts_reach_the_main_process_from_spawned_workers(tmp_path):
 
 def test_shared_stats_round_trip_every_field():
     stats = LoaderStats(samples=7, shards=3, skipped=Counter(corrupt_shard=2, empty_caption=1),
-                        converted=Counter(CMYK=2, P=1, RGBa=4))
+                        converted=Counter({"CMYK": 2, "P": 1, "RGBa": 4, "BGR;15": 3}))
     stats.skip("large_image", "x.tar 0001: " + "é" * 400)  # cut at EXAMPLE_BYTES, UTF-8 safe
     table = SharedStats(2)
     table.add(stats)
@@ -265,7 +265,7 @@ def test_shared_stats_round_trip_every_field():
     total = table.read()
     assert total.samples == 8 and total.shards == 3
     assert total.skipped == Counter(corrupt_shard=2, empty_caption=1, large_image=2)
-    assert total.converted == Counter(CMYK=2, P=1, RGBa=4)
+    assert total.converted == Counter(CMYK=2, P=1, RGBa=4, other=3)  # not in PIL's MODES
     assert total.examples["large_image"] == "x.tar 0001: " + "é" * 250  # 12 + 500 bytes
     with pytest.raises(ValueError, match=r"skip reasons \['typo'\] are not in"):
         table.add(LoaderStats(skipped=Counter(typo=1)))
