@@ -122,7 +122,8 @@ def write_fixture_shards(root: Path) -> str:
 def write_reader_shards(root: Path, n_shards: int = 4, good_per_shard: int = 8) -> str:
     """``n_shards`` shards, each ``good_per_shard`` (>= 2) good samples with 3 bad ones after
     the first (corrupt image, blank caption, no .txt) and a good sample last, so that a reader
-    owning one shard delivers every skip of a pass with the pass's last batch."""
+    owning one shard has reported every skip of a pass when it hands over the pass's last
+    batch."""
     root.mkdir(parents=True, exist_ok=True)
     for s in range(n_shards):
         items = [good(s, i) for i in range(good_per_shard)]
