@@ -43,10 +43,10 @@ READ_ONLY_BUILDERS = frozenset({
     "imagenet-a", "imagenet-r"})
 # builders that read the whole set whatever the split (a probe would train on the test set)
 UNSPLIT_BUILDERS = frozenset({"sun397", "eurosat", "caltech101"})
-# builders over a class-folder tree whose labels are its sorted folders: every class
-# folder must be there, or the labels shift silently
-CLASS_FOLDER_BUILDERS = frozenset({"imagenet1k-unverified", "imagenet_sketch", "imagenet-a",
-                                   "imagenet-r"})
+# builders over a class-folder tree whose labels are its sorted folders, and the WordNet ids
+# those folders must be (metadata.label_space): a missing or misnamed folder shifts labels
+CLASS_FOLDERS = {"imagenet1k-unverified": "imagenet", "imagenet_sketch": "imagenet",
+                 "imagenet-a": "imagenet_a", "imagenet-r": "imagenet_r"}
 
 
 def clip_benchmark_set(name: str, root, split: str, transform: Callable,
@@ -96,11 +96,19 @@ def _clip_benchmark_builder(name: str, builder: str, root: Path, split: str, tra
         raise ConfigError(f"eval_data {name}: {err}") from None
     except (RuntimeError, FileNotFoundError, OSError) as err:
         raise DatasetNotFound(name, root, layouts, str(err).strip().splitlines()[0]) from None
-    if builder in CLASS_FOLDER_BUILDERS and len(ds.class_to_idx) != len(ds.classes):
-        raise ConfigError(f"dataset {name}: {len(ds.class_to_idx)} class folders in {ds.root}, "
-                          f"but the {builder} label space has {len(ds.classes)} classes (labels "
-                          "are the sorted folders, so every class folder must be there)")
+    if builder in CLASS_FOLDERS:
+        _check_class_folders(name, ds.root, sorted(ds.class_to_idx), CLASS_FOLDERS[builder])
     return ds
+
+
+def _check_class_folders(name: str, folder, found: list[str], space: str) -> None:
+    want = list(metadata.label_space(space))
+    if found != want:
+        odd = sorted(set(found) - set(want))[:1] or sorted(set(want) - set(found))[:1]
+        raise ConfigError(
+            f"dataset {name}: the class folders of {folder} are not the {len(want)} WordNet ids "
+            f"of {space} ({len(found)} folders; first difference: {odd[0] if odd else 'order'}); "
+            "labels are the sorted folders, so every class folder must be there")
 
 
 class SingleCaptions(Dataset):
