@@ -8,6 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flip.checkpoint import load_checkpoint, load_weights, merge_model_config, model_config, model_state
 from flip.config import check_hardware, check_mask, per_device_batch
+from flip.console import quiet_console
 from flip.eval.zeroshot import format_zero_shot
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Pre-train, then evaluate held-out zero-shot accuracy; returns the final metrics."""
     check_mask(cfg)
     check_hardware(cfg.trainer.accelerator)
+    quiet_console(cfg.trainer.accelerator, cfg.get("verbose", False))
     L.seed_everything(cfg.seed, workers=True)
 
     ckpt = load_checkpoint(cfg.init_from) if cfg.init_from else None
@@ -75,7 +77,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
     if trainer.checkpoint_callback is not None:  # the final weights, whatever the interval
-        trainer.save_checkpoint(Path(trainer.checkpoint_callback.dirpath) / "last.ckpt")
+        trainer.save_checkpoint(Path(trainer.checkpoint_callback.dirpath) / "last.ckpt",
+                                weights_only=False)  # resumable: optimiser and loop state too
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if data.classnames:
         top1 = trainer.validate(module, datamodule=data, verbose=False)[0]["val/zeroshot_top1"]

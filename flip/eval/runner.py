@@ -22,6 +22,7 @@ from torch import nn
 
 from flip.checkpoint import build_model
 from flip.config import ConfigError, check_hardware
+from flip.console import quiet_console
 from flip.eval.datasets import class_names, prompt_templates
 from flip.eval.linear_probe import FeatureExtractor, LinearProbe
 from flip.eval.readers import DatasetNotFound
@@ -170,6 +171,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Run ``cfg.eval_task`` on every dataset of ``cfg.eval_data``; returns flat metrics
     ``<dataset>/<protocol>/<metric>`` (and ``val/zeroshot_top1`` for the held-out set)."""
     check_hardware(cfg.trainer.accelerator)
+    quiet_console(cfg.trainer.accelerator, cfg.get("verbose", False))
     L.seed_everything(cfg.seed, workers=True)
     if not cfg.get("eval_data"):
         raise ConfigError("eval_data is empty: choose datasets, e.g. eval_data=imagenet")
