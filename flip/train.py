@@ -4,6 +4,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from flip.checkpoint import load_checkpoint, load_weights, merge_model_config, model_config, model_state
@@ -85,4 +86,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics["val/zeroshot_top1"] = top1
         if trainer.is_global_zero:
             print(format_zero_shot(top1, len(data.classnames)))
+    if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+        logger.experiment.finish()  # the next job of a multirun starts its own W&B run
     return metrics

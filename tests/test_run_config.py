@@ -1,0 +1,92 @@
+"""Configs travel: every run logs its resolved config (CSV hparams.yaml, W&B config with
+group and tags), checkpoints carry the model config, and `init_from` reads the
+architecture from the checkpoint (a contradicting command-line override is an error)."""
+import subprocess
+import sys
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from flip.checkpoint import load_checkpoint, model_config
+from flip.config import ConfigError
+from flip.train import train
+from tests.conftest import CONF, FAST, compose_fast, compose_train
+
+NOT_MODEL = [o for o in FAST if not o.startswith("model.")]
+
+
+def test_csv_logger_gets_the_resolved_run_config(fast_cfg, tmp_path):
+    cfg = fast_cfg("logger=csv", "mask=0.75")
+    train(cfg)
+    (hparams,) = tmp_path.glob("logs/version_*/hparams.yaml")
+    logged = yaml.safe_load(hparams.read_text())
+    assert logged["mask"] == 0.75 and logged["batch"]["global"] == 16
+    assert logged["model"]["image"]["width"] == 32 and logged["model"]["image"]["mask_ratio"] == 0.75
+    assert logged["schedule"] == OmegaConf.to_container(cfg.schedule, resolve=True)
+
+
+def test_wandb_gets_config_group_and_tags(fast_cfg, monkeypatch):
+    """What the W&B run holds when train() finishes it (offline: nothing is sent)."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    seen = {}
+    finish = wandb.sdk.wandb_run.Run.finish
+
+    def capture(run, *args, **kwargs):
+        seen.update(config=dict(run.config), group=run.group, tags=tuple(run.tags))
+        return finish(run, *args, **kwargs)
+
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "finish", capture)
+    train(fast_cfg("logger=wandb", "group=table1a", "tags=[table1a,mask0.75]", "mask=0.75"))
+    assert seen["group"] == "table1a" and seen["tags"] == ("table1a", "mask0.75")
+    config = seen["config"]
+    assert config["mask"] == 0.75 and config["batch"]["global"] == 16
+    assert config["model"]["image"]["width"] == 32 and config["model"]["image"]["mask_ratio"] == 0.75
+
+
+def test_checkpoints_carry_the_resolved_model_config(fast_cfg, tmp_path):
+    cfg = fast_cfg()
+    train(cfg)
+    stored = model_config(load_checkpoint(tmp_path / "checkpoints" / "last.ckpt"))
+    assert stored == OmegaConf.to_container(cfg.model, resolve=True)
+    assert stored["image"]["image_size"] == 64 and stored["text"]["context_length"] == 32
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pre")
+    train(compose_fast(output_dir=out))
+    return out / "checkpoints" / "last.ckpt"
+
+
+def test_init_from_reads_the_architecture_from_the_checkpoint(pretrained, tmp_path):
+    # the default model group (tiny: width 128) is not named: the checkpoint's (32) is used
+    cfg = compose_train(*NOT_MODEL, "data.zeroshot.size=40", "experiment=unmasked_tuning",
+                        f"init_from={pretrained}", output_dir=tmp_path)
+    assert cfg.model.image.width == 128
+    train(cfg)
+    tuned = model_config(load_checkpoint(tmp_path / "checkpoints" / "last.ckpt"))
+    expected = model_config(load_checkpoint(pretrained))
+    expected["image"]["mask_ratio"] = 0.0  # run-time setting of the tuning run
+    assert tuned == expected
+
+
+def test_init_from_with_a_contradicting_override_names_both_values(pretrained, tmp_path):
+    out = subprocess.run(
+        [sys.executable, "train.py", *NOT_MODEL, f"init_from={pretrained}",
+         "model.image.width=64", f"output_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=300, cwd=CONF.parent)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"error: model.image.width=64 contradicts init_from={pretrained}, which was trained "
+        "with model.image.width=32; drop the override (the architecture is read from the "
+        "checkpoint)")
+
+
+def test_init_from_a_missing_file_is_one_sentence(tmp_path):
+    cfg = compose_fast(f"init_from={tmp_path / 'nope.ckpt'}", output_dir=tmp_path)
+    with pytest.raises(ConfigError, match="nope.ckpt does not exist"):
+        train(cfg)
