@@ -66,6 +66,21 @@ def measure(variant: str, args) -> dict:
     return {"variant": variant, "times": times, "peak_mib": peak / 1024}
 
 
+def run_variants(script: str, argv: list[str], variants, rounds: int) -> dict[str, list[dict]]:
+    """``script argv --variant v`` for every variant, each in a fresh process (its own
+    peak RSS), ``rounds`` times interleaved so that drifting load hits all alike; the
+    json line each child prints last, by variant."""
+    rows = {v: [] for v in variants}
+    for _ in range(rounds):
+        for variant in variants:
+            out = subprocess.run([sys.executable, script, *argv, "--variant", variant],
+                                 capture_output=True, text=True)
+            if out.returncode:
+                raise RuntimeError(f"variant {variant} failed:\n{out.stderr[-3000:]}")
+            rows[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny")
@@ -80,11 +95,8 @@ def main() -> None:
         print(json.dumps(measure(args.variant, args)))
         return
     results = {v: {"times": [], "peak_mib": []} for v in VARIANTS}
-    for _ in range(args.rounds):  # interleave variants so drifting load hits all alike
-        for variant in VARIANTS:
-            out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", variant],
-                                 capture_output=True, text=True, check=True)
-            row = json.loads(out.stdout.strip().splitlines()[-1])
+    for variant, rows in run_variants(__file__, sys.argv[1:], VARIANTS, args.rounds).items():
+        for row in rows:
             results[variant]["times"] += row["times"]
             results[variant]["peak_mib"].append(row["peak_mib"])
     print(f"model={args.model} batch={args.batch} micro={args.micro} mask={args.mask} "
