@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data._utils.pin_memory import pin_memory
 
+from flip.checkpoint import load_checkpoint
 from flip.config import ConfigError
 from flip.data.quality import DataError, DataQualityCallback, LoaderStats, SharedStats
 from flip.data.shards import (
@@ -325,7 +326,7 @@ def test_train_on_shards_logs_exact_skip_counts_and_resumes_them(tmp_path, caplo
 
     caplog.clear()  # resume at step 2: the counts continue, the stream is reseeded
     ckpt = tmp_path / "full" / "checkpoints" / "step00000002.ckpt"
-    assert torch.load(ckpt, weights_only=False)["ShardDataModule"] == {"batches_seen": 2}
+    assert load_checkpoint(ckpt)["ShardDataModule"] == {"batches_seen": 2}
     train(compose_fast(*common, f"ckpt_path={ckpt}", output_dir=tmp_path / "resumed"))
     # 3 batches read by step 2 (saved in the checkpoint), 3 more by the resumed run
     assert last_counts(tmp_path / "resumed") == expected(6)

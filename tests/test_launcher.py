@@ -11,12 +11,12 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationValidationError
 
+from flip.checkpoint import load_checkpoint
 from flip.train import train
 from tests.conftest import CONF, FAST, compose_fast
 
@@ -171,7 +171,7 @@ def test_local_submitit_sweep_runs_three_jobs(tmp_path):
         overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
         masks.append(yaml.safe_load((job / ".hydra" / "config.yaml").read_text())["mask"])
         assert f"mask={masks[-1]}" in overrides
-        ckpt = torch.load(job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(job / "checkpoints" / "last.ckpt")
         assert ckpt["global_step"] == 2  # 32 samples / 16 per step
     assert masks == [0, 0.5, 0.75]
     assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 3  # via submitit
@@ -233,7 +233,7 @@ def test_lightning_requeues_on_sigusr1_and_resumes(tmp_path, monkeypatch):
             train(compose_fast(probe, "+callbacks.probe.signal_at=2", output_dir=out))  # 4 steps
         assert EVENTS == [("start", 0), ("signal", 2)]
         assert record.read_text().split() == ["requeue", "4240_1"]
-        hpc = torch.load(out / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
+        hpc = load_checkpoint(out / "hpc_ckpt_1.ckpt")
         assert hpc["global_step"] == 2
         assert not (out / "hpc_ckpt_2.ckpt").exists()
 

@@ -4,8 +4,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
+from flip.checkpoint import load_checkpoint
 from flip.train import train
 from tests.conftest import CONF, FAST, compose_fast
 from tests.test_train import by_step, read_metrics
@@ -28,7 +28,7 @@ def test_signal_checkpoint_and_exact_resume(signum, tmp_path_factory):
     assert stop.returncode == 0, stop.stderr[-3000:]
     assert "held-out zero-shot" not in stop.stdout  # stopped, not finished
     ckpt = stop_dir / "checkpoints" / "last.ckpt"
-    assert torch.load(ckpt, weights_only=False)["global_step"] == 4
+    assert load_checkpoint(ckpt)["global_step"] == 4
 
     train(compose_fast(*COMMON, f"ckpt_path={ckpt}", output_dir=resumed_dir))
     full, resumed = read_metrics(full_dir), read_metrics(resumed_dir)
