@@ -83,20 +83,7 @@ class PretrainModule(L.LightningModule):
         world, rank = self.trainer.world_size, self.global_rank
         torch.manual_seed(self.hparams.seed + self.global_step * world + rank)
         micro = self.hparams.micro_batch or images.shape[0]
-        # never switch off an autocast the Trainer's precision turned on
-        bf16 = torch.autocast(self.device.type, torch.bfloat16) if self.hparams.bf16_autocast \
-            else nullcontext()
-        with bf16:
-            if micro >= images.shape[0]:  # the whole per-device batch fits: one pass
-                image_mask, text_mask = self.model.draw_masks(images.shape[0], images.device)
-                features = self.model.forward_features(images, tokens, image_mask, text_mask)
-                scale = self.model.scale()
-                loss, parts = self.objective(features, scale, images, tokens)
-                self.manual_backward(loss)
-            else:
-                loss, parts, scale = cached_backward(
-                    self.model, self.objective, images, tokens, micro, self.manual_backward,
-                    lambda: optimizer.toggle_model(sync_grad=False))
+        loss, parts, scale = self._backward(images, tokens, micro, optimizer)
         grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
             [p.grad for p in self.parameters() if p.grad is not None])))
         if not self._finite(loss, grad_norm):
@@ -113,6 +100,24 @@ class PretrainModule(L.LightningModule):
                           batch_size=images.shape[0])
         self.log("train/grad_norm", grad_norm, batch_size=images.shape[0])
         return loss
+
+    def _backward(self, images: torch.Tensor, tokens: torch.Tensor, micro: int, optimizer):
+        """Gradients of the objective on this rank's batch into ``.grad``: in one pass, or
+        by gradient caching over micro-batches. Returns (loss, its parts, logit scale)."""
+        # never switch off an autocast the Trainer's precision turned on
+        bf16 = torch.autocast(self.device.type, torch.bfloat16) if self.hparams.bf16_autocast \
+            else nullcontext()
+        with bf16:
+            if micro < images.shape[0]:
+                return cached_backward(self.model, self.objective, images, tokens, micro,
+                                       self.manual_backward,
+                                       lambda: optimizer.toggle_model(sync_grad=False))
+            image_mask, text_mask = self.model.draw_masks(images.shape[0], images.device)
+            features = self.model.forward_features(images, tokens, image_mask, text_mask)
+            scale = self.model.scale()
+            loss, parts = self.objective(features, scale, images, tokens)
+            self.manual_backward(loss)
+            return loss.detach(), parts, scale.detach()
 
     def _finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
         """False (step skipped, counted) or an error naming the step and the last
