@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from timm.layers import build_sincos2d_pos_embed
 from torch import nn
 
+from flip.masking import Mask
 from flip.models.clip import FLIP
 from flip.models.image_encoder import ImageEncoder
 from flip.models.text_encoder import PAD_ID, TextEncoder
@@ -375,3 +376,64 @@ def test_tiny_config_runs_on_cpu():
     assert torch.isfinite(img).all() and torch.isfinite(txt).all()
     torch.testing.assert_close(img.norm(dim=-1), torch.ones(2), atol=1e-5, rtol=0)
     assert scale.item() == pytest.approx(1 / 0.07, rel=1e-6)
+
+
+# ------------------------------------------------- token outputs and the shared mask spec
+
+
+def test_image_forward_features_returns_normed_tokens_and_the_kept_indices():
+    enc = _image_encoder(mask_ratio=0.75).train()
+    x = _images(2)
+    noise = torch.rand(2, enc.num_patches)
+    tokens, keep = enc.forward_features(x, Mask(0.75, noise))
+    k = enc.num_patches // 4
+    assert tokens.shape == (2, 1 + k, WIDTH)
+    assert torch.equal(keep, torch.argsort(noise, dim=1)[:, :k])
+    assert torch.equal(enc.forward_head(tokens), tokens.mean(1))  # avg over class + patches
+    assert torch.equal(enc(x, Mask(0.75, noise)), tokens.mean(1))
+    _, keep_all = enc.eval().forward_features(x)
+    assert keep_all is None  # eval: every patch, in order
+
+
+def test_text_forward_head_of_features_equals_forward():
+    enc = _text_encoder(pool="mean")
+    t = _tokens(3)
+    t[:, 20:] = 0  # padding
+    x, keep = enc.forward_features(t)
+    assert keep is None and x.shape == (3, CTX, TWIDTH)
+    torch.testing.assert_close(enc.forward_head(x, t), x[:, :20].mean(1))
+    assert torch.equal(enc(t), enc.forward_head(x, t))
+
+
+def test_text_masking_keeps_k_tokens_and_mean_pools_the_kept_non_padding_ones():
+    enc = _text_encoder(pool="mean", mask_ratio=0.5).train()
+    t = _tokens(2)
+    t[:, 24:] = 0
+    noise = torch.rand(2, CTX)
+    x, keep = enc.forward_features(t, Mask(0.5, noise))
+    assert x.shape == (2, CTX // 2, TWIDTH)
+    assert torch.equal(keep, torch.argsort(noise, dim=1)[:, :CTX // 2])
+    for b in range(2):  # by hand: the kept positions that are not padding
+        real = [i for i, pos in enumerate(keep[b].tolist()) if pos < 24]
+        torch.testing.assert_close(enc.forward_head(x, t, keep)[b], x[b, real].mean(0))
+
+
+def test_text_masking_with_first_token_pooling_is_refused():
+    with pytest.raises(ValueError, match="needs pool='mean'"):
+        _text_encoder(pool="first", mask_ratio=0.5)
+    with pytest.raises(ValueError, match="needs pool='mean'"):
+        _text_encoder(pool="first").forward_features(_tokens(1), Mask(0.25))
+
+
+def test_draw_masks_gives_replayable_noise_for_both_towers():
+    model = FLIP(_image_encoder(mask_ratio=0.5), _text_encoder(pool="mean", mask_ratio=0.25),
+                 embed_dim=16).train()
+    image_mask, text_mask = model.draw_masks(4, "cpu")
+    assert image_mask.ratio == 0.5 and image_mask.noise.shape == (4, model.visual.num_patches)
+    assert text_mask.ratio == 0.25 and text_mask.noise.shape == (4, CTX)
+    x, t = _images(4), _tokens(4)
+    full = model.forward_features(x, t, image_mask, text_mask)
+    part = model.forward_features(x[2:], t[2:], image_mask[2:], text_mask[2:])
+    torch.testing.assert_close(part.image, full.image[2:])  # the rows' own masks, replayed
+    torch.testing.assert_close(part.text, full.text[2:])
+    assert model.eval().draw_masks(4, "cpu") == (Mask(0.0), Mask(0.0))
