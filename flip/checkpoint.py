@@ -63,11 +63,13 @@ def model_config(ckpt: Mapping) -> dict | None:
 
 
 def model_state(ckpt: Mapping) -> dict[str, torch.Tensor]:
-    """The FLIP weights of a Lightning checkpoint (``model.`` prefix stripped) or of a
-    plain state dict."""
+    """The weights of a Lightning checkpoint with the model's ``model.`` prefix stripped —
+    tensors of other modules (e.g. ``objective.*``, a training-only decoder) keep their
+    full names, so that loading reports them as unused instead of dropping them
+    silently — or a plain state dict as it is."""
     state = ckpt.get("state_dict", ckpt)
     if any(k.startswith("model.") for k in state):
-        return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        return {k.removeprefix("model."): v for k, v in state.items()}
     return dict(state)
 
 
