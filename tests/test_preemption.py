@@ -14,13 +14,15 @@ COMMON = ["logger=csv", "trainer.log_every_n_steps=1", "schedule.total_samples=1
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", ["SIGTERM", "SIGUSR1"])
-def test_signal_checkpoint_and_exact_resume(signum, tmp_path_factory):
+@pytest.mark.parametrize("signum, micro", [("SIGTERM", None), ("SIGUSR1", None), ("SIGTERM", 4)],
+                         ids=["SIGTERM", "SIGUSR1", "SIGTERM-gradient-cached"])
+def test_signal_checkpoint_and_exact_resume(signum, micro, tmp_path_factory):
     full_dir, stop_dir, resumed_dir = (tmp_path_factory.mktemp(n) for n in ("full", "stop", "res"))
-    train(compose_fast(*COMMON, output_dir=full_dir))
+    common = [*COMMON, f"batch.micro={'null' if micro is None else micro}"]
+    train(compose_fast(*common, output_dir=full_dir))
 
     stop = subprocess.run(
-        [sys.executable, "train.py", *FAST, "data.zeroshot.size=40", *COMMON,
+        [sys.executable, "train.py", *FAST, "data.zeroshot.size=40", *common,
          f"output_dir={stop_dir}", f"hydra.run.dir={stop_dir}",
          "+callbacks.stop._target_=tests.signal_at_step.SignalAtStep", "+callbacks.stop.step=4",
          f"+callbacks.stop.signum={signum}"],
@@ -30,8 +32,9 @@ def test_signal_checkpoint_and_exact_resume(signum, tmp_path_factory):
     ckpt = stop_dir / "checkpoints" / "last.ckpt"
     assert load_checkpoint(ckpt)["global_step"] == 4
 
-    train(compose_fast(*COMMON, f"ckpt_path={ckpt}", output_dir=resumed_dir))
+    train(compose_fast(*common, f"ckpt_path={ckpt}", output_dir=resumed_dir))
     full, resumed = read_metrics(full_dir), read_metrics(resumed_dir)
+    assert by_step(resumed, "train/micro_batches")[4] == (1.0 if micro is None else 16 / micro)
     for key in ("train/loss", "train/lr", "train/samples_seen"):
         expected, actual = by_step(full, key), by_step(resumed, key)
         assert sorted(actual) == [4, 5, 6, 7], key
