@@ -73,8 +73,11 @@ def test_csv_pipeline(fast_cfg, tmp_path):
     rows.append("missing.png,never loaded")
     (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
     metrics = train(fast_cfg("data=csv", f"data.train.path={tmp_path / 'pairs.csv'}",
-                             "data.image_size=64"))
-    assert math.isfinite(metrics["train/loss"]) and "val/zeroshot_top1" not in metrics
+                             "data.image_size=64", "trainer.log_every_n_steps=1",
+                             "batch.global=4", "schedule.total_samples=20", "data.max_skip_rate=0.5"))
+    # 20 readable rows of 21: 5 steps of 4 (drop_last), the missing image skipped and counted
+    assert metrics["train/samples_seen"] == 20.0 and "val/zeroshot_top1" not in metrics
+    assert metrics["data/skipped_missing_image"] == 1.0
 
 
 def test_lr_schedule_is_scaled_warmed_up_and_cosine(fast_cfg, tmp_path):
