@@ -14,7 +14,7 @@ slower (wall and CPU time alike).
 
     python experiments/benchmark_precision.py --model tiny --batch 128 --micro 32 \\
         --threads 1 --repeats 5 --rounds 2 --out experiments/results/precision-tiny-cpu
-    python experiments/benchmark_precision.py --model vit_b16 --batch 16 --micro 4 \\
+    python experiments/benchmark_precision.py --model vit_b16 --batch 32 --micro 8 \\
         --threads 1 --repeats 1 --rounds 1 --out experiments/results/precision-vit_b16-cpu
 """
 import argparse

@@ -1,6 +1,6 @@
 """LightningDataModule pairing a training image-caption set with a zero-shot set.
 
-Datasets follow one protocol (see README "Data"): a training item is
+Datasets follow one protocol (see docs/data.md): a training item is
 ``(image (3, H, W) float, caption str)``; a zero-shot item is ``(image, label int)``
 and the zero-shot dataset carries ``classnames`` and ``templates``. Captions are
 tokenised here, in the collate function, with the batch tokenizer.
