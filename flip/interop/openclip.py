@@ -46,7 +46,6 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import OmegaConf
-from timm.layers import build_sincos2d_pos_embed
 
 from flip.checkpoint import (CheckpointError, load_checkpoint, load_weights, merge_model_config,
                              model_config, model_state, save_flip_checkpoint)
@@ -102,6 +101,11 @@ def openclip_config(model: FLIP) -> dict:
         "mlp_ratio": blk_t.mlp.fc1.out_features / t.width, "no_causal_mask": True,
         "pool_type": "first", "proj_bias": False, "pad_id": 0,
     }
+    for cfg, tower in ((vision, v), (text, t)):  # official-weight options (LayerNorm eps, GELU)
+        if tower.norm.eps != 1e-5:
+            cfg["norm_kwargs"] = {"eps": tower.norm.eps}
+        if tower.blocks[0].mlp.act.approximate != "none":
+            cfg["act_kwargs"] = {"approximate": tower.blocks[0].mlp.act.approximate}
     return {"embed_dim": embed, "quick_gelu": False, "vision_cfg": vision, "text_cfg": text}
 
 
@@ -203,7 +207,7 @@ def from_openclip_state_dict(state: dict[str, torch.Tensor], model: FLIP, atol: 
                            else f"{src}.resblocks.{i}.{theirs}.{p}")
                     inv[f"{tower}.{i}.{ours}.{p}"] = state[key]
     pos = state["visual.positional_embedding"]
-    sincos = build_sincos2d_pos_embed(list(v.patch_embed.grid_size), dim=v.width)
+    sincos = v.pos_embed[0].float().cpu()  # the model's fixed table (its channel layout)
     bias = (pos[1:] - sincos).mean(0)
     if (pos[1:] - sincos - bias).abs().max() > atol or pos[0].abs().max() > atol:
         raise NotExportable("this OpenCLIP model's position embedding is not FLIP's fixed sin-cos "

@@ -8,6 +8,11 @@ Differences from a classification ViT, following the paper and the official code
 - final LayerNorm, then global average pooling. The official code keeps a class
   token and includes it in the average (``class_token=True, pool="avg"``); the
   paper's reading without class token is ``class_token=False``.
+
+``sincos_layout`` orders the channels of the sin-cos table: ``timm`` (timm's
+``build_sincos2d_pos_embed``: [sin h | sin w | cos h | cos w]) or ``official`` (the official
+``posembed_util.get_2d_sincos_pos_embed``, as MAE: [sin w | cos w | sin h | cos h]). Same
+frequencies; only weights trained with one layout work with it.
 """
 from typing import Literal
 
@@ -33,21 +38,29 @@ class ImageEncoder(nn.Module):
         mask_ratio: float = 0.0,  # fraction of patches dropped in training
         drop_path: float = 0.0,
         grad_checkpointing: bool = False,  # activation checkpointing: memory for compute
+        norm_eps: float = 1e-5,  # LayerNorm epsilon (official Flax/t5x: 1e-6)
+        gelu_approximate: str = "none",  # "none" (erf) | "tanh" (official flax nn.gelu)
+        sincos_layout: Literal["timm", "official"] = "timm",  # channel order, see above
     ):
         super().__init__()
         if pool not in ("avg", "token"):
             raise ValueError(f"pool must be 'avg' or 'token', got {pool!r}")
         if pool == "token" and not class_token:
             raise ValueError("pool='token' needs class_token=True")
+        if sincos_layout not in ("timm", "official"):
+            raise ValueError(f"sincos_layout must be 'timm' or 'official', got {sincos_layout!r}")
         self.width, self.pool, self.mask_ratio = width, pool, mask_ratio
         self.grad_checkpointing = grad_checkpointing
         self.patch_embed = PatchEmbed(image_size, patch_size, 3, width)  # no norm layer
         grid = self.patch_embed.grid_size
         pos = build_sincos2d_pos_embed(list(grid), dim=width)  # (N, D), fixed
+        if sincos_layout == "official":  # quarters [sin h, sin w, cos h, cos w] -> w first
+            pos = pos.view(pos.shape[0], 4, width // 4)[:, [1, 3, 0, 2]].flatten(1)
         self.register_buffer("pos_embed", pos.unsqueeze(0), persistent=False)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if class_token else None
-        self.blocks = transformer_blocks(width, depth, heads, mlp_ratio, drop_path)
-        self.norm = nn.LayerNorm(width)
+        self.blocks = transformer_blocks(width, depth, heads, mlp_ratio, drop_path,
+                                         norm_eps, gelu_approximate)
+        self.norm = nn.LayerNorm(width, eps=norm_eps)
         self._init_weights()
 
     @property

@@ -31,6 +31,8 @@ class TextEncoder(nn.Module):
         pool: Literal["first", "mean"] = "first",
         mask_ratio: float = 0.0,  # fraction of tokens dropped in training (needs pool="mean")
         grad_checkpointing: bool = False,  # activation checkpointing: memory for compute
+        norm_eps: float = 1e-5,  # LayerNorm epsilon (official Flax/t5x: 1e-6)
+        gelu_approximate: str = "none",  # "none" (erf) | "tanh" (official flax nn.gelu)
     ):
         super().__init__()
         if pool not in ("first", "mean"):
@@ -41,8 +43,9 @@ class TextEncoder(nn.Module):
         self.grad_checkpointing = grad_checkpointing
         self.token_embed = nn.Embedding(vocab_size, width)
         self.pos_embed = nn.Parameter(torch.zeros(1, context_length, width))
-        self.blocks = transformer_blocks(width, depth, heads, mlp_ratio)
-        self.norm = nn.LayerNorm(width)
+        self.blocks = transformer_blocks(width, depth, heads, mlp_ratio,
+                                         norm_eps=norm_eps, gelu_approximate=gelu_approximate)
+        self.norm = nn.LayerNorm(width, eps=norm_eps)
         nn.init.normal_(self.token_embed.weight, std=0.02)
         nn.init.normal_(self.pos_embed, std=0.01)
 
