@@ -4,6 +4,8 @@ from typing import Callable, TypeVar
 import torch
 from omegaconf import DictConfig
 
+from flip.masking import KINDS
+
 T = TypeVar("T")
 
 
@@ -28,6 +30,19 @@ def check_mask(cfg: DictConfig) -> None:
         raise ConfigError(
             f"mask={mask!r} is invalid: the image masking ratio must be a number in [0, 1) "
             "(e.g. mask=0, mask=0.5, mask=0.75)")
+
+
+def check_text_mask(cfg: DictConfig) -> None:
+    """model.text.mask_ratio in [0, 1) and model.text.mask_kind one of the Table 1c kinds."""
+    text = cfg.model.text
+    ratio, kind = text.get("mask_ratio", 0.0), text.get("mask_kind", "random")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+        raise ConfigError(
+            f"model.text.mask_ratio={ratio!r} is invalid: the text masking ratio must be a "
+            "number in [0, 1) (e.g. model.text.mask_ratio=0.5 keeps 16 of 32 tokens)")
+    if kind not in KINDS:
+        raise ConfigError(f"model.text.mask_kind={kind!r} is invalid: use one of "
+                          f"{', '.join(KINDS)}")
 
 
 def per_device_batch(cfg: DictConfig, world_size: int) -> int:

@@ -4,16 +4,26 @@ Per sample: draw uniform noise over the N tokens, argsort it, keep the first
 ``k = int(N * (1 - ratio))``. ``k`` depends only on ``N`` and the ratio, never on the
 data, so shapes are static (XLA and ``torch.compile`` see one graph).
 
-A :class:`Mask` says what one forward pass of one tower drops: the ratio and, to replay
-a mask exactly (gradient caching re-runs a micro-batch), the noise that drew it. The
-FLIP model draws one per tower for a whole batch (``FLIP.draw_masks``); slicing a mask
-by batch rows gives the micro-batch's part.
+A :class:`Mask` says what one forward pass of one tower drops: the ratio, the kind and,
+to replay a mask exactly (gradient caching re-runs a micro-batch), the noise that drew
+it. The FLIP model draws one per tower for a whole batch (``FLIP.draw_masks``); slicing
+a mask by batch rows gives the micro-batch's part.
+
+Kinds (paper Table 1c; images use ``random`` only):
+- ``random``: the k tokens of lowest noise;
+- ``prioritized``: the same with a bias added to the noise (the official code's
+  ``random_mask(rng, x, ratio, bias)``: small is kept, large is removed): the text
+  encoder gives padding tokens +1, so they are dropped before any real token;
+- ``truncate``: the first k tokens (no noise).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+
+KINDS = ("random", "prioritized", "truncate")
 
 
 def num_visible(num_tokens: int, ratio: float) -> int:
@@ -29,30 +39,53 @@ class Mask:
 
     ratio: fraction of tokens dropped; 0 keeps every token in order.
     noise: (B, N) uniform noise; the same noise gives the same mask. None: drawn afresh.
+    kind: which tokens are kept (``KINDS``, see the module docstring).
     """
 
     ratio: float = 0.0
     noise: torch.Tensor | None = None
+    kind: str = "random"
 
     def __post_init__(self) -> None:
         num_visible(1, self.ratio)  # validates the ratio
+        if self.kind not in KINDS:
+            raise ValueError(f"mask kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
 
     def __getitem__(self, rows) -> Mask:
         """The mask of a subset of the batch (e.g. ``mask[0:32]`` for a micro-batch)."""
-        return self if self.noise is None else Mask(self.ratio, self.noise[rows])
+        return self if self.noise is None else Mask(self.ratio, self.noise[rows], self.kind)
 
     def drawn(self, batch: int, num_tokens: int, device: torch.device | str) -> Mask:
-        """This mask with its noise drawn now (a no-op at ratio 0 or when already drawn)."""
-        if self.ratio == 0 or self.noise is not None:
+        """This mask with its noise drawn now (a no-op at ratio 0, for truncation or
+        when already drawn)."""
+        if self.ratio == 0 or self.kind == "truncate" or self.noise is not None:
             return self
-        return Mask(self.ratio, torch.rand(batch, num_tokens, device=device))
+        return Mask(self.ratio, torch.rand(batch, num_tokens, device=device), self.kind)
 
-    def apply(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def apply(self, x: torch.Tensor, bias: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (B, N, D) -> the kept tokens (B, k, D) and their indices (B, k) into N;
-        (x, None) at ratio 0."""
+        (x, None) at ratio 0.
+
+        bias: (B, N) added to the noise (small is kept); ``prioritized`` needs it (its
+        padding bias), ``truncate`` ignores it.
+        """
         if self.ratio == 0:
             return x, None
-        return random_masking(x, self.ratio, self.noise)
+        if self.kind == "truncate":
+            B, N, D = x.shape
+            k = num_visible(N, self.ratio)
+            keep = torch.arange(k, device=x.device).expand(B, k)  # (B, k) the prefix
+            return x[:, :k], keep
+        if self.kind == "prioritized" and bias is None:
+            raise ValueError("prioritized masking needs the padding bias of the tokens "
+                             "(the text encoder gives it)")
+        noise = self.noise
+        if bias is not None:
+            if noise is None:
+                noise = torch.rand(bias.shape, device=x.device)
+            noise = noise + bias
+        return random_masking(x, self.ratio, noise)
 
 
 def random_masking(

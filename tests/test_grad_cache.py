@@ -195,3 +195,30 @@ def test_lightning_ddp_two_processes_equals_one_shot(tmp_path):
         assert_same_grads(rank["grads"], {"model." + k: v for k, v in grads(model).items()})
     mean_loss = (ranks[0]["loss"] + ranks[1]["loss"]) / 2  # DDP's average of local losses
     torch.testing.assert_close(mean_loss, loss, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["random", "prioritized", "truncate"])
+def test_cached_equals_one_shot_with_text_masking(kind):
+    """Text masking on (half of the 8 tokens kept): the replay reuses each sample's text
+    mask, so loss and gradients equal the one-shot batch drawn with the same noise."""
+    def model() -> FLIP:
+        flip = tiny_flip()
+        flip.text.mask_ratio, flip.text.mask_kind = 0.5, kind
+        return flip
+
+    images, tokens = batch()
+    tokens[::2, 3:] = 0  # half the captions padded after 3 tokens: prioritized drops those
+    reference, cached = model(), model()
+    torch.manual_seed(7)  # the order draw_masks draws in: image noise, then text noise
+    image_noise = torch.rand(B, reference.visual.num_patches)
+    text_noise = None if kind == "truncate" else torch.rand(B, 8)
+    features = reference.forward_features(images, tokens, Mask(0.5, image_noise.double()),
+                                          Mask(0.5, text_noise, kind))
+    assert features.text_keep.shape == (B, 4)
+    expected_loss = contrastive_loss(features.image, features.text, reference.scale())
+    expected_loss.backward()
+    contrastive_only = objective()  # seeds its own generator: before the masks' seed
+    torch.manual_seed(7)
+    loss, _, _ = cached_backward(cached, contrastive_only, images, tokens, 2)
+    torch.testing.assert_close(loss, expected_loss.detach(), rtol=1e-10, atol=0)
+    assert_same_grads(grads(cached), grads(reference))

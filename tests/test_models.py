@@ -418,11 +418,19 @@ def test_text_masking_keeps_k_tokens_and_mean_pools_the_kept_non_padding_ones():
         torch.testing.assert_close(enc.forward_head(x, t, keep)[b], x[b, real].mean(0))
 
 
-def test_text_masking_with_first_token_pooling_is_refused():
-    with pytest.raises(ValueError, match="needs pool='mean'"):
-        _text_encoder(pool="first", mask_ratio=0.5)
-    with pytest.raises(ValueError, match="needs pool='mean'"):
-        _text_encoder(pool="first").forward_features(_tokens(1), Mask(0.25))
+@pytest.mark.parametrize("kind", ["random", "prioritized"])
+def test_text_masking_with_first_token_pooling_keeps_position_0_first(kind):
+    """pool='first' pins position 0 (noise - 1): it is kept and pooled, the other k - 1
+    kept positions are the lowest-noise ones among positions 1.."""
+    enc = _text_encoder(pool="first", mask_ratio=0.5, mask_kind=kind).train()
+    t = _tokens(3)
+    noise = torch.rand(3, CTX, generator=torch.Generator().manual_seed(4))
+    x, keep = enc.forward_features(t, Mask(0.5, noise, kind))
+    assert keep.shape == (3, CTX // 2) and (keep[:, 0] == 0).all()
+    for b in range(3):  # no padding here: prioritized draws like random
+        rest = sorted(range(1, CTX), key=lambda i: noise[b, i].item())[:CTX // 2 - 1]
+        assert keep[b, 1:].tolist() == rest
+    torch.testing.assert_close(enc.forward_head(x, t, keep), x[:, 0])
 
 
 def test_draw_masks_gives_replayable_noise_for_both_towers():

@@ -39,6 +39,13 @@ def no_decay_names(module: nn.Module) -> set[str]:
             if n.endswith(".bias") or n in norms or "pos_embed" in n}
 
 
+def _patch_mask(mask: Mask | None) -> Mask | None:
+    """Images are masked at random only (the kinds of Table 1c are for text)."""
+    if mask is not None and mask.kind != "random":
+        raise ValueError(f"image masking is random only; mask kind {mask.kind!r} is for text")
+    return mask
+
+
 class FLIP(nn.Module):
     def __init__(
         self,
@@ -72,7 +79,7 @@ class FLIP(nn.Module):
         """The (image, text) masks of a training batch at the configured ratios, noise
         drawn now so that any part of the batch can be re-run with the same mask."""
         image = Mask(self.visual.mask_ratio if self.training else 0.0)
-        text = Mask(self.text.mask_ratio if self.training else 0.0)
+        text = Mask(self.text.mask_ratio if self.training else 0.0, kind=self.text.mask_kind)
         return (image.drawn(batch, self.visual.num_patches, device),
                 text.drawn(batch, self.text.num_tokens, device))
 
@@ -80,7 +87,7 @@ class FLIP(nn.Module):
         self, images: torch.Tensor, tokens: torch.Tensor,
         image_mask: Mask | None = None, text_mask: Mask | None = None,
     ) -> Features:
-        image_tokens, image_keep = self.visual.forward_features(images, image_mask)
+        image_tokens, image_keep = self.visual.forward_features(images, _patch_mask(image_mask))
         text_tokens, text_keep = self.text.forward_features(tokens, text_mask)
         image = self.image_proj(self.visual.forward_head(image_tokens))
         text = self.text_proj(self.text.forward_head(text_tokens, tokens, text_keep))
@@ -89,7 +96,7 @@ class FLIP(nn.Module):
 
     def encode_image(self, images: torch.Tensor, mask: Mask | None = None,
                      normalize: bool = True) -> torch.Tensor:
-        x = self.image_proj(self.visual(images, mask))
+        x = self.image_proj(self.visual(images, _patch_mask(mask)))
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, tokens: torch.Tensor, mask: Mask | None = None,

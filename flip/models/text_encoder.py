@@ -4,16 +4,25 @@ As in the official code: learned position embedding, no causal mask and no paddi
 mask (every token attends to every token), final LayerNorm, and the first token's
 output as the sentence feature. ``pool="mean"`` averages non-padding tokens instead.
 
-Text masking takes the same ``Mask`` as the image tower (random tokens kept after the
-position embedding). First-token pooling is not defined on a masked sequence (position 0
-may be dropped), so masking needs ``pool="mean"``.
+Text masking (paper Table 1c; the official JAX code raises ``NotImplementedError`` for
+it, this goes beyond it) takes the same ``Mask`` as the image tower, after the position
+embedding: ``k = int(L (1 - ratio))`` tokens are encoded (50 % of 32 -> a 16-token
+sequence), chosen by ``mask_kind``:
+- ``random``: k random positions;
+- ``prioritized``: padding is dropped first (noise + 1 on [PAD]), then random among the
+  real tokens: with at least k real tokens no padding is kept, with fewer all are kept;
+- ``truncate``: the first k positions.
+Pooling under masking: with ``pool="first"`` position 0 is always kept and comes first
+(its noise is pinned below every other: bias -1), so the pooled token is the same
+position as without masking; ``random``/``prioritized`` draw the other k - 1 among the
+rest. With ``pool="mean"`` all k are drawn and the kept non-padding tokens are averaged.
 """
 from typing import Literal
 
 import torch
 from torch import nn
 
-from flip.masking import Mask
+from flip.masking import KINDS, Mask
 from flip.models.transformer import run_blocks, transformer_blocks
 
 PAD_ID = 0  # [PAD] in the BERT vocabulary
@@ -29,7 +38,8 @@ class TextEncoder(nn.Module):
         heads: int = 8,
         mlp_ratio: float = 4.0,
         pool: Literal["first", "mean"] = "first",
-        mask_ratio: float = 0.0,  # fraction of tokens dropped in training (needs pool="mean")
+        mask_ratio: float = 0.0,  # fraction of tokens dropped in training
+        mask_kind: str = "random",  # random | prioritized (padding first) | truncate
         grad_checkpointing: bool = False,  # activation checkpointing: memory for compute
         norm_eps: float = 1e-5,  # LayerNorm epsilon (official Flax/t5x: 1e-6)
         gelu_approximate: str = "none",  # "none" (erf) | "tanh" (official flax nn.gelu)
@@ -38,8 +48,9 @@ class TextEncoder(nn.Module):
         if pool not in ("first", "mean"):
             raise ValueError(f"pool must be 'first' or 'mean', got {pool!r}")
         self.width, self.pool, self.context_length = width, pool, context_length
-        self.mask_ratio = Mask(mask_ratio).ratio
-        self._check_pool(self.mask_ratio)
+        if mask_kind not in KINDS:
+            raise ValueError(f"mask_kind must be one of {', '.join(KINDS)}, got {mask_kind!r}")
+        self.mask_ratio, self.mask_kind = Mask(mask_ratio).ratio, mask_kind
         self.grad_checkpointing = grad_checkpointing
         self.token_embed = nn.Embedding(vocab_size, width)
         self.pos_embed = nn.Parameter(torch.zeros(1, context_length, width))
@@ -49,10 +60,15 @@ class TextEncoder(nn.Module):
         nn.init.normal_(self.token_embed.weight, std=0.02)
         nn.init.normal_(self.pos_embed, std=0.01)
 
-    def _check_pool(self, ratio: float) -> None:
-        if ratio > 0 and self.pool == "first":
-            raise ValueError(f"text masking (ratio {ratio}) needs pool='mean': the first "
-                             "token may be masked out")
+    def mask_bias(self, tokens: torch.Tensor, kind: str) -> torch.Tensor:
+        """(B, L) bias added to the mask noise in [0, 1) (small is kept): +1 on padding
+        for ``prioritized`` (dropped before any real token), and position 0 pinned to -1
+        when it is the pooled token (kept, and first among the kept)."""
+        bias = (tokens == PAD_ID).float() if kind == "prioritized" else \
+            torch.zeros(tokens.shape, device=tokens.device)
+        if self.pool == "first":
+            bias[:, 0] = -1.0
+        return bias
 
     @property
     def num_tokens(self) -> int:
@@ -68,10 +84,10 @@ class TextEncoder(nn.Module):
                 f"expected {self.context_length} tokens per caption, got {tokens.shape[1]}"
             )
         if mask is None:
-            mask = Mask(self.mask_ratio if self.training else 0.0)
-        self._check_pool(mask.ratio)
+            mask = Mask(self.mask_ratio if self.training else 0.0, kind=self.mask_kind)
         x = self.token_embed(tokens) + self.pos_embed  # (B, L, D)
-        x, keep = mask.apply(x)  # (B, k, D)
+        bias = self.mask_bias(tokens, mask.kind) if mask.ratio > 0 else None
+        x, keep = mask.apply(x, bias)  # (B, k, D)
         return self.norm(run_blocks(self.blocks, x, self.grad_checkpointing)), keep
 
     def forward_head(self, x: torch.Tensor, tokens: torch.Tensor,
