@@ -3,6 +3,8 @@
 results.json + results.md, and its numbers equal an independent computation with the
 same weights (a plain loop over encode_image / encode_text and an argmax)."""
 import json
+import subprocess
+import sys
 
 import hydra
 import numpy as np
@@ -17,6 +19,7 @@ from flip.data.transforms import eval_transform
 from flip.eval import metadata
 from flip.eval.runner import evaluate
 from flip.eval.zeroshot import build_zero_shot_classifier
+from flip.masking import Mask
 from flip.tokenizer import Tokenizer
 from tests import eval_fixtures as fx
 from tests.conftest import CONF, FAST
@@ -225,11 +228,76 @@ def test_held_out_evaluation_needs_a_data_config_with_a_held_out_set(ckpt, tmp_p
         evaluate(cfg)
 
 
-def test_masked_inference_is_refused(ckpt, tmp_path):
+def _view_noise(index: int, seed: int = 0) -> torch.Tensor:
+    """The documented masked-inference noise of sample ``index`` (64 patches)."""
+    return torch.tensor(np.random.default_rng([seed, index]).random(64), dtype=torch.float32)
+
+
+def test_masked_inference_zero_shot_on_the_held_out_set(ckpt, tmp_path):
+    """eval.py mask=0.5: each held-out image encoded with 32 of its 64 patches, sample i's
+    patches drawn from its documented noise; the command line gives the same number."""
     cfg = compose_eval(f"ckpt_path={ckpt}", "mask=0.5", tmp_path=tmp_path)
-    with pytest.raises(ConfigError, match=r"masked inference is not available yet: evaluation "
-                                          r"sees every patch; remove mask=…"):
-        evaluate(cfg)
+    flat = evaluate(cfg)
+    heldout = hydra.utils.instantiate(cfg.data.zeroshot)
+    model = build_model(ckpt)
+    with torch.no_grad():
+        W = build_zero_shot_classifier(model.encode_text, Tokenizer(32), heldout.classnames,
+                                       heldout.templates)
+        masked = torch.cat([model.encode_image(x[None], Mask(0.5, _view_noise(i)[None]))
+                            for i, (x, _) in enumerate(heldout)])
+        plain = model.encode_image(torch.stack([x for x, _ in heldout]))
+    labels = np.array([y for _, y in heldout])
+    assert not torch.allclose(masked, plain, atol=1e-3)  # masking changed the embeddings
+    top1 = np.mean((masked @ W.T).argmax(1).numpy() == labels)
+    assert flat["heldout/zeroshot/top1"] == pytest.approx(top1, abs=1e-6)
+    record = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert (record["mask"], record["masked_views"]) == (0.5, "single")
+    out = subprocess.run([sys.executable, "eval.py", f"ckpt_path={ckpt}", "mask=0.5", *QUIET,
+                          f"hydra.run.dir={tmp_path / 'cli'}"], cwd=CONF.parent,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    cli = json.loads((tmp_path / "cli" / "results.json").read_text())["results"][0]
+    assert cli["value"] == pytest.approx(top1, abs=1e-6)
+
+
+def test_ensemble_of_complementary_views_in_retrieval(ckpt, tmp_path):
+    """mask=0.75 masked_views=ensemble: 4 views of 16 patches, the chunks of one permutation
+    per image, their normalised embeddings averaged and normalised."""
+    cfg = compose_eval(f"ckpt_path={ckpt}", "eval_task=retrieval", "eval_data=heldout_retrieval",
+                       "mask=0.75", "masked_views=ensemble", tmp_path=tmp_path)
+    flat = evaluate(cfg)
+    pairs = hydra.utils.instantiate(cfg.data.train, split="heldout", size=40)
+    model = build_model(ckpt)
+    images = []
+    with torch.no_grad():
+        for i, (x, _) in enumerate(pairs):
+            perm = torch.argsort(_view_noise(i))
+            views = []
+            for v in range(4):  # keep exactly chunk v: noise 0 there, 1 elsewhere
+                noise = torch.ones(1, 64).scatter(1, perm[None, 16 * v:16 * (v + 1)], 0.0)
+                views.append(model.encode_image(x[None], Mask(0.75, noise)))
+            images.append(torch.nn.functional.normalize(torch.cat(views).mean(0), dim=-1))
+        img = torch.stack(images)
+        txt = model.encode_text(Tokenizer(32)([c for _, c in pairs]))
+    sim = (img @ txt.T).numpy()
+    own = np.diag(sim)
+    assert flat["heldout_retrieval/retrieval/image_to_text_R@1"] == pytest.approx(
+        np.mean((sim > own[:, None]).sum(1) == 0), abs=1e-6)
+    assert flat["heldout_retrieval/retrieval/text_to_image_R@1"] == pytest.approx(
+        np.mean((sim > own[None, :]).sum(0) == 0), abs=1e-6)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["mask=0.3", "masked_views=ensemble"], r"masked_views=ensemble at mask=0.3 keeps k=44 of "
+                                            r"the model's 64 patches and 44 does not divide 64"),
+    (["mask=0.5", "eval_task=suite"], r"mask=0.5 masked_views=single applies to zero-shot and "
+                                      r"retrieval only, but eval_data.heldout runs a linear probe"),
+    (["masked_views=all"], r"masked_views='all' is invalid: use one of single, ensemble"),
+    (["mask=1.0"], r"mask=1.0 is invalid"),
+])
+def test_bad_masked_inference_is_one_sentence(ckpt, tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        evaluate(compose_eval(f"ckpt_path={ckpt}", *overrides, tmp_path=tmp_path))
 
 
 def test_explicit_model_and_image_size_are_checked_against_the_checkpoint(ckpt, tmp_path):

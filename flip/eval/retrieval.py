@@ -4,6 +4,8 @@ Every image and every caption is embedded once (normalised), gathered from all p
 then ranked by cosine similarity: ``image_to_text_R@k`` (text retrieval: an image is a hit
 when any of its captions is among the k nearest texts) and ``text_to_image_R@k`` (image
 retrieval: a caption is a hit when its image is among the k nearest images).
+``mask``, ``masked_views``, ``mask_seed``: masked inference on the images
+(``flip.eval.masked_views``); 0 = every patch.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from flip.eval.masked_views import encode_image_views
 from flip.eval.metrics import Collect, dedupe_by_index, retrieval_recall
 from flip.eval.module import EvalModule
 
@@ -19,9 +22,11 @@ MAX_CAPTIONS = 1000  # caption slots per image in the text ordering key (index *
 
 class ZeroShotRetrieval(EvalModule):
     def __init__(self, model, dataset, tokenizer, ks: Sequence[int] = (1, 5, 10),
-                 batch_size: int = 256, num_workers: int = 0):
+                 batch_size: int = 256, num_workers: int = 0, mask: float = 0.0,
+                 masked_views: str = "single", mask_seed: int = 0):
         super().__init__(model, dataset, batch_size, num_workers)
         self.tokenizer, self.ks = tokenizer, list(ks)
+        self.mask, self.masked_views, self.mask_seed = mask, masked_views, mask_seed
         self.images = Collect("index", "emb")
         self.texts = Collect("key", "emb")
 
@@ -39,7 +44,9 @@ class ZeroShotRetrieval(EvalModule):
 
     def test_step(self, batch, batch_idx):
         index, images, keys, tokens = batch
-        self.images.update(index=index, emb=self.model.encode_image(images).float())
+        image = encode_image_views(self.model, images, index, self.mask, self.masked_views,
+                                   self.mask_seed)
+        self.images.update(index=index, emb=image.float())
         self.texts.update(key=keys, emb=self.model.encode_text(tokens).float())
 
     def on_test_epoch_end(self) -> None:

@@ -21,10 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from flip.checkpoint import build_model
-from flip.config import ConfigError, check_hardware
+from flip.config import ConfigError, check_hardware, check_mask
 from flip.console import quiet_console
 from flip.eval.datasets import class_names, prompt_templates
 from flip.eval.linear_probe import FeatureExtractor, LinearProbe
+from flip.eval.masked_views import VIEWS, num_views
 from flip.eval.readers import DatasetNotFound
 from flip.eval.retrieval import ZeroShotRetrieval
 from flip.eval.zeroshot import ZeroShotClassification, format_zero_shot
@@ -38,9 +39,6 @@ HELDOUT = "heldout"  # the eval_data entry whose zero-shot top-1 is also reporte
 def load_model(cfg: DictConfig) -> nn.Module:
     """The checkpoint's model; sets ``cfg.image_size`` to its input size (an explicit
     ``image_size`` must agree with the checkpoint)."""
-    if cfg.mask != 0:
-        raise ConfigError(f"mask={cfg.mask}: masked inference is not available yet: evaluation "
-                          "sees every patch; remove mask=…")
     override = OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") else None
     model = build_model(cfg.ckpt_path, override)
     size = model.visual.patch_embed.img_size[0]
@@ -49,6 +47,25 @@ def load_model(cfg: DictConfig) -> nn.Module:
                           f"takes image.image_size={size}; drop image_size=…")
     cfg.image_size = size
     return model
+
+
+def check_masked_inference(cfg: DictConfig, model: nn.Module) -> None:
+    """``mask`` in [0, 1), ``masked_views`` known (an ensemble's views must tile the
+    patches), and no linear probe asked for with them (its features see every patch)."""
+    check_mask(cfg)
+    if cfg.masked_views not in VIEWS:
+        raise ConfigError(f"masked_views={cfg.masked_views!r} is invalid: use one of "
+                          f"{', '.join(VIEWS)}")
+    if cfg.masked_views == "ensemble":
+        num_views(model.visual.num_patches, cfg.mask)
+    if cfg.mask == 0 and cfg.masked_views == "single":
+        return
+    probed = [n for n, e in cfg.eval_data.items()
+              if "linear_probe" in protocols_for(cfg.eval_task, n, e)]
+    if probed:
+        raise ConfigError(f"mask={cfg.mask} masked_views={cfg.masked_views} applies to zero-shot "
+                          f"and retrieval only, but eval_data.{probed[0]} runs a linear probe, "
+                          "whose features see every patch; evaluate it without mask=…")
 
 
 def protocols_for(task: DictConfig, name: str, entry: DictConfig) -> list[str]:
@@ -99,7 +116,8 @@ def run_zeroshot(name, entry, model, cfg, trainer, classifiers) -> dict[str, flo
         model, ds, classnames, templates, Tokenizer(model.text.context_length),
         getattr(ds, "groups", None), pmsets=getattr(ds, "pmsets", None),
         pm_offsets=getattr(ds, "pm_offsets", None), pm_names=list(pm), pm_ks=list(pm.values()),
-        classifier=classifiers.get(key), batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+        classifier=classifiers.get(key), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+        mask=cfg.mask, masked_views=cfg.masked_views, mask_seed=cfg.seed)
     trainer.test(module, verbose=False)
     classifiers[key] = module.classifier
     return module.results
@@ -108,7 +126,8 @@ def run_zeroshot(name, entry, model, cfg, trainer, classifiers) -> dict[str, flo
 def run_retrieval(name, entry, model, cfg, trainer, classifiers) -> dict[str, float]:
     module = ZeroShotRetrieval(model, build_split(name, entry, "test"),
                                Tokenizer(model.text.context_length), ks=list(cfg.retrieval.ks),
-                               batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+                               batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                               mask=cfg.mask, masked_views=cfg.masked_views, mask_seed=cfg.seed)
     trainer.test(module, verbose=False)
     return module.results
 
@@ -176,6 +195,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if not cfg.get("eval_data"):
         raise ConfigError("eval_data is empty: choose datasets, e.g. eval_data=imagenet")
     model = load_model(cfg)
+    check_masked_inference(cfg, model)
     trainer = _trainer(cfg, use_distributed_sampler=False)
     rows, flat, classifiers = [], {}, {}
     for name, entry in cfg.eval_data.items():
@@ -227,7 +247,8 @@ def write_results(cfg: DictConfig, rows: list[dict]) -> None:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     record = {"ckpt_path": str(cfg.ckpt_path), "eval_task": cfg.eval_task.name,
-              "image_size": cfg.image_size, "results": rows}
+              "image_size": cfg.image_size, "mask": cfg.mask, "masked_views": cfg.masked_views,
+              "results": rows}
     (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / "results.md").write_text(
         f"# Evaluation of {cfg.ckpt_path}\n\n{format_table(rows)}\n")

@@ -13,6 +13,9 @@ chosen by its ``eval_data`` entry): ``top1``, ``top5`` (more than 5 classes),
 (2 classes; score = logit of class 1 minus class 0), ``mean_top1_top5``; for multi-hot
 labels ``map_11pt`` (VOC2007) and ``top1`` = the top class is one of the true ones; for
 frame sets (``pmsets``) ``pm0`` and ``pm<k>``.
+
+``mask``, ``masked_views``, ``mask_seed``: masked inference on the images
+(``flip.eval.masked_views``); 0 = every patch.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy, MulticlassStatScores
 
+from flip.eval.masked_views import encode_image_views
 from flip.eval.metrics import Collect, dedupe_by_index, mean_average_precision_11pt, pm_k
 from flip.eval.module import EvalModule, first_item
 
@@ -69,8 +73,10 @@ class ZeroShotClassification(EvalModule):
                  pmsets: dict | None = None, pm_offsets: dict | None = None,
                  pm_ks: Sequence[int | None] = (0, None), pm_names: Sequence[str] = ("pm0", "pm10"),
                  classifier: torch.Tensor | None = None, classes_per_batch: int = 32,
-                 batch_size: int = 256, num_workers: int = 0):
+                 batch_size: int = 256, num_workers: int = 0, mask: float = 0.0,
+                 masked_views: str = "single", mask_seed: int = 0):
         super().__init__(model, dataset, batch_size, num_workers)
+        self.mask, self.masked_views, self.mask_seed = mask, masked_views, mask_seed
         self.classnames, self.templates, self.tokenizer = list(classnames), list(templates), tokenizer
         self.classifier, self.classes_per_batch = classifier, classes_per_batch  # (C, D) if given
         self.groups = [list(g) for g in groups] if groups is not None else None
@@ -93,13 +99,15 @@ class ZeroShotClassification(EvalModule):
                 self.device, self.classes_per_batch)
         self.classifier = self.classifier.to(self.device)
 
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.model.encode_image(images) @ self.classifier.T  # cosine similarities
+    def logits(self, images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        image = encode_image_views(self.model, images, index, self.mask, self.masked_views,
+                                   self.mask_seed)
+        logits = image @ self.classifier.T  # cosine similarities
         return group_max(logits, self.groups) if self.groups is not None else logits
 
     def test_step(self, batch, batch_idx):
         index, images, labels = batch
-        logits = self.logits(images).float()
+        logits = self.logits(images, index).float()
         if self.multilabel:  # multi-hot (VOC2007, video frames)
             self.multi.update(index=index, scores=logits, targets=labels.bool())
             return
