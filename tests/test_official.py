@@ -41,11 +41,14 @@ def official_sincos_2d(dim: int, h: int, w: int) -> np.ndarray:
     return np.concatenate([np.zeros([1, dim]), emb], axis=0)
 
 
-def official_params(seed: int = 0) -> dict[str, np.ndarray]:
+def official_params(seed: int = 0, arch: OfficialArch = ARCH, image_size: int = IMAGE_SIZE,
+                    shapes_only: bool = False) -> dict[str, np.ndarray]:
     """Random parameters with the names and shapes models_flip.FLIP creates (t5x DenseGeneral
-    stores q/k/v/out kernels flattened to 2-D)."""
+    stores q/k/v/out kernels flattened to 2-D). shapes_only: zero-stride zeros (any size)."""
     rng = np.random.default_rng(seed)
     normal = lambda *shape, std=1.0: (std * rng.standard_normal(shape)).astype(np.float32)
+    if shapes_only:
+        normal = lambda *shape, std=1.0: np.broadcast_to(np.float32(0), shape)
     p = {}
 
     def encoder(prefix, d, depth):
@@ -65,7 +68,7 @@ def official_params(seed: int = 0) -> dict[str, np.ndarray]:
         p[f"{prefix}/Transformer/encoder_norm/scale"] = 1 + normal(d, std=0.1)
         p[f"{prefix}/Transformer/encoder_norm/bias"] = normal(d, std=0.1)
 
-    a, g = ARCH, IMAGE_SIZE // ARCH.patch_size
+    a, g = arch, image_size // arch.patch_size
     p["img_encoder/embedding/kernel"] = normal(a.patch_size, a.patch_size, 3, a.image_width,
                                                std=0.05)
     p["img_encoder/embedding/bias"] = normal(a.image_width, std=0.1)
@@ -147,10 +150,13 @@ def _ext_ndarray(arr: np.ndarray):
     return msgpack.ExtType(1, msgpack.packb((arr.shape, arr.dtype.name, arr.tobytes("C"))))
 
 
-def write_t5x_checkpoint(root, params: dict, step: int = 100000, extra_state: bool = True):
+def write_t5x_checkpoint(root, params: dict, step: int = 100000, extra_state: bool = True,
+                         inline: tuple = ("logit_scale",)):
     """``root/checkpoint_<step>/``: the msgpack file and one zarr array per parameter (and per
     optimizer moment), each written through TensorStore with t5x's spec (gzip, relative path
-    ``target.<flax path>``); the spec, not the array, goes into the msgpack tree."""
+    ``target.<flax path>``); the spec, not the array, goes into the msgpack tree. Parameters
+    named in ``inline`` are stored in the msgpack file itself (t5x does so for arrays without
+    partitioning axes)."""
     ckpt = root / f"checkpoint_{step}"
     ckpt.mkdir(parents=True)
 
@@ -162,7 +168,7 @@ def write_t5x_checkpoint(root, params: dict, step: int = 100000, extra_state: bo
                              "chunks": chunks}}
         absolute = {**spec, "kvstore": {"driver": "file", "path": str(ckpt / spec["kvstore"]["path"])}}
         ts.open(absolute, create=True, open=True).result().write(arr).result()
-        return spec
+        return ts.Spec(spec).to_json()  # what flax.serialization stores for a ts.Spec
 
     def nest(flat, prefix):
         tree = {}
@@ -171,7 +177,7 @@ def write_t5x_checkpoint(root, params: dict, step: int = 100000, extra_state: bo
             node = tree
             for k in parents:
                 node = node.setdefault(k, {})
-            node[leaf] = store(f"{prefix}/{name}", arr)
+            node[leaf] = _ext_ndarray(arr) if name in inline else store(f"{prefix}/{name}", arr)
         return tree
 
     state = {"step": _ext_ndarray(np.array(step, dtype=np.int32))}
@@ -274,6 +280,16 @@ def test_model_configs_match_the_official_architectures(name):
                 continue  # run-time settings; text masking is ours only; vocabulary above
             assert composed[tower].get(key, defaults.get(key)) == \
                 ours[tower].get(key, defaults.get(key)), (tower, key)
+
+
+@pytest.mark.parametrize("name", ["vit_b16", "vit_l16", "vit_h14"])
+def test_official_shapes_are_recognised(name):
+    """The released architectures (official configs, 224 px) are told apart by their shapes."""
+    params = official_params(arch=official.ARCHS[name], image_size=224, shapes_only=True)
+    assert official.infer_arch(params) == (name, official.ARCHS[name])
+    other = "vit_h14" if name != "vit_h14" else "vit_l16"
+    with pytest.raises(official.CheckpointError, match=f"not {other}"):
+        official.infer_arch(params, other)
 
 
 def test_leftover_and_missing_parameters_are_refused(tmp_path):

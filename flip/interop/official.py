@@ -104,7 +104,7 @@ def _unpack_ext(code: int, data: bytes):
     if code not in (1, 3):
         return msgpack.ExtType(code, data)
     shape, dtype, buffer = msgpack.unpackb(data)
-    return np.frombuffer(buffer, dtype=_dtype(dtype)).reshape(shape)
+    return np.frombuffer(buffer, dtype=_dtype(dtype)).reshape(shape).copy()  # writable
 
 
 def _dtype(name: str) -> np.dtype:
@@ -297,7 +297,7 @@ def convert_params(params: dict[str, np.ndarray], model) -> dict[str, torch.Tens
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise CheckpointError(f"{name}: official shape {tuple(tensor.shape)} does not fit "
                                   f"the model's {tuple(expected[name].shape)}")
-    return {k: v.contiguous().clone() for k, v in state.items()}
+    return {k: v.contiguous() for k, v in state.items()}  # load_state_dict copies them
 
 
 def convert(src, out_ckpt, model: str | OfficialArch | None = None) -> Path:
