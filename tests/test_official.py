@@ -8,6 +8,8 @@ the official code's structure (``VisionTransformer.apply_encoder``, ``Encoder1DB
 t5x ``MultiHeadDotProductAttention`` / ``LayerNorm(epsilon=1e-6)``, ``nn.gelu`` (tanh),
 ``posembed_util``, ``FLIP.__call__``), not with our model code."""
 import math
+import subprocess
+import sys
 
 import hydra
 import numpy as np
@@ -345,6 +347,13 @@ def test_converted_checkpoint_evaluates(converted, tmp_path):
                                          "trainer.enable_progress_bar=false"])
     metrics = evaluate(cfg)
     assert 0.0 <= metrics["val/zeroshot_top1"] <= 1.0
+    # the command line, with the converted file as its only argument besides the set's size
+    run = subprocess.run([sys.executable, "eval.py", f"ckpt_path={out}", "data.zeroshot.size=40",
+                          f"hydra.run.dir={tmp_path / 'cli'}"], cwd=CONF.parent,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1].startswith(
+        f"held-out zero-shot top-1: {100 * metrics['val/zeroshot_top1']:.1f}%")
 
 
 def test_converted_checkpoint_exports_to_openclip(converted, tmp_path):
