@@ -45,6 +45,15 @@ def check_text_mask(cfg: DictConfig) -> None:
                           f"{', '.join(KINDS)}")
 
 
+def check_reconstruction(cfg: DictConfig) -> None:
+    """A pixel-reconstruction term (objective=reconstruction) needs patches to reconstruct."""
+    for name, term in (cfg.objective.get("auxiliary") or {}).items():
+        if term.get("_target_") == "flip.reconstruction.PixelReconstruction" and cfg.mask == 0:
+            raise ConfigError(
+                f"objective.auxiliary.{name} reconstructs the masked patches, but mask=0 masks "
+                "none; use mask=0.5 or mask=0.75, or objective=contrastive")
+
+
 def per_device_batch(cfg: DictConfig, world_size: int) -> int:
     """Samples each device loads per step: batch.global / world size. batch.micro, if
     set, must divide it (the step then runs per_device / micro micro-batches with

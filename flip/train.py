@@ -8,7 +8,8 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from flip.checkpoint import load_checkpoint, load_weights, merge_model_config, model_config, model_state
-from flip.config import check_hardware, check_mask, check_text_mask, per_device_batch
+from flip.config import (check_hardware, check_mask, check_reconstruction, check_text_mask,
+                         per_device_batch)
 from flip.console import quiet_console
 from flip.eval.zeroshot import format_zero_shot
 
@@ -57,6 +58,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Pre-train, then evaluate held-out zero-shot accuracy; returns the final metrics."""
     check_mask(cfg)
     check_text_mask(cfg)
+    check_reconstruction(cfg)
     check_hardware(cfg.trainer.accelerator)
     quiet_console(cfg.trainer.accelerator, cfg.get("verbose", False))
     L.seed_everything(cfg.seed, workers=True)

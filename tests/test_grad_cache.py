@@ -222,3 +222,30 @@ def test_cached_equals_one_shot_with_text_masking(kind):
     loss, _, _ = cached_backward(cached, contrastive_only, images, tokens, 2)
     torch.testing.assert_close(loss, expected_loss.detach(), rtol=1e-10, atol=0)
     assert_same_grads(grads(cached), grads(reference))
+
+
+@pytest.mark.parametrize("micro", [2, 8])
+def test_cached_equals_one_shot_with_the_reconstruction_decoder(micro):
+    """The MAE decoder term (Table 1f) is per sample: replayed with each micro-batch's
+    mask, loss and every gradient (the decoder's included) equal the one-shot batch."""
+    from flip.reconstruction import PixelReconstruction
+
+    def decoder_objective() -> Objective:
+        torch.manual_seed(11)
+        term = PixelReconstruction(32, SIZE, 8, width=16, depth=2, heads=2, weight=0.5)
+        return Objective({"reconstruction": term}).double()
+
+    images, tokens = batch()
+    reference, cached = tiny_flip(), tiny_flip()
+    ref_objective, cached_objective = decoder_objective(), decoder_objective()
+    torch.manual_seed(7)
+    noise = torch.rand(B, reference.visual.num_patches)
+    expected_loss = one_shot(reference, images, tokens, noise.double(), ref_objective)
+    torch.manual_seed(7)
+    loss, parts, _ = cached_backward(cached, cached_objective, images, tokens, micro)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-10, atol=0)
+    assert parts.keys() == {"contrastive", "reconstruction"} and parts["reconstruction"] > 0
+    assert_same_grads(grads(cached), grads(reference))
+    decoder_grads = grads(cached_objective)
+    assert "auxiliary.reconstruction.mask_token" in decoder_grads
+    assert_same_grads(decoder_grads, grads(ref_objective), min_count=10)
