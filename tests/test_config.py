@@ -39,8 +39,8 @@ def test_every_option_composes_and_resolves(group, option, tmp_path):
         overrides.append("data.train.path=/data/pairs.csv")
     if group == "data" and option == "folder":
         overrides.append("data.train.root=/data/images")
-    if group == "data" and option == "laion":
-        overrides.append('data.shards="/data/laion400m/{00000..41407}.tar"')
+    if (group, option) == ("data", "laion") or (group == "experiment" and option != "unmasked_tuning"):
+        overrides.append('data.shards="/data/laion400m/{00000..41407}.tar"')  # paper scale
     if group == "experiment":
         overrides.append("init_from=/ckpt/last.ckpt")
     cfg = compose_train(*overrides, output_dir=tmp_path)
