@@ -66,7 +66,7 @@ def test_wheel_declares_dependencies_extras_and_entry_points(wheel):
         metadata = z.read(meta).decode()
         (ep,) = [n for n in z.namelist() if n.endswith(".dist-info/entry_points.txt")]
         entry_points = z.read(ep).decode()
-    for extra in ("tpu", "wandb", "openclip", "slurm", "eval", "dev"):
+    for extra in ("tpu", "wandb", "openclip", "slurm", "eval", "official", "dev"):
         assert f"Provides-Extra: {extra}" in metadata
     requires = [line.split(": ", 1)[1] for line in metadata.splitlines()
                 if line.startswith("Requires-Dist: ")]
