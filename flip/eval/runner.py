@@ -7,7 +7,9 @@ every dataset of ``cfg.eval_data`` and every protocol that ``cfg.eval_task`` ask
 LightningModule (``flip.eval.zeroshot`` / ``retrieval`` / ``linear_probe``) through
 ``Trainer.test`` with the configured accelerator and devices. Datasets are built by
 ``_target_`` (``flip.eval.datasets``). Results are printed as a markdown table and written
-to ``<output_dir>/results.json`` and ``<output_dir>/results.md``.
+to ``<output_dir>/results.json`` and ``<output_dir>/results.md``. ``mask`` and
+``masked_views`` give zero-shot and retrieval masked inference (Table 1d,
+``flip.eval.masked_views``).
 """
 from __future__ import annotations
 
