@@ -28,7 +28,7 @@ from flip.config import ConfigError
 log = logging.getLogger(__name__)
 
 CONFIG_KEY = "model_config"  # checkpoint["hyper_parameters"][CONFIG_KEY]
-RUNTIME_KEYS = frozenset({"mask_ratio", "grad_checkpointing", "drop_path"})
+RUNTIME_KEYS = frozenset({"mask_ratio", "mask_kind", "grad_checkpointing", "drop_path"})
 SAFE_TYPES = [AttributeDict]  # Lightning's hyper-parameter container
 
 
@@ -115,6 +115,20 @@ def merge_model_config(stored: Mapping, requested: Mapping | None,
                 node = node.setdefault(p, {})
             node[leaf] = value
     return merged
+
+
+def resample_patch_embedding(state: Mapping[str, torch.Tensor], patch_size: int) -> dict:
+    """``state`` with its patch-embedding kernel resampled to ``patch_size`` (timm's
+    ``resample_patch_embed``, FlexiViT's pseudo-inverse resize: a patch embedded at the new
+    size gives the features of the resized patch at the old one). Paper footnote 3: ViT-L/14
+    is obtained by tuning ViT-L/16 at patch 14. The sin-cos position embedding is fixed
+    and follows the new grid by itself."""
+    from timm.layers import resample_patch_embed
+
+    key = "visual.patch_embed.proj.weight"
+    if state[key].shape[-1] == patch_size:
+        return dict(state)
+    return {**state, key: resample_patch_embed(state[key], [patch_size, patch_size])}
 
 
 def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> list[str]:

@@ -7,7 +7,8 @@ import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from flip.checkpoint import load_checkpoint, load_weights, merge_model_config, model_config, model_state
+from flip.checkpoint import (load_checkpoint, load_weights, merge_model_config, model_config,
+                             model_state, resample_patch_embedding)
 from flip.config import (check_hardware, check_mask, check_reconstruction, check_text_mask,
                          per_device_batch)
 from flip.console import quiet_console
@@ -40,11 +41,14 @@ def resolve_model_config(cfg: DictConfig, ckpt: dict | None) -> dict:
     """The run's model config: the composed one, or with ``init_from`` the checkpoint's
     architecture (command-line model settings must agree with it) with this run's
     run-time settings (mask ratio, activation checkpointing). ``data.image_size``
-    follows the checkpoint."""
+    follows the checkpoint. With ``init_resample_patch`` the patch size is this run's."""
     requested = OmegaConf.to_container(cfg.model, resolve=True)
     stored = model_config(ckpt) if ckpt is not None else None
     if stored is None:
         return requested
+    if cfg.get("init_resample_patch"):
+        stored = {**stored, "image": {**stored["image"],
+                                      "patch_size": requested["image"]["patch_size"]}}
     merged = merge_model_config(stored, requested, command_line_model_keys(),
                                 source=f"init_from={cfg.init_from}")
     size = merged["image"]["image_size"]
@@ -73,7 +77,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         model=hydra.utils.instantiate(model_cfg),
         objective=hydra.utils.instantiate(cfg.objective), model_config=model_cfg)
     if ckpt is not None:
-        load_weights(module.model, model_state(ckpt), f"init_from={cfg.init_from}")
+        state = model_state(ckpt)
+        if cfg.get("init_resample_patch"):
+            state = resample_patch_embedding(state, model_cfg["image"]["patch_size"])
+        load_weights(module.model, state, f"init_from={cfg.init_from}")
         log.info("initialised weights from %s", cfg.init_from)
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, max_steps=module.total_steps, logger=logger, callbacks=callbacks)

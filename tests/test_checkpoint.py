@@ -49,9 +49,13 @@ def test_missing_weights_are_an_error(model_cfg, tmp_path):
 
 def test_merge_keeps_the_architecture_and_takes_run_time_settings(model_cfg):
     requested = {**model_cfg, "image": {**model_cfg["image"], "mask_ratio": 0.0,
-                                        "grad_checkpointing": True}}
-    merged = merge_model_config(model_cfg, requested)
+                                        "grad_checkpointing": True},
+                 "text": {**model_cfg["text"], "mask_kind": "prioritized"}}
+    stored = {**model_cfg, "text": {k: v for k, v in model_cfg["text"].items()
+                                    if k != "mask_kind"}}  # a checkpoint from before text masking
+    merged = merge_model_config(stored, requested)
     assert merged["image"]["mask_ratio"] == 0.0 and merged["image"]["grad_checkpointing"]
+    assert merged["text"]["mask_kind"] == "prioritized"
     assert model_cfg["image"]["mask_ratio"] == 0.5  # the stored config is not modified
     wider = {**model_cfg, "image": {**model_cfg["image"], "width": 64}}
     with pytest.raises(ConfigError, match="model.image.width=64 contradicts the checkpoint, which "

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from omegaconf import OmegaConf
 
@@ -90,3 +91,33 @@ def test_init_from_a_missing_file_is_one_sentence(tmp_path):
     cfg = compose_fast(f"init_from={tmp_path / 'nope.ckpt'}", output_dir=tmp_path)
     with pytest.raises(ConfigError, match="nope.ckpt does not exist"):
         train(cfg)
+
+
+def test_init_from_at_another_patch_size_resamples_the_kernel(pretrained, tmp_path):
+    """Paper footnote 3 (L/14 by tuning L/16), in small: a patch-8 checkpoint tuned at
+    patch 4. With lr 0 the saved kernel is exactly timm's resample of the pre-trained one,
+    and every other weight is the checkpoint's."""
+    from timm.layers import resample_patch_embed
+
+    cfg = compose_train(*NOT_MODEL, "data.zeroshot.size=40", "experiment=unmasked_tuning",
+                        f"init_from={pretrained}", "init_resample_patch=true",
+                        "model.image.patch_size=4", "schedule.base_lr=0", output_dir=tmp_path)
+    train(cfg)
+    tuned = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    before = load_checkpoint(pretrained)["state_dict"]
+    after = tuned["state_dict"]
+    assert model_config(tuned)["image"]["patch_size"] == 4
+    assert model_config(tuned)["image"]["width"] == 32  # the checkpoint's architecture
+    key = "model.visual.patch_embed.proj.weight"
+    assert after[key].shape == (32, 3, 4, 4)
+    assert torch.equal(after[key], resample_patch_embed(before[key], [4, 4]))
+    assert all(torch.equal(after[k], before[k]) for k in before if k != key)
+
+
+def test_another_patch_size_without_resampling_is_refused(pretrained, tmp_path):
+    out = subprocess.run(
+        [sys.executable, "train.py", *NOT_MODEL, f"init_from={pretrained}",
+         "model.image.patch_size=4", f"output_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=300, cwd=CONF.parent)
+    assert out.returncode == 1
+    assert "model.image.patch_size=4 contradicts" in out.stderr
