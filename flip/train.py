@@ -1,4 +1,5 @@
 """Build everything from a composed Hydra config and run pre-training."""
+import json
 import logging
 from pathlib import Path
 
@@ -96,6 +97,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics["val/zeroshot_top1"] = top1
         if trainer.is_global_zero:
             print(format_zero_shot(top1, len(data.classnames)))
+    if trainer.is_global_zero:  # one record per run, read by experiments/collect.py
+        record = {"metrics": metrics, "config": OmegaConf.to_container(cfg, resolve=True)}
+        (Path(cfg.output_dir) / "result.json").write_text(json.dumps(record, indent=1) + "\n")
     if isinstance(logger, WandbLogger) and trainer.is_global_zero:
         logger.experiment.finish()  # the next job of a multirun starts its own W&B run
     return metrics

@@ -48,6 +48,17 @@ def test_wandb_gets_config_group_and_tags(fast_cfg, monkeypatch):
     assert config["model"]["image"]["width"] == 32 and config["model"]["image"]["mask_ratio"] == 0.75
 
 
+def test_every_run_leaves_a_result_record(fast_cfg, tmp_path):
+    import json
+
+    cfg = fast_cfg("mask=0.75")
+    metrics = train(cfg)
+    record = json.loads((tmp_path / "result.json").read_text())
+    assert record["metrics"] == pytest.approx(metrics)
+    assert record["config"]["mask"] == 0.75 and record["config"]["model"]["image"]["width"] == 32
+    assert 0 < record["metrics"]["time/train_wall_s"] and 0 < record["metrics"]["time/train_cpu_s"]
+
+
 def test_checkpoints_carry_the_resolved_model_config(fast_cfg, tmp_path):
     cfg = fast_cfg()
     train(cfg)

@@ -106,6 +106,11 @@ def test_resume_continues_step_count_and_schedule(fast_cfg, tmp_path_factory):
     assert [lr_resumed[s] for s in range(4, 8)] == pytest.approx([lr_full[s] for s in range(4, 8)])
     seen = by_step(resumed, "train/samples_seen")
     assert [seen[s] for s in range(4, 8)] == [80.0, 96.0, 112.0, 128.0]
+    # training time keeps counting from the checkpoint's, and only grows
+    spent = load_checkpoint(ckpt)["callbacks"]["TrainingTime"]
+    wall = by_step(resumed, "time/train_wall_s")
+    assert spent["wall"] > 0 and spent["cpu"] > 0
+    assert spent["wall"] < wall[4] < wall[5] < wall[6] < wall[7]
 
 
 def test_unmasked_tuning_starts_from_the_checkpoint_at_mask_zero(fast_cfg, tmp_path_factory):
