@@ -6,12 +6,12 @@ from pathlib import Path
 import hydra
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from flip.checkpoint import (load_checkpoint, load_weights, merge_model_config, model_config,
                              model_state, resample_patch_embedding)
-from flip.config import (check_hardware, check_mask, check_reconstruction, check_text_mask,
-                         per_device_batch)
+from flip.config import (ConfigError, check_hardware, check_mask, check_reconstruction,
+                         check_text_mask, per_device_batch)
 from flip.console import quiet_console
 from flip.eval.zeroshot import format_zero_shot
 
@@ -65,6 +65,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_text_mask(cfg)
     check_reconstruction(cfg)
     check_hardware(cfg.trainer.accelerator)
+    if cfg.get("unmasked_tuning") and not (cfg.get("callbacks") or {}).get("checkpoint"):
+        raise ConfigError("unmasked_tuning tunes the pre-trained last.ckpt: it needs the "
+                          "checkpoint callback (callbacks.checkpoint)")
     quiet_console(cfg.trainer.accelerator, cfg.get("verbose", False))
     L.seed_everything(cfg.seed, workers=True)
 
@@ -102,4 +105,24 @@ def train(cfg: DictConfig) -> dict[str, float]:
         (Path(cfg.output_dir) / "result.json").write_text(json.dumps(record, indent=1) + "\n")
     if isinstance(logger, WandbLogger) and trainer.is_global_zero:
         logger.experiment.finish()  # the next job of a multirun starts its own W&B run
+    if cfg.get("unmasked_tuning"):  # Table 1e chained: tune the weights just trained
+        last = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
+        tuned = train(unmasked_tuning_config(cfg, last))
+        return {**tuned, **{f"pretrain/{k}": v for k, v in metrics.items()}}
     return metrics
+
+
+def unmasked_tuning_config(cfg: DictConfig, last: Path) -> DictConfig:
+    """The run that follows pre-training when ``unmasked_tuning`` names a schedule (paper
+    Table 1e): the same run at mask 0 (image and text), contrastive loss alone, the
+    ``unmasked_tuning`` schedule, weights from pre-training's ``last.ckpt``, written to
+    ``<output_dir>/unmasked_tuning``."""
+    tune = cfg.copy()
+    with open_dict(tune):
+        tune.mask, tune.model.text.mask_ratio = 0.0, 0.0
+        tune.schedule, tune.unmasked_tuning = cfg.unmasked_tuning, None
+        tune.objective = {"_target_": "flip.objective.Objective", "auxiliary": {}}
+        tune.init_from, tune.ckpt_path = str(last), None
+        tune.output_dir = str(Path(cfg.output_dir) / "unmasked_tuning")
+        tune.tags = [*cfg.get("tags", []), "unmasked_tuning"]
+    return tune

@@ -47,6 +47,17 @@ OFFICIAL = {
                             "global": g} for m, g in ((0, 16384), (50, 32768), (75, 65536))},
     **{f"table1b_m{m}_b{b}k": {**COMMON, "arch": "vit_l16", "epochs": 2000, "mask": m / 100,
                                "global": b * 1024} for m in (50, 75) for b in (16, 32, 64)},
+    **{f"table1c_{row}": {**COMMON, "arch": "vit_l16", "epochs": 2000, "mask": 0.75,
+                          "text": text} for row, text in (("baseline", (0.0, "random")),
+                                                          ("random", (0.5, "random")),
+                                                          ("prioritized", (0.5, "prioritized")))},
+    **{f"table1{t}_mask{m}": {**COMMON, "arch": "vit_l16", "epochs": 2000, "mask": m / 100,
+                              "global": g, "tuned": t == "e", "reconstruction": t == "f"}
+       for t in "ef" for m, g in ((50, 32768), (75, 65536))},
+    **{f"fig3_mask{m}_ep{ep}": {**COMMON, "arch": "vit_l16", "epochs": virtual, "mask": m / 100,
+                                "global": g}
+       for m, g in ((0, 16384), (50, 32768), (75, 65536))
+       for ep, virtual in (("6.4", 2000), ("12.8", 4000), ("32", 10000))},
 }
 
 
@@ -61,8 +72,7 @@ def test_every_experiment_composes_and_builds_its_model(name, tmp_path):
 
 
 def test_every_full_scale_experiment_is_in_the_official_table():
-    assert sorted(n for n in EXPERIMENTS if n.startswith(("table1", "table2", "table8"))) \
-        == sorted(OFFICIAL)
+    assert sorted(n for n in EXPERIMENTS if n.startswith(("table", "fig"))) == sorted(OFFICIAL)
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL))
@@ -84,6 +94,14 @@ def test_full_scale_values_equal_the_official_code(name, tmp_path):
     assert cfg.task.no_decay == "official"
     assert list(cfg.data.crop_scale) == [0.5, 1.0] and cfg.data.hflip
     assert cfg.group == name.split("_")[0] and name.split("_")[0] in cfg.tags
+    assert (text.mask_ratio, text.mask_kind) == want.get("text", (0.0, "random"))
+    tuning = cfg.unmasked_tuning  # README "2. Unmasked tuning": lr 4e-8, 100 epochs, warm-up 20
+    assert (tuning is not None) == want.get("tuned", False)
+    if tuning is not None:
+        assert (tuning.base_lr, tuning.total_samples, tuning.warmup_samples) == (
+            4e-8, 100 * EPOCH, 20 * EPOCH)
+    auxiliary = set(cfg.objective.auxiliary)
+    assert auxiliary == ({"reconstruction"} if want.get("reconstruction") else set())
 
 
 def test_vit_l14_tunes_the_vit_l16_weights_at_patch_14(tmp_path):
@@ -108,8 +126,9 @@ def sweep(*arguments: str) -> list[list[str]]:
     return [job for batch in batches for job in batch]
 
 
-@pytest.mark.parametrize("table, rows", [("table1a", 3), ("table1b", 6), ("table2", 4),
-                                         ("table8", 6)])
+@pytest.mark.parametrize("table, rows", [("table1a", 3), ("table1b", 6), ("table1c", 3),
+                                         ("table1e", 2), ("table1f", 2), ("table2", 4),
+                                         ("table8", 6), ("fig3_mask50", 3), ("fig3", 9)])
 def test_one_glob_runs_exactly_the_tables_rows(table, rows):
     jobs = sweep(f"experiment=glob({table}_*)")
     assert len(jobs) == rows

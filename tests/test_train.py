@@ -176,3 +176,25 @@ def test_an_eager_cpu_run_beats_chance_several_fold(tmp_path):
         "trainer.enable_progress_bar=false", output_dir=tmp_path)
     top1 = train(cfg)["val/zeroshot_top1"]
     assert top1 >= 4 * (1 / 40), f"held-out top-1 {top1:.3f} is not 4x chance (0.025)"
+
+
+def test_chained_unmasked_tuning_tunes_the_last_checkpoint_at_mask_zero(fast_cfg, tmp_path):
+    """unmasked_tuning=<schedule> (Table 1e in one run): pre-training, then tuning of its
+    last.ckpt at mask 0 in <output_dir>/unmasked_tuning."""
+    import json
+
+    metrics = train(fast_cfg(
+        "logger=csv", "unmasked_tuning={base_lr:4e-8,total_samples:32,warmup_samples:16}"))
+    pre, tuned_dir = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "unmasked_tuning"
+    record = json.loads((tuned_dir / "result.json").read_text())
+    assert record["config"]["mask"] == 0.0 and record["config"]["init_from"] == str(pre)
+    assert record["config"]["schedule"] == {"base_lr": 4e-8, "total_samples": 32,
+                                            "warmup_samples": 16}
+    assert "unmasked_tuning" in record["config"]["tags"]
+    assert metrics["train/visible_tokens"] == 64.0 and metrics["pretrain/train/visible_tokens"] == 32.0
+    assert metrics["train/samples_seen"] == 32.0 and metrics["pretrain/train/samples_seen"] == 64.0
+    assert metrics["val/zeroshot_top1"] == record["metrics"]["val/zeroshot_top1"]
+    before = load_checkpoint(pre)["state_dict"]
+    after = load_checkpoint(tuned_dir / "checkpoints" / "last.ckpt")["state_dict"]
+    assert max((before[k] - after[k]).abs().max().item() for k in before) < 1e-4
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it did train
