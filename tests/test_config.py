@@ -26,7 +26,7 @@ def options(group: str) -> list[str]:
 def test_groups_and_their_options_exist():
     assert GROUPS == ["accelerator", "batch", "callbacks", "data", "experiment", "logger",
                       "model", "objective", "schedule", "task", "trainer"]
-    assert options("model") == ["tiny", "vit_b16", "vit_h14", "vit_l14", "vit_l16"]
+    assert options("model") == ["mini", "tiny", "vit_b16", "vit_h14", "vit_l14", "vit_l16"]
     assert options("accelerator") == ["cpu", "gpu", "tpu"]
     assert {"16k", "32k", "64k", "1k", "tiny"} <= set(options("batch"))
     assert not (CONF / "mask").exists()  # mask is a number, not a group (Hydra 1.3)
@@ -39,7 +39,8 @@ def test_every_option_composes_and_resolves(group, option, tmp_path):
         overrides.append("data.train.path=/data/pairs.csv")
     if group == "data" and option == "folder":
         overrides.append("data.train.root=/data/images")
-    if (group, option) == ("data", "laion") or (group == "experiment" and option != "unmasked_tuning"):
+    if (group, option) == ("data", "laion") or (group == "experiment" and option != "unmasked_tuning"
+                                                and not option.startswith("mini_")):
         overrides.append('data.shards="/data/laion400m/{00000..41407}.tar"')  # paper scale
     if group == "experiment":
         overrides.append("init_from=/ckpt/last.ckpt")
@@ -78,7 +79,7 @@ def test_unknown_architecture_names_the_group_and_the_choices(tmp_path):
     message = str(err.value)
     assert "model/vit_x99" in message
     assert "Available options in 'model'" in message
-    assert err.value.options == ["tiny", "vit_b16", "vit_h14", "vit_l14", "vit_l16"]
+    assert err.value.options == ["mini", "tiny", "vit_b16", "vit_h14", "vit_l14", "vit_l16"]
 
 
 def test_cli_lists_allowed_architectures():
