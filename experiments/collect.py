@@ -135,8 +135,15 @@ def _unflatten(flat: dict) -> dict:
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = value
+        node[leaf] = _merge(value, node[leaf]) if leaf in node else value
     return out
+
+
+def _merge(base, top):
+    """``top`` over ``base``, nested dicts merged key by key."""
+    if not (isinstance(base, dict) and isinstance(top, dict)):
+        return top
+    return {**base, **{k: _merge(base[k], v) if k in base else v for k, v in top.items()}}
 
 
 # ------------------------------------------------------------------------------ rows
@@ -499,7 +506,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=cols)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: "" if v is None or (isinstance(v, float) and math.isnan(v)) else v
+                          for k, v in r.items()} for r in rows)
 
 
 def plot_accuracy_vs_time(runs: list[dict], path: Path | str, clock: str = "cpu") -> Path:

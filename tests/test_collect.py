@@ -1,0 +1,243 @@
+"""experiments/collect.py: real run directories (train() with the CSV logger, a tuned run,
+an eval.py ensemble) -> the paper's tables with our numbers beside the paper's, the time
+ratios and speed-up recomputed here from the raw numbers, the figures; a 2-point Hydra
+multirun through train.py collected into both of its rows."""
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import collect
+from flip.eval.runner import evaluate
+from flip.train import train
+from step_benchmark import analytic_flops
+from tests.conftest import CONF, FAST, compose_fast
+
+CURVE = ["logger=csv", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1"]
+
+
+def build_runs(root: Path) -> Path:
+    """Under ``root``: m0 and m0.5 (pre-training), tuned (m0.5 tuned at mask 0) and an
+    eval.py ensemble of m0.5 at mask 0.5. Built once per session."""
+    if (root / "done").exists():
+        return root
+    for mask in ("0", "0.5"):
+        train(compose_fast(f"mask={mask}", *CURVE, output_dir=root / f"m{mask}"))
+    ckpt = root / "m0.5" / "checkpoints" / "last.ckpt"
+    train(compose_fast("mask=0", f"init_from={ckpt}", *CURVE, output_dir=root / "tuned"))
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("eval", overrides=[
+            f"output_dir={root / 'm0.5' / 'eval_ensemble'}", f"ckpt_path={ckpt}", "mask=0.5",
+            "masked_views=ensemble", "data.zeroshot.size=40", "data.num_workers=0",
+            "trainer.enable_progress_bar=false"])
+    evaluate(cfg)
+    (root / "done").write_text("")
+    return root
+
+
+@pytest.fixture(scope="session")
+def runs_root(tmp_path_factory):
+    return build_runs(tmp_path_factory.getbasetemp() / "collect-runs")
+
+
+def result(root, name):
+    return json.loads((root / name / "result.json").read_text())["metrics"]
+
+
+def test_time_to_accuracy_interpolates_between_validation_points():
+    assert collect.time_to_accuracy([10, 20, 30], [0.1, 0.3, 0.5], 0.4) == pytest.approx(25.0)
+    assert collect.time_to_accuracy([10, 20, 30], [0.1, 0.3, 0.5], 0.05) == 10  # at once
+    assert collect.time_to_accuracy([10, 20, 30], [0.1, 0.3, 0.5], 0.5) == pytest.approx(30.0)
+    assert collect.time_to_accuracy([10, 20, 30], [0.1, 0.3, 0.5], 0.6) is None
+    # the first crossing counts, not a later one
+    assert collect.time_to_accuracy([1, 2, 3, 4], [0, 1, 0, 1], 0.5) == pytest.approx(1.5)
+
+
+def test_validation_curve_takes_time_of_the_last_training_step(runs_root):
+    with open(runs_root / "m0" / "logs" / "version_0" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    train_rows = [r for r in rows if r["time/train_cpu_s"]]
+    val_rows = [r for r in rows if r["val/zeroshot_top1"]]
+    run = collect.read_run(runs_root / "m0")
+    assert len(run["curve"]) == len(val_rows) >= 2
+    for point, v in zip(run["curve"], val_rows):
+        t = [r for r in train_rows if int(r["step"]) <= int(v["step"])][-1]
+        assert point["cpu"] == pytest.approx(float(t["time/train_cpu_s"]))
+        assert point["wall"] == pytest.approx(float(t["time/train_wall_s"]))
+        assert point["samples"] == float(t["train/samples_seen"])
+        assert point["acc"] == pytest.approx(100 * float(v["val/zeroshot_top1"]))
+    final = result(runs_root, "m0")
+    assert run["curve"][-1]["acc"] == pytest.approx(100 * final["val/zeroshot_top1"])
+
+
+def test_table1a_ours_beside_the_paper(runs_root, tmp_path):
+    runs = collect.load_runs(runs_root)
+    assert len(runs) == 3
+    rows = {r["mask"]: r for r in collect.collect("table1a", runs)}
+    assert list(rows) == ["0%", "50%", "75%"]
+    m0, m5 = result(runs_root, "m0"), result(runs_root, "m0.5")
+    assert (rows["0%"]["acc."], rows["50%"]["acc."], rows["75%"]["acc."]) == (68.6, 69.6, 68.2)
+    assert (rows["50%"]["FLOPs"], rows["50%"]["time"], rows["75%"]["time"]) == (0.52, 0.50, 0.33)
+    assert rows["0%"]["acc. (ours)"] == pytest.approx(100 * m0["val/zeroshot_top1"])
+    assert rows["50%"]["acc. (ours)"] == pytest.approx(100 * m5["val/zeroshot_top1"])
+    assert rows["50%"]["train CPU s"] == m5["time/train_cpu_s"]
+    assert rows["50%"]["time CPU (ours)"] == pytest.approx(m5["time/train_cpu_s"] / m0["time/train_cpu_s"])
+    assert rows["50%"]["time wall (ours)"] == pytest.approx(m5["time/train_wall_s"] / m0["time/train_wall_s"])
+    assert rows["0%"]["time CPU (ours)"] == 1.0 and rows["50%"]["batch (ours)"] == 16
+    assert math.isnan(rows["75%"]["acc. (ours)"])  # not run: the paper's row stays, ours empty
+    model = json.loads((runs_root / "m0" / "result.json").read_text())["config"]["model"]
+    flops = analytic_flops(model, 0.5, 16)["train"] / analytic_flops(model, 0.0, 16)["train"]
+    assert rows["50%"]["FLOPs (ours)"] == pytest.approx(flops) and flops < 0.75
+
+    paths = collect.write_outputs("table1a", runs, tmp_path / "out")
+    with open(paths["csv"], newline="") as f:
+        written = list(csv.DictReader(f))
+    assert [r["mask"] for r in written] == ["0%", "50%", "75%"]
+    assert float(written[1]["acc. (ours)"]) == pytest.approx(rows["50%"]["acc. (ours)"])
+    md = paths["md"].read_text()
+    assert "| 50% | 32k | 16 | 0.52 |" in md and "68.60" in md and "arXiv 2212.00794" in md
+    for key in ("cpu_png", "wall_png", "scaling_png"):
+        data = paths[key].read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_speedup_against_the_mask0_total_time(runs_root):
+    runs = collect.load_runs(runs_root)
+    base = next(r for r in runs if r["dir"].name == "m0")
+    masked = next(r for r in runs if r["dir"].name == "m0.5")
+    base["metrics"] = {**base["metrics"], "val/zeroshot_top1": 0.4, "time/train_cpu_s": 100.0}
+    masked["curve"] = [{"samples": s, "wall": 1.0, "cpu": t, "acc": a}
+                       for s, t, a in [(16, 10, 10), (32, 20, 30), (48, 30, 50)]]
+    (up,) = [u for u in collect.speedups(runs, "cpu") if not u["tuned"]]
+    assert up["time to target s"] == pytest.approx(25.0)  # 40 % between 30 % and 50 %
+    assert up["speed-up"] == pytest.approx(100.0 / 25.0)
+
+
+def test_tuned_run_and_masked_views_find_their_rows(runs_root):
+    runs = collect.load_runs(runs_root)
+    pre, tuned = result(runs_root, "m0.5"), result(runs_root, "tuned")
+    rows = {r["case"]: r for r in collect.collect("table1e", runs)}
+    assert rows["+ tuning"]["mask 50%"] == 70.1
+    assert rows["+ tuning"]["mask 50% (ours)"] == pytest.approx(100 * tuned["val/zeroshot_top1"])
+    assert rows["baseline"]["mask 50% (ours)"] == pytest.approx(100 * pre["val/zeroshot_top1"])
+    total = pre["time/train_cpu_s"] + tuned["time/train_cpu_s"]  # tuning adds to pre-training
+    assert rows["+ tuning"]["mask 50% time CPU (ours)"] == pytest.approx(total / pre["time/train_cpu_s"])
+
+    record = json.loads((runs_root / "m0.5" / "eval_ensemble" / "results.json").read_text())
+    held = next(r for r in record["results"] if r["dataset"] == "heldout")
+    rows = {r["case"]: r for r in collect.collect("table1d", runs)}
+    assert rows["w/ mask, ensemble"]["mask 50% (ours)"] == pytest.approx(100 * held["value"])
+    assert rows["w/ mask, ensemble"]["mask 50%"] == 68.1
+    assert rows["w/o mask"]["mask 50% (ours)"] == pytest.approx(100 * pre["val/zeroshot_top1"])
+    assert math.isnan(rows["w/ mask"]["mask 50% (ours)"])  # no single-view eval was run
+
+
+def _variant(run, **changes):
+    """A copy of a real run with config values changed (dotted keys)."""
+    run = json.loads(json.dumps({k: v for k, v in run.items() if k in ("metrics", "config")}))
+    for key, value in changes.items():
+        *parents, leaf = key.split(".")
+        node = run["config"]
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return {**run, "dir": None, "name": str(changes), "evals": [], "pretrain": None, "curve": []}
+
+
+def test_rows_identified_from_the_config(runs_root):
+    (base,) = [r for r in collect.load_runs(runs_root) if r["dir"].name == "m0.5"]
+    runs = {
+        "baseline": _variant(base),
+        "model scaling": _variant(base, **{"model.image.width": 64}),
+        "data scaling": _variant(base, tags=["table8", "data", "LAION-2B"]),
+        "schedule scaling": _variant(base, **{"schedule.total_samples": 128}),
+        "model+data scaling": _variant(base, tags=["table8", "x", "LAION-2B"],
+                                       **{"model.image.width": 64}),
+        "joint scaling": _variant(base, tags=["t", "joint"], **{"model.image.width": 64,
+                                                                 "schedule.total_samples": 128}),
+    }
+    for i, (case, run) in enumerate(runs.items()):
+        run["metrics"]["val/zeroshot_top1"] = i / 100
+    rows = collect.collect("table8", list(runs.values()))
+    assert [r["case"] for r in rows] == list(runs)
+    assert [r["zero-shot IN-1K (ours)"] for r in rows] == pytest.approx(list(range(6)))
+    assert rows[5]["zero-shot IN-1K"] == 78.8 and rows[5]["vqa VQAv2"] == 77.3
+
+    text = {(kind, ratio): _variant(base, mask=0.75, **{"model.text.mask_ratio": ratio,
+                                                        "model.text.mask_kind": kind})
+            for kind, ratio in (("random", 0.0), ("random", 0.5), ("prioritized", 0.5))}
+    for i, run in enumerate(text.values()):
+        run["metrics"]["val/zeroshot_top1"] = i / 100
+    rows = collect.collect("table1c", list(text.values()))
+    assert [r["text len (ours)"] for r in rows] == [32, 16, 16]
+    assert [r["acc. (ours)"] for r in rows] == pytest.approx([0, 1, 2])
+    assert [r["acc."] for r in rows] == [68.2, 66.0, 67.8]
+
+    batches = [_variant(base, mask=m, **{"batch.global": b})
+               for m in (0.5, 0.75) for b in (8, 16, 32)]
+    for i, run in enumerate(batches):
+        run["metrics"]["val/zeroshot_top1"] = i / 100
+    rows = collect.collect("table1b", batches)
+    assert [r["batch (ours)"] for r in rows] == [8, 16, 32]
+    assert [r["mask 50% (ours)"] for r in rows] == pytest.approx([0, 1, 2])
+    assert [r["mask 75% (ours)"] for r in rows] == pytest.approx([3, 4, 5])
+    assert [r["mask 75%"] for r in rows] == [65.8, 67.3, 68.2]
+
+    recon = _variant(base, **{"objective.auxiliary": {"reconstruction": {"weight": 1.0}}})
+    recon["metrics"]["val/zeroshot_top1"] = 0.07
+    rows = {r["case"]: r for r in collect.collect("table1f", [_variant(base), recon])}
+    assert rows["+ MAE"]["mask 50% (ours)"] == pytest.approx(7.0)
+    assert rows["baseline"]["mask 50% (ours)"] == pytest.approx(100 * base["metrics"]["val/zeroshot_top1"])
+
+
+def test_wandb_runs_through_a_fake_api(runs_root):
+    """The W&B path without the network: a fake ``wandb.Api`` with the attributes read
+    (``runs``, ``config`` with dotted keys, ``summary``, ``scan_history``)."""
+    record = json.loads((runs_root / "m0.5" / "result.json").read_text())
+    with open(runs_root / "m0.5" / "logs" / "version_0" / "metrics.csv", newline="") as f:
+        history = [{k: float(v) for k, v in r.items() if v} for r in csv.DictReader(f)]
+
+    class Run:
+        id = "abc"
+        config = {"model.text.mask_ratio": 0.0, **record["config"]}  # nested and dotted keys
+        summary = record["metrics"]
+
+        def scan_history(self):
+            return iter(history)
+
+    class Api:
+        def runs(self, path):
+            assert path == "me/flip"
+            return [Run()]
+
+    (run,) = collect.load_wandb_runs("me/flip", api=Api())
+    local = collect.read_run(runs_root / "m0.5")
+    assert run["curve"] == local["curve"]
+    rows = {r["mask"]: r for r in collect.collect("table1a", [run])}
+    assert rows["50%"]["acc. (ours)"] == pytest.approx(100 * record["metrics"]["val/zeroshot_top1"])
+
+
+@pytest.mark.slow
+def test_two_point_multirun_collects_both_rows(tmp_path):
+    sweep = tmp_path / "sweep"
+    fast = [o for o in FAST if not o.startswith("logger=")]
+    out = subprocess.run(
+        [sys.executable, "train.py", "-m", "mask=0,0.5", *fast, "data.zeroshot.size=40", *CURVE,
+         f"hydra.sweep.dir={sweep}"], cwd=CONF.parent, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    paths = collect.main(["table1a", str(sweep), "--out", str(tmp_path / "table")])
+    with open(paths["csv"], newline="") as f:
+        rows = {r["mask"]: r for r in csv.DictReader(f)}
+    for job, mask in (("0", "0%"), ("1", "50%")):
+        metrics = result(sweep, job)
+        assert rows[mask]["run"] == str(sweep / job)
+        assert float(rows[mask]["acc. (ours)"]) == pytest.approx(100 * metrics["val/zeroshot_top1"])
+        assert float(rows[mask]["train CPU s"]) == pytest.approx(metrics["time/train_cpu_s"])
+    assert rows["75%"]["acc. (ours)"] == "" and rows["75%"]["acc."] == "68.2"
+    assert (tmp_path / "table" / "accuracy_vs_cpu.png").stat().st_size > 5000
