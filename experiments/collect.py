@@ -96,7 +96,15 @@ def load_runs(*dirs: Path | str) -> list[dict]:
     by_dir = {r["dir"].resolve(): r for r in runs}
     for run in runs:
         if run["config"].get("init_from"):  # <pretrain>/checkpoints/last.ckpt
-            run["pretrain"] = by_dir.get(Path(run["config"]["init_from"]).resolve().parents[1])
+            pre = Path(run["config"]["init_from"]).resolve().parents[1]
+            if pre not in by_dir and (pre / "result.json").exists():  # not collected: read it
+                by_dir[pre] = read_run(pre)
+            run["pretrain"] = by_dir.get(pre)
+            if run["pretrain"] is None:
+                print(f"collect: {run['name']} tunes {run['config']['init_from']}, whose run "
+                      "(result.json) is not found: its pre-training mask is taken from a "
+                      "'mask<r>' tag, else unknown, and its time excludes pre-training",
+                      file=sys.stderr)
     for d in dirs:
         for path in sorted(Path(d).rglob("results.json")):
             record = json.loads(path.read_text())
@@ -162,7 +170,7 @@ def describe(run: dict) -> dict:
     tags = [str(t) for t in c.get("tags") or []]
     shards = str((c.get("data") or {}).get("shards", ""))
     return {
-        "mask": float(pre["config"]["mask"]) if pre is not None else float(c["mask"]),
+        "mask": pretrain_mask(run),
         "tuned": bool(c.get("init_from")),
         "batch": int(c["batch"]["global"]),
         "text_ratio": text_ratio,
@@ -173,11 +181,28 @@ def describe(run: dict) -> dict:
         "model_size": image["width"] ** 2 * image["depth"] * (image["image_size"] // image["patch_size"]) ** 2,
         "samples": float(c["schedule"]["total_samples"]),
         "data_2b": any("2b" in t.lower() for t in tags) or "2b" in shards.lower(),
-        "tag_row": tags[1] if len(tags) > 1 else None,
+        "tag_row": next((t for t in tags if t != "mini" and not t.startswith(("table", "fig"))), None),
+        "epochs": (float(c["schedule"]["total_samples"]) / c["data"]["train"]["size"]
+                   if ((c.get("data") or {}).get("train") or {}).get("size") else math.nan),
         "acc": 100 * m[TOP1] if TOP1 in m else math.nan,
         "wall": wall, "cpu": cpu,
         "samples_seen": m.get("train/samples_seen", math.nan),
     }
+
+
+def pretrain_mask(run: dict) -> float:
+    """The image mask a run was pre-trained at: its own, or for a tuned run (init_from)
+    the mask of the run that wrote the checkpoint, else of a ``mask<r>`` tag, else NaN."""
+    c = run["config"]
+    if not c.get("init_from"):
+        return float(c["mask"])
+    if run["pretrain"] is not None:
+        return pretrain_mask(run["pretrain"])
+    tagged = [t[4:] for t in map(str, c.get("tags") or []) if t.startswith("mask")]
+    try:
+        return float(tagged[0])
+    except (IndexError, ValueError):
+        return math.nan
 
 
 def model_name(image: dict) -> str:
@@ -361,7 +386,7 @@ def fig3(runs: list[dict]) -> list[dict]:
                                            describe(r)["samples"])):
         d = describe(run)
         base = _pick(runs, mask=0.0, tuned=False, samples=d["samples"])
-        rows.append({"mask": f"{d['mask']:.0%}", "tuned": d["tuned"],
+        rows.append({"mask": f"{d['mask']:.0%}", "tuned": d["tuned"], "epochs": d["epochs"],
                      "schedule (x shortest)": d["samples"] / shortest,
                      "samples seen": d["samples_seen"], **_times(run, base),
                      "acc. (ours)": d["acc"], "run": run["name"]})

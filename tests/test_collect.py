@@ -158,7 +158,7 @@ def test_rows_identified_from_the_config(runs_root):
         "schedule scaling": _variant(base, **{"schedule.total_samples": 128}),
         "model+data scaling": _variant(base, tags=["table8", "x", "LAION-2B"],
                                        **{"model.image.width": 64}),
-        "joint scaling": _variant(base, tags=["t", "joint"], **{"model.image.width": 64,
+        "joint scaling": _variant(base, tags=["mini", "table8", "joint"], **{"model.image.width": 64,
                                                                  "schedule.total_samples": 128}),
     }
     for i, (case, run) in enumerate(runs.items()):
@@ -187,6 +187,11 @@ def test_rows_identified_from_the_config(runs_root):
     assert [r["mask 50% (ours)"] for r in rows] == pytest.approx([0, 1, 2])
     assert [r["mask 75% (ours)"] for r in rows] == pytest.approx([3, 4, 5])
     assert [r["mask 75%"] for r in rows] == [65.8, 67.3, 68.2]
+
+    # a tuned run whose pre-training run is not collected: its mask from a mask<r> tag
+    tuned = _variant(base, mask=0.0, init_from="/nowhere/checkpoints/last.ckpt",
+                     tags=["mini", "table1e", "mask0.75", "batch128"])
+    assert collect.describe(tuned)["mask"] == 0.75 and collect.describe(tuned)["tuned"]
 
     recon = _variant(base, **{"objective.auxiliary": {"reconstruction": {"weight": 1.0}}})
     recon["metrics"]["val/zeroshot_top1"] = 0.07
