@@ -141,3 +141,81 @@ def test_table1a_couples_mask_and_batch(tmp_path):
               compose_train(*job, output_dir=tmp_path).batch["global"])
              for job in sweep("experiment=glob(table1a_*)")}
     assert pairs == {(0.0, 16384), (0.5, 32768), (0.75, 65536)}
+
+
+# The CPU miniatures (conf/experiment/mini_*): per table the rows' axes (image mask, global
+# batch, text masking, reconstruction, length in epochs of the stream), the paper's batches
+# 16k/32k/64k scaled by 1/512 and lengths as epochs of the 1000-scene embedded stream.
+MINI_AXES = {
+    "table1a": {(0.0, 32, 0.0, "random", False, 6.4), (0.5, 64, 0.0, "random", False, 6.4),
+                (0.75, 128, 0.0, "random", False, 6.4)},
+    "table1b": {(m, b, 0.0, "random", False, 6.4) for m in (0.5, 0.75) for b in (32, 64, 128)},
+    "table1c": {(0.75, 128, r, k, False, 6.4)
+                for r, k in ((0.0, "random"), (0.5, "random"), (0.5, "prioritized"))},
+    "table1e": {(0.0, 32, 0.0, "random", False, 0.32)},  # tunes 1a's mask-0.5/0.75 checkpoints
+    "table1f": {(0.5, 64, 0.0, "random", True, 6.4), (0.75, 128, 0.0, "random", True, 6.4)},
+    "fig3": {(m, b, 0.0, "random", False, ep) for m, b in ((0.0, 32), (0.5, 64), (0.75, 128))
+             for ep in (6.4, 12.8, 32.0)},
+}
+MINI_SMOKE = ["mini_table1a_mask50", "mini_table1b_m75_b32", "mini_table1c_prioritized",
+              "mini_table1f_mask75", "mini_fig3_mask75_ep6.4", "mini_table1e_mask50"]
+
+
+def _axes(cfg, epoch_samples: float, batch_scale: int) -> tuple:
+    return (cfg.mask, cfg.batch["global"] // batch_scale, cfg.model.text.mask_ratio,
+            cfg.model.text.mask_kind, "reconstruction" in cfg.objective.get("auxiliary", {}),
+            round(cfg.schedule.total_samples / epoch_samples, 2))
+
+
+@pytest.mark.parametrize("table", sorted(MINI_AXES))
+def test_mini_experiments_have_their_tables_axes_on_the_compute_bound_miniature(table, tmp_path):
+    from omegaconf import OmegaConf  # noqa: PLC0415
+    from omegaconf.errors import InterpolationResolutionError  # noqa: PLC0415
+
+    jobs = sweep(f"experiment=glob(mini_{table}_*)")
+    cfgs = [compose_train(*job, output_dir=tmp_path) for job in jobs]
+    assert len(cfgs) == len(MINI_AXES[table]) or table == "table1e"
+    assert {_axes(c, c.data.train.size, 1) for c in cfgs} == MINI_AXES[table]
+    for cfg in cfgs:
+        assert cfg.model.image.patch_size == 4 and cfg.data.image_size == 64  # 256 patches
+        assert cfg.data.train._target_.endswith("ShapesCaptions")
+        assert cfg.group == f"mini_{table}" and {"mini", table} <= set(cfg.tags)
+        assert cfg.schedule.total_samples <= 32_000  # a few CPU minutes
+        steps = cfg.schedule.total_samples // cfg.batch["global"]
+        assert steps // cfg.trainer.val_check_interval >= (5 if table == "fig3" else 1)
+        assert cfg.objective.get("auxiliary", {}).get("reconstruction", {"width": 0})["width"] \
+            < cfg.model.image.width  # the decoder scaled down with the encoder
+    if table == "table1e":  # the pre-trained checkpoint comes from the command line
+        for cfg in cfgs:  # and without it start-up fails naming the key
+            with pytest.raises(InterpolationResolutionError, match="init_from"):
+                OmegaConf.to_container(cfg, resolve=True)
+        assert {c.tags[2] for c in cfgs} == {"mask0.5", "mask0.75"} and len(cfgs) == 2
+    full = [n for n in EXPERIMENTS if n.startswith(f"{table}_")]
+    if full and table != "table1e":  # the full-scale table: same rows, batch / 512
+        want = {_axes(c, 312.5 * EPOCH, 512)[:5] + (round(c.schedule.total_samples / (312.5 * EPOCH), 2),)
+                for c in (compose_train(f"experiment={n}", output_dir=tmp_path) for n in full)}
+        assert want == MINI_AXES[table]
+
+
+def test_one_mini_experiment_per_table_trains_and_writes_its_result(tmp_path):
+    import json  # noqa: PLC0415
+
+    from flip.train import train  # noqa: PLC0415
+    ckpt = None
+    for name in MINI_SMOKE:
+        out = tmp_path / name
+        batch = compose_train(f"experiment={name}", "init_from=/x", output_dir=out).batch["global"]
+        extra = [f"init_from={ckpt}"] if name.startswith("mini_table1e") else []
+        cfg = compose_train(f"experiment={name}", f"schedule.total_samples={2 * batch}",
+                            "schedule.warmup_samples=1", "data.zeroshot.size=40",
+                            "data.num_workers=0", "trainer.enable_progress_bar=false", *extra,
+                            output_dir=out)
+        metrics = train(cfg)
+        record = json.loads((out / "result.json").read_text())
+        assert record["metrics"]["train/samples_seen"] == 2 * batch
+        assert 0 <= record["metrics"]["val/zeroshot_top1"] <= 1
+        assert metrics["val/zeroshot_top1"] == record["metrics"]["val/zeroshot_top1"]
+        assert record["config"]["group"] == cfg.group
+        if name == "mini_table1a_mask50":
+            ckpt = out / "checkpoints" / "last.ckpt"
+            assert ckpt.exists()
