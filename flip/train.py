@@ -65,6 +65,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_text_mask(cfg)
     check_reconstruction(cfg)
     check_hardware(cfg.trainer.accelerator)
+    if cfg.get("needs_init_from") and not cfg.init_from:
+        raise ConfigError("this run tunes a pre-trained model: set init_from=<checkpoint>, e.g. "
+                          "init_from=outputs/…/checkpoints/last.ckpt")
     if cfg.get("unmasked_tuning") and not (cfg.get("callbacks") or {}).get("checkpoint"):
         raise ConfigError("unmasked_tuning tunes the pre-trained last.ckpt: it needs the "
                           "checkpoint callback (callbacks.checkpoint)")

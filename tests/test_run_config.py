@@ -132,3 +132,16 @@ def test_another_patch_size_without_resampling_is_refused(pretrained, tmp_path):
         capture_output=True, text=True, timeout=300, cwd=CONF.parent)
     assert out.returncode == 1
     assert "model.image.patch_size=4 contradicts" in out.stderr
+
+
+@pytest.mark.parametrize("experiment", ["unmasked_tuning", "table2_vit_l14"])
+def test_a_tuning_experiment_without_init_from_stops_at_start_up(experiment, tmp_path):
+    """Before, `init_from: ???` in the experiment merged over train.yaml's null into null,
+    and the "tuning" silently trained from scratch."""
+    out = subprocess.run(
+        [sys.executable, "train.py", f"experiment={experiment}", f"output_dir={tmp_path}",
+         *(['data.shards=/x'] if experiment.startswith("table") else [])],
+        capture_output=True, text=True, timeout=300, cwd=CONF.parent)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        "error: this run tunes a pre-trained model: set init_from=<checkpoint>")
