@@ -100,19 +100,28 @@ def test_cached_equals_one_shot_with_masking(micro):
 def test_cached_equals_one_shot_with_an_auxiliary_term(micro):
     """The per-sample term is added in the replay pass; its parameters get the one-shot
     gradients too, and the reported parts add up to the loss."""
+    loss, parts, cached_objective, ref_objective = cached_and_one_shot(
+        lambda: objective(aux=True), micro)
+    assert parts.keys() == {"contrastive", "penalty"} and parts["penalty"] > 0
+    torch.testing.assert_close(parts["contrastive"] + parts["penalty"], loss, rtol=1e-12, atol=0)
+    assert_same_grads(grads(cached_objective), grads(ref_objective), min_count=2)
+
+
+def cached_and_one_shot(make_objective, micro: int):
+    """Gradient caching and the one-shot batch with the same masks and two copies of one
+    objective; asserts equal losses and model gradients. Returns (loss, parts, cached
+    objective, reference objective) for the objective's own checks."""
     images, tokens = batch()
     reference, cached = tiny_flip(), tiny_flip()
-    ref_objective, cached_objective = objective(aux=True), objective(aux=True)
+    ref_objective, cached_objective = make_objective(), make_objective()
     torch.manual_seed(7)
     noise = torch.rand(B, reference.visual.num_patches)
     expected_loss = one_shot(reference, images, tokens, noise.double(), ref_objective)
     torch.manual_seed(7)
     loss, parts, _ = cached_backward(cached, cached_objective, images, tokens, micro)
     torch.testing.assert_close(loss, expected_loss, rtol=1e-10, atol=0)
-    assert parts.keys() == {"contrastive", "penalty"} and parts["penalty"] > 0
-    torch.testing.assert_close(parts["contrastive"] + parts["penalty"], loss, rtol=1e-12, atol=0)
     assert_same_grads(grads(cached), grads(reference))
-    assert_same_grads(grads(cached_objective), grads(ref_objective), min_count=2)
+    return loss, parts, cached_objective, ref_objective
 
 
 def test_plain_accumulation_would_differ():
@@ -235,17 +244,8 @@ def test_cached_equals_one_shot_with_the_reconstruction_decoder(micro):
         term = PixelReconstruction(32, SIZE, 8, width=16, depth=2, heads=2, weight=0.5)
         return Objective({"reconstruction": term}).double()
 
-    images, tokens = batch()
-    reference, cached = tiny_flip(), tiny_flip()
-    ref_objective, cached_objective = decoder_objective(), decoder_objective()
-    torch.manual_seed(7)
-    noise = torch.rand(B, reference.visual.num_patches)
-    expected_loss = one_shot(reference, images, tokens, noise.double(), ref_objective)
-    torch.manual_seed(7)
-    loss, parts, _ = cached_backward(cached, cached_objective, images, tokens, micro)
-    torch.testing.assert_close(loss, expected_loss, rtol=1e-10, atol=0)
+    _, parts, cached_objective, ref_objective = cached_and_one_shot(decoder_objective, micro)
     assert parts.keys() == {"contrastive", "reconstruction"} and parts["reconstruction"] > 0
-    assert_same_grads(grads(cached), grads(reference))
     decoder_grads = grads(cached_objective)
     assert "auxiliary.reconstruction.mask_token" in decoder_grads
     assert_same_grads(decoder_grads, grads(ref_objective), min_count=10)

@@ -87,15 +87,19 @@ def test_init_from_reads_the_architecture_from_the_checkpoint(pretrained, tmp_pa
 
 
 def test_init_from_with_a_contradicting_override_names_both_values(pretrained, tmp_path):
-    out = subprocess.run(
-        [sys.executable, "train.py", *NOT_MODEL, f"init_from={pretrained}",
-         "model.image.width=64", f"output_dir={tmp_path}"],
-        capture_output=True, text=True, timeout=300, cwd=CONF.parent)
+    out = run_train(f"init_from={pretrained}", "model.image.width=64", output_dir=tmp_path)
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1] == (
         f"error: model.image.width=64 contradicts init_from={pretrained}, which was trained "
         "with model.image.width=32; drop the override (the architecture is read from the "
         "checkpoint)")
+
+
+def run_train(*overrides: str, output_dir) -> subprocess.CompletedProcess:
+    """``python train.py`` with the fast non-model settings, as a user would run it."""
+    return subprocess.run(
+        [sys.executable, "train.py", *NOT_MODEL, *overrides, f"output_dir={output_dir}"],
+        capture_output=True, text=True, timeout=300, cwd=CONF.parent)
 
 
 def test_init_from_a_missing_file_is_one_sentence(tmp_path):
@@ -126,10 +130,7 @@ def test_init_from_at_another_patch_size_resamples_the_kernel(pretrained, tmp_pa
 
 
 def test_another_patch_size_without_resampling_is_refused(pretrained, tmp_path):
-    out = subprocess.run(
-        [sys.executable, "train.py", *NOT_MODEL, f"init_from={pretrained}",
-         "model.image.patch_size=4", f"output_dir={tmp_path}"],
-        capture_output=True, text=True, timeout=300, cwd=CONF.parent)
+    out = run_train(f"init_from={pretrained}", "model.image.patch_size=4", output_dir=tmp_path)
     assert out.returncode == 1
     assert "model.image.patch_size=4 contradicts" in out.stderr
 
