@@ -24,9 +24,13 @@ def run_or_exit(run: Callable[[DictConfig], T], cfg: DictConfig) -> T:
         raise SystemExit(f"error: {err}") from None
 
 
+def _is_ratio(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value < 1
+
+
 def check_mask(cfg: DictConfig) -> None:
     mask = cfg.mask
-    if isinstance(mask, bool) or not isinstance(mask, (int, float)) or not 0 <= mask < 1:
+    if not _is_ratio(mask):
         raise ConfigError(
             f"mask={mask!r} is invalid: the image masking ratio must be a number in [0, 1) "
             "(e.g. mask=0, mask=0.5, mask=0.75)")
@@ -36,7 +40,7 @@ def check_text_mask(cfg: DictConfig) -> None:
     """model.text.mask_ratio in [0, 1) and model.text.mask_kind one of the Table 1c kinds."""
     text = cfg.model.text
     ratio, kind = text.get("mask_ratio", 0.0), text.get("mask_kind", "random")
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+    if not _is_ratio(ratio):
         raise ConfigError(
             f"model.text.mask_ratio={ratio!r} is invalid: the text masking ratio must be a "
             "number in [0, 1) (e.g. model.text.mask_ratio=0.5 keeps 16 of 32 tokens)")
@@ -52,6 +56,17 @@ def check_reconstruction(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"objective.auxiliary.{name} reconstructs the masked patches, but mask=0 masks "
                 "none; use mask=0.5 or mask=0.75, or objective=contrastive")
+
+
+def check_tuning(cfg: DictConfig) -> None:
+    """Runs that tune need weights to tune: ``needs_init_from`` (tuning experiments) needs
+    ``init_from``; a chained ``unmasked_tuning`` needs the checkpoint it tunes."""
+    if cfg.get("needs_init_from") and not cfg.init_from:
+        raise ConfigError("this run tunes a pre-trained model: set init_from=<checkpoint>, e.g. "
+                          "init_from=outputs/…/checkpoints/last.ckpt")
+    if cfg.get("unmasked_tuning") and not (cfg.get("callbacks") or {}).get("checkpoint"):
+        raise ConfigError("unmasked_tuning tunes the pre-trained last.ckpt: it needs the "
+                          "checkpoint callback (callbacks.checkpoint)")
 
 
 def per_device_batch(cfg: DictConfig, world_size: int) -> int:

@@ -10,8 +10,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from flip.checkpoint import (load_checkpoint, load_weights, merge_model_config, model_config,
                              model_state, resample_patch_embedding)
-from flip.config import (ConfigError, check_hardware, check_mask, check_reconstruction,
-                         check_text_mask, per_device_batch)
+from flip.config import (check_hardware, check_mask, check_reconstruction, check_text_mask,
+                         check_tuning, per_device_batch)
 from flip.console import quiet_console
 from flip.eval.zeroshot import format_zero_shot
 
@@ -65,20 +65,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_text_mask(cfg)
     check_reconstruction(cfg)
     check_hardware(cfg.trainer.accelerator)
-    if cfg.get("needs_init_from") and not cfg.init_from:
-        raise ConfigError("this run tunes a pre-trained model: set init_from=<checkpoint>, e.g. "
-                          "init_from=outputs/…/checkpoints/last.ckpt")
-    if cfg.get("unmasked_tuning") and not (cfg.get("callbacks") or {}).get("checkpoint"):
-        raise ConfigError("unmasked_tuning tunes the pre-trained last.ckpt: it needs the "
-                          "checkpoint callback (callbacks.checkpoint)")
+    check_tuning(cfg)
     quiet_console(cfg.trainer.accelerator, cfg.get("verbose", False))
     L.seed_everything(cfg.seed, workers=True)
 
     ckpt = load_checkpoint(cfg.init_from) if cfg.init_from else None
     model_cfg = resolve_model_config(cfg, ckpt)
     logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else False
+    resolved = OmegaConf.to_container(cfg, resolve=True)
     if logger:  # the whole resolved run config, next to the metrics
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(resolved)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     module = hydra.utils.instantiate(cfg.task, _partial_=True)(
         model=hydra.utils.instantiate(model_cfg),
@@ -104,7 +100,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if trainer.is_global_zero:
             print(format_zero_shot(top1, len(data.classnames)))
     if trainer.is_global_zero:  # one record per run, read by experiments/collect.py
-        record = {"metrics": metrics, "config": OmegaConf.to_container(cfg, resolve=True)}
+        record = {"metrics": metrics, "config": resolved}
         (Path(cfg.output_dir) / "result.json").write_text(json.dumps(record, indent=1) + "\n")
     if isinstance(logger, WandbLogger) and trainer.is_global_zero:
         logger.experiment.finish()  # the next job of a multirun starts its own W&B run
