@@ -39,13 +39,6 @@ def no_decay_names(module: nn.Module) -> set[str]:
             if n.endswith(".bias") or n in norms or "pos_embed" in n}
 
 
-def _patch_mask(mask: Mask | None) -> Mask | None:
-    """Images are masked at random only (the kinds of Table 1c are for text)."""
-    if mask is not None and mask.kind != "random":
-        raise ValueError(f"image masking is random only; mask kind {mask.kind!r} is for text")
-    return mask
-
-
 class FLIP(nn.Module):
     def __init__(
         self,
@@ -87,7 +80,7 @@ class FLIP(nn.Module):
         self, images: torch.Tensor, tokens: torch.Tensor,
         image_mask: Mask | None = None, text_mask: Mask | None = None,
     ) -> Features:
-        image_tokens, image_keep = self.visual.forward_features(images, _patch_mask(image_mask))
+        image_tokens, image_keep = self.visual.forward_features(images, image_mask)
         text_tokens, text_keep = self.text.forward_features(tokens, text_mask)
         image = self.image_proj(self.visual.forward_head(image_tokens))
         text = self.text_proj(self.text.forward_head(text_tokens, tokens, text_keep))
@@ -96,7 +89,7 @@ class FLIP(nn.Module):
 
     def encode_image(self, images: torch.Tensor, mask: Mask | None = None,
                      normalize: bool = True) -> torch.Tensor:
-        x = self.image_proj(self.visual(images, _patch_mask(mask)))
+        x = self.image_proj(self.visual(images, mask))
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, tokens: torch.Tensor, mask: Mask | None = None,

@@ -85,6 +85,8 @@ class ImageEncoder(nn.Module):
         """
         if mask is None:
             mask = Mask(self.mask_ratio if self.training else 0.0)
+        if mask.kind != "random":  # the kinds of Table 1c are for text
+            raise ValueError(f"image masking is random only; mask kind {mask.kind!r} is for text")
         x = self.patch_embed(images) + self.pos_embed  # (B, N, D)
         x, keep = mask.apply(x)  # (B, k, D)
         if self.cls_token is not None:
