@@ -14,6 +14,7 @@ from flip.config import (check_hardware, check_mask, check_reconstruction, check
                          check_tuning, per_device_batch)
 from flip.console import quiet_console
 from flip.eval.zeroshot import format_zero_shot
+from flip.tasks.transfer import is_transfer_task, train_transfer
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,10 @@ def resolve_model_config(cfg: DictConfig, ckpt: dict | None) -> dict:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Pre-train, then evaluate held-out zero-shot accuracy; returns the final metrics."""
+    """Pre-train, then evaluate held-out zero-shot accuracy; returns the final metrics.
+    A downstream task (``task=finetune|captioning|vqa``) runs ``train_transfer``."""
+    if is_transfer_task(cfg):
+        return train_transfer(cfg)
     check_mask(cfg)
     check_text_mask(cfg)
     check_reconstruction(cfg)
