@@ -40,3 +40,13 @@ def test_compile_option_runs_compiled_encoders_with_the_eager_numbers():
     expected = (eager.visual(images.float(), mask), eager.text(tokens))
     for got, want in zip(compiled, expected):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_drop_path_rises_linearly_over_the_blocks():
+    """timm's and MAE's stochastic-depth rule: block i of d drops at rate * i / (d - 1)."""
+    from flip.models.transformer import transformer_blocks
+
+    blocks = transformer_blocks(16, 5, 2, drop_path=0.2)
+    rates = [getattr(b.drop_path1, "drop_prob", 0.0) for b in blocks]
+    assert rates == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2])
+    assert all(getattr(b.drop_path2, "drop_prob", 0.0) == r for b, r in zip(blocks, rates))
