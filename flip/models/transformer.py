@@ -26,7 +26,7 @@ def transformer_blocks(width: int, depth: int, heads: int, mlp_ratio: float = 4.
         Block(width, heads, mlp_ratio, qkv_bias=True, drop_path=rate,
               norm_layer=partial(nn.LayerNorm, eps=norm_eps),
               act_layer=partial(nn.GELU, approximate=gelu_approximate))
-        for rate in torch.linspace(0, drop_path, depth).tolist()])
+        for rate in torch.linspace(0, drop_path, depth, device="cpu").tolist()])
     for m in blocks.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
