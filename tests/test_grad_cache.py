@@ -1,8 +1,10 @@
 """Gradient caching: loss and every gradient equal the one-shot full batch (with masking,
-with a per-sample auxiliary term), on one process and through Lightning DDP with 2 gloo
-processes, where it also synchronises gradients once per step."""
+with a per-sample auxiliary term, with the text graph kept), on one process and through
+Lightning DDP with 2 gloo processes, where it also synchronises gradients once per step;
+the last micro-batch is not replayed and a kept text graph is not replayed either."""
 import copy
 import json
+from contextlib import contextmanager
 import subprocess
 import sys
 from pathlib import Path
@@ -96,21 +98,24 @@ def test_cached_equals_one_shot_with_masking(micro):
     assert_same_grads(grads(cached), grads(reference))
 
 
-@pytest.mark.parametrize("micro", [2, 8])
-def test_cached_equals_one_shot_with_an_auxiliary_term(micro):
-    """The per-sample term is added in the replay pass; its parameters get the one-shot
-    gradients too, and the reported parts add up to the loss."""
+@pytest.mark.parametrize("micro, keep_text_graph", [(2, False), (4, False), (8, False),
+                                                    (2, True), (4, True)])
+def test_cached_equals_one_shot_with_an_auxiliary_term(micro, keep_text_graph):
+    """The per-sample term is added in each micro-batch's backward (first pass for the
+    last micro-batch, replay for the others); its parameters get the one-shot gradients
+    too, and the reported parts add up to the loss."""
     loss, parts, cached_objective, ref_objective = cached_and_one_shot(
-        lambda: objective(aux=True), micro)
+        lambda: objective(aux=True), micro, keep_text_graph=keep_text_graph)
     assert parts.keys() == {"contrastive", "penalty"} and parts["penalty"] > 0
     torch.testing.assert_close(parts["contrastive"] + parts["penalty"], loss, rtol=1e-12, atol=0)
     assert_same_grads(grads(cached_objective), grads(ref_objective), min_count=2)
 
 
-def cached_and_one_shot(make_objective, micro: int):
-    """Gradient caching and the one-shot batch with the same masks and two copies of one
-    objective; asserts equal losses and model gradients. Returns (loss, parts, cached
-    objective, reference objective) for the objective's own checks."""
+def cached_and_one_shot(make_objective, micro: int, **options):
+    """Gradient caching (``options`` to ``cached_backward``) and the one-shot batch with
+    the same masks and two copies of one objective; asserts equal losses and model
+    gradients. Returns (loss, parts, cached objective, reference objective) for the
+    objective's own checks."""
     images, tokens = batch()
     reference, cached = tiny_flip(), tiny_flip()
     ref_objective, cached_objective = make_objective(), make_objective()
@@ -118,7 +123,8 @@ def cached_and_one_shot(make_objective, micro: int):
     noise = torch.rand(B, reference.visual.num_patches)
     expected_loss = one_shot(reference, images, tokens, noise.double(), ref_objective)
     torch.manual_seed(7)
-    loss, parts, _ = cached_backward(cached, cached_objective, images, tokens, micro)
+    loss, parts, _ = cached_backward(cached, cached_objective, images, tokens, micro,
+                                     **options)
     torch.testing.assert_close(loss, expected_loss, rtol=1e-10, atol=0)
     assert_same_grads(grads(cached), grads(reference))
     return loss, parts, cached_objective, ref_objective
@@ -137,15 +143,16 @@ def test_plain_accumulation_would_differ():
     assert not torch.allclose(grads(accumulated)[name], grads(reference)[name], rtol=1e-3)
 
 
-def test_second_pass_replays_dropout_randomness():
+@pytest.mark.parametrize("keep_text_graph", [False, True])
+def test_second_pass_replays_dropout_randomness(keep_text_graph):
     """With drop-path on, the replay must see the RNG state of the first pass."""
     images, tokens = batch()
     reference, cached = tiny_flip(drop_path=0.5), tiny_flip(drop_path=0.5)
-    micro = 4
+    micro = 2
     torch.manual_seed(3)  # reference: same RNG order as the cached first pass
     noise = torch.rand(B, reference.visual.num_patches).double()
     features = [(reference.encode_image(images[c], Mask(0.5, noise[c])), reference.encode_text(tokens[c]))
-                for c in (slice(0, micro), slice(micro, B))]
+                for c in (slice(i, i + micro) for i in range(0, B, micro))]
     image = torch.cat([f[0] for f in features])
     text = torch.cat([f[1] for f in features])
     expected_loss = contrastive_loss(image, text, reference.scale())
@@ -153,7 +160,8 @@ def test_second_pass_replays_dropout_randomness():
     after_reference = torch.rand(1)
     contrastive_only = objective()
     torch.manual_seed(3)
-    loss, _, _ = cached_backward(cached, contrastive_only, images, tokens, micro)
+    loss, _, _ = cached_backward(cached, contrastive_only, images, tokens, micro,
+                                 keep_text_graph=keep_text_graph)
     torch.testing.assert_close(loss, expected_loss.detach(), rtol=1e-10, atol=0)
     assert_same_grads(grads(cached), grads(reference))
     # the RNG continues where the first pass left it, not replayed twice
@@ -206,10 +214,12 @@ def test_lightning_ddp_two_processes_equals_one_shot(tmp_path):
     torch.testing.assert_close(mean_loss, loss, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("keep_text_graph", [False, True])
 @pytest.mark.parametrize("kind", ["random", "prioritized", "truncate"])
-def test_cached_equals_one_shot_with_text_masking(kind):
+def test_cached_equals_one_shot_with_text_masking(kind, keep_text_graph):
     """Text masking on (half of the 8 tokens kept): the replay reuses each sample's text
-    mask, so loss and gradients equal the one-shot batch drawn with the same noise."""
+    mask (or its kept text graph), so loss and gradients equal the one-shot batch drawn
+    with the same noise."""
     def model() -> FLIP:
         flip = tiny_flip()
         flip.text.mask_ratio, flip.text.mask_kind = 0.5, kind
@@ -228,7 +238,8 @@ def test_cached_equals_one_shot_with_text_masking(kind):
     expected_loss.backward()
     contrastive_only = objective()  # seeds its own generator: before the masks' seed
     torch.manual_seed(7)
-    loss, _, _ = cached_backward(cached, contrastive_only, images, tokens, 2)
+    loss, _, _ = cached_backward(cached, contrastive_only, images, tokens, 2,
+                                 keep_text_graph=keep_text_graph)
     torch.testing.assert_close(loss, expected_loss.detach(), rtol=1e-10, atol=0)
     assert_same_grads(grads(cached), grads(reference))
 
@@ -249,3 +260,87 @@ def test_cached_equals_one_shot_with_the_reconstruction_decoder(micro):
     decoder_grads = grads(cached_objective)
     assert "auxiliary.reconstruction.mask_token" in decoder_grads
     assert_same_grads(decoder_grads, grads(ref_objective), min_count=10)
+
+
+class TextTokenPenalty(nn.Module):
+    """A per-sample term on the text tower's tokens and kept positions: with the text
+    graph kept, it reads the first-pass text features of every micro-batch."""
+
+    weight = 0.5
+
+    def forward(self, features: Features, images, tokens) -> torch.Tensor:
+        keep = features.text_keep.to(features.text_tokens.dtype).mean(1)  # (b,)
+        return (features.text_tokens**2).mean((1, 2)) * (1 + keep / 8)
+
+
+@pytest.mark.parametrize("micro", [2, 4])
+def test_kept_text_graph_feeds_the_per_sample_terms(micro):
+    """keep_text_graph with text masking and a term on the text tokens: loss, the term
+    and every gradient equal the one-shot batch."""
+    def model() -> FLIP:
+        flip = tiny_flip()
+        flip.text.mask_ratio = 0.5
+        return flip
+
+    images, tokens = batch()
+    reference, cached = model(), model()
+    make = lambda: Objective({"text": TextTokenPenalty()}).double()  # noqa: E731
+    ref_objective, cached_objective = make(), make()
+    torch.manual_seed(7)  # the order draw_masks draws in: image noise, then text noise
+    image_noise, text_noise = torch.rand(B, reference.visual.num_patches), torch.rand(B, 8)
+    features = reference.forward_features(images, tokens, Mask(0.5, image_noise.double()),
+                                          Mask(0.5, text_noise))
+    expected_loss, expected_parts = ref_objective(features, reference.scale(), images, tokens)
+    expected_loss.backward()
+    torch.manual_seed(7)
+    loss, parts, _ = cached_backward(cached, cached_objective, images, tokens, micro,
+                                     keep_text_graph=True)
+    torch.testing.assert_close(loss, expected_loss.detach(), rtol=1e-10, atol=0)
+    torch.testing.assert_close(parts["text"], expected_parts["text"].detach(), rtol=1e-10, atol=0)
+    assert_same_grads(grads(cached), grads(reference))
+
+
+def tower_calls(model: FLIP) -> dict[str, int]:
+    """Counts, updated live, of the forward passes of each tower (its first layer)."""
+    calls = {"image": 0, "text": 0}
+
+    def count(tower):
+        return lambda *_: calls.__setitem__(tower, calls[tower] + 1)
+    model.visual.patch_embed.register_forward_hook(count("image"))
+    model.text.token_embed.register_forward_hook(count("text"))
+    return calls
+
+
+@pytest.mark.parametrize("micro, keep_text_graph, expected", [
+    (2, False, {"image": 7, "text": 7}),  # 4 first-pass forwards + 3 replays, not 4 + 4
+    (2, True, {"image": 7, "text": 4}),  # the text tower is never replayed
+    (4, False, {"image": 3, "text": 3}),
+    (8, False, {"image": 1, "text": 1}),  # one micro-batch: the one-shot step
+])
+def test_the_last_micro_batch_is_not_replayed(micro, keep_text_graph, expected):
+    model = tiny_flip()
+    calls = tower_calls(model)
+    cached_backward(model, objective(), *batch(), micro, keep_text_graph=keep_text_graph)
+    assert calls == expected
+
+
+def test_every_backward_but_the_final_one_runs_without_sync():
+    """The kept graph is backpropagated first, inside no_sync; the final backward (the
+    last replay) is the only synchronised one and the only one with the logit scale."""
+    model, inside = tiny_flip(), []
+
+    @contextmanager
+    def no_sync():
+        inside.append(True)
+        yield
+        inside.append(False)
+
+    seen = []  # per backward: (inside no_sync, logit scale gradient before it)
+
+    def backward(surrogate):
+        seen.append((bool(inside) and inside[-1], model.logit_scale.grad is None))
+        surrogate.backward()
+
+    cached_backward(model, objective(), *batch(), 2, backward, no_sync)
+    assert seen == [(True, True)] * 3 + [(False, True)]
+    assert model.logit_scale.grad is not None

@@ -80,12 +80,20 @@ class FLIP(nn.Module):
         self, images: torch.Tensor, tokens: torch.Tensor,
         image_mask: Mask | None = None, text_mask: Mask | None = None,
     ) -> Features:
-        image_tokens, image_keep = self.visual.forward_features(images, image_mask)
-        text_tokens, text_keep = self.text.forward_features(tokens, text_mask)
-        image = self.image_proj(self.visual.forward_head(image_tokens))
-        text = self.text_proj(self.text.forward_head(text_tokens, tokens, text_keep))
-        return Features(F.normalize(image, dim=-1), F.normalize(text, dim=-1),
-                        image_tokens, image_keep, text_tokens, text_keep)
+        return Features(**self.forward_image(images, image_mask),
+                        **self.forward_text(tokens, text_mask))
+
+    def forward_image(self, images: torch.Tensor, mask: Mask | None = None) -> dict:
+        """The image tower's fields of ``Features`` (gradient caching runs a tower alone)."""
+        tokens, keep = self.visual.forward_features(images, mask)
+        image = self.image_proj(self.visual.forward_head(tokens))
+        return {"image": F.normalize(image, dim=-1), "image_tokens": tokens, "image_keep": keep}
+
+    def forward_text(self, tokens: torch.Tensor, mask: Mask | None = None) -> dict:
+        """The text tower's fields of ``Features``."""
+        x, keep = self.text.forward_features(tokens, mask)
+        text = self.text_proj(self.text.forward_head(x, tokens, keep))
+        return {"text": F.normalize(text, dim=-1), "text_tokens": x, "text_keep": keep}
 
     def encode_image(self, images: torch.Tensor, mask: Mask | None = None,
                      normalize: bool = True) -> torch.Tensor:
