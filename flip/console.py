@@ -15,6 +15,8 @@ import logging
 import os
 import warnings
 
+from lightning.pytorch.callbacks import RichProgressBar
+
 LIGHTNING_INFO = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed",
                   "lightning.fabric.utilities.rank_zero")
 
@@ -28,3 +30,13 @@ def quiet_console(accelerator: str, verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     if accelerator != "tpu":
         os.environ.setdefault("PJRT_DEVICE", "CPU")
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's bar for runs counted in steps (``max_epochs=-1``): "Epoch 3", where
+    Lightning prints the limit minus one, "Epoch 3/-2"."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self.trainer.max_epochs != -1:
+            return super()._get_train_description(current_epoch)
+        return f"Epoch {current_epoch}".ljust(len(self.validation_description))

@@ -12,7 +12,7 @@ from flip.checkpoint import (load_checkpoint, load_weights, merge_model_config, 
                              model_state, resample_patch_embedding)
 from flip.config import (check_hardware, check_mask, check_reconstruction, check_text_mask,
                          check_tuning, per_device_batch)
-from flip.console import quiet_console
+from flip.console import StepProgressBar, quiet_console
 from flip.eval.zeroshot import format_zero_shot
 from flip.tasks.transfer import is_transfer_task, train_transfer
 
@@ -80,6 +80,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if logger:  # the whole resolved run config, next to the metrics
         logger.log_hyperparams(resolved)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(StepProgressBar())
     module = hydra.utils.instantiate(cfg.task, _partial_=True)(
         model=hydra.utils.instantiate(model_cfg),
         objective=hydra.utils.instantiate(cfg.objective), model_config=model_cfg)

@@ -29,3 +29,16 @@ def test_verbose_brings_lightnings_lines_back(tmp_path):
         capture_output=True, text=True, timeout=300, cwd=CONF.parent)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "GPU available" in out.stdout + out.stderr
+
+
+def test_progress_bar_of_a_step_counted_run_shows_no_epoch_limit():
+    """Pre-training ends at max_steps (Lightning sets max_epochs=-1): "Epoch 3", not the
+    "Epoch 3/-2" of Lightning's bar; runs with an epoch limit keep "Epoch 3/4"."""
+    from types import SimpleNamespace
+
+    from flip.console import StepProgressBar
+
+    bar = StepProgressBar()
+    for max_epochs, expected in ((-1, "Epoch 3"), (5, "Epoch 3/4")):
+        bar._trainer = SimpleNamespace(max_epochs=max_epochs)
+        assert bar._get_train_description(3).strip() == expected
