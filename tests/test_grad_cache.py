@@ -344,3 +344,22 @@ def test_every_backward_but_the_final_one_runs_without_sync():
     cached_backward(model, objective(), *batch(), 2, backward, no_sync)
     assert seen == [(True, True)] * 3 + [(False, True)]
     assert model.logit_scale.grad is not None
+
+
+@pytest.mark.parametrize("keep_text_graph, text_forwards", [(False, 7), (True, 4)])
+def test_pretrain_module_passes_keep_text_graph(keep_text_graph, text_forwards):
+    """task.keep_text_graph reaches gradient caching in a Lightning training step."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from flip.tasks.pretrain import PretrainModule
+
+    model = tiny_flip()
+    calls = tower_calls(model)
+    module = PretrainModule(model, global_batch=B, total_samples=B, warmup_samples=0,
+                            micro_batch=2, keep_text_graph=keep_text_graph)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, precision="64-true", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(module, DataLoader(TensorDataset(*batch()), batch_size=B))
+    assert calls == {"image": 7, "text": text_forwards}

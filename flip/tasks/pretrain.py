@@ -40,6 +40,7 @@ class PretrainModule(L.LightningModule):
         objective: Objective | None = None,  # default: the contrastive loss alone
         model_config: dict | None = None,  # stored in checkpoints: eval/export rebuild the model
         micro_batch: int | None = None,  # per device; None = the whole per-device batch
+        keep_text_graph: bool = False,  # gradient caching: text tower not replayed, its graphs kept
         base_lr: float = 4e-6,  # per 256 samples (official FLIP)
         weight_decay: float = 0.2,
         # official: decay all but biases, norm scales, position embeddings (FLIP code);
@@ -121,7 +122,8 @@ class PretrainModule(L.LightningModule):
             if micro < images.shape[0]:
                 return cached_backward(self.model, self.objective, images, tokens, micro,
                                        self.manual_backward,
-                                       lambda: optimizer.toggle_model(sync_grad=False))
+                                       lambda: optimizer.toggle_model(sync_grad=False),
+                                       self.hparams.keep_text_graph)
             image_mask, text_mask = self.model.draw_masks(images.shape[0], images.device)
             features = self.model.forward_features(images, tokens, image_mask, text_mask)
             scale = self.model.scale()
