@@ -19,7 +19,7 @@ from flip.data.shards import (
     expand_shards,
     keep_batch,
 )
-from flip.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_normalized_tensor
+from flip.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, to_normalized_tensor
 from flip.tokenizer import Tokenizer
 from flip.train import train
 from tests.conftest import compose_fast
@@ -109,11 +109,12 @@ def test_batches_are_full_typed_and_normalised(fixture_shards):
     for batch in batches:
         assert type(batch) is tuple and len(batch) == 2  # a plain (images, tokens) pair
         images, tokens = batch
-        assert images.shape == (5, 3, 32, 32) and images.dtype == torch.float32
+        assert images.shape == (5, 3, 32, 32) and images.dtype == torch.uint8  # see below
         assert tokens.shape == (5, 32) and tokens.dtype == torch.int64
     images, tokens = batches[0]
-    # sample 000000000 is solid red: any crop/flip of it is red, normalised with ImageNet stats
-    assert torch.allclose(images[0], normalised(RED).expand(3, 32, 32), atol=0.05)
+    # sample 000000000 is solid red: any crop/flip of it is red, normalised with ImageNet
+    # stats once on the device (ShardDataModule.on_after_batch_transfer calls normalize)
+    assert torch.allclose(normalize(images[0]), normalised(RED).expand(3, 32, 32), atol=0.05)
     assert torch.equal(tokens[0], Tokenizer(32)(caption(0, 0))[0])
     # each batch's counts are reported before the batch is handed over; the end of the
     # pass reports the rest, the 2 good samples of the dropped partial batch included

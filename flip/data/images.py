@@ -23,6 +23,7 @@ pixels do not turn into whatever colour they happen to store (often black).
 import io
 import os
 import warnings
+from collections.abc import Callable
 
 from PIL import Image
 
@@ -56,11 +57,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(data: bytes | os.PathLike | str, max_pixels: int | None = DEFAULT_MAX_PIXELS
+def decode_image(data: bytes | os.PathLike | str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 before_load: Callable[[Image.Image], None] | None = None
                  ) -> tuple[Image.Image, str]:
     """(the image as RGB, its original mode) from bytes or a path; BadSample otherwise.
 
-    A missing path raises FileNotFoundError (the caller decides what it means).
+    ``before_load(img)`` runs once the header is read and checked, before any pixel is
+    decoded: it sees the full size and may ask for a reduced-size decode (``img.draft``,
+    JPEG only; ``flip.data.transforms.DecodeRandomResizedCrop`` does). A missing path
+    raises FileNotFoundError (the caller decides what it means).
     """
     if isinstance(data, (bytes, bytearray, memoryview)):
         if len(data) == 0:
@@ -77,6 +82,8 @@ def decode_image(data: bytes | os.PathLike | str, max_pixels: int | None = DEFAU
                 width, height = img.size
                 if max_pixels is not None and width * height > max_pixels:
                     raise BadSample("large_image", f"{width}x{height} > max_pixels={max_pixels}")
+                if before_load is not None:
+                    before_load(img)
                 img.load()  # the full decode happens here, inside the try
                 return to_rgb(img), img.mode
     except Image.DecompressionBombError as err:  # above PIL's own limit (2x MAX_IMAGE_PIXELS)

@@ -17,8 +17,18 @@ built from webdataset's stages::
     -> end-of-shard truncation check                           (_check_shard_end)
     -> samples (webdataset group_by_keys)
     -> shuffle buffer (webdataset.shuffle)
-    -> decode + checks + RandomResizedCrop/flip/normalise      (_decode)
+    -> decode + checks + RandomResizedCrop/flip, uint8        (_decode)
     -> batches of exactly batch_size, captions tokenised      (ShardStream.__iter__)
+    -> (main process, after the copy to the device) normalise (on_after_batch_transfer)
+
+Images stay uint8 until they are on the device: the crop is drawn from the JPEG header,
+the JPEG decoded at reduced size when the crop allows, crop and resize done in one uint8
+resize (``flip.data.transforms.DecodeRandomResizedCrop``, the augmentation of
+``train_transform``), and ``ShardDataModule.on_after_batch_transfer`` normalises with the
+ImageNet mean/std (``flip.data.transforms.normalize``), so every consumer through
+Lightning gets the same float batches as before, at a fraction of the loader's cost
+(docs/performance.md, "Data loader"). A ``ShardStream`` read directly yields the uint8
+batches.
 
 Shard splitting: reader ``k = r * W + w`` of ``K = R * W`` owns shards ``k, k + K,
 k + 2K, ...`` of the expanded list, so ranks and workers read disjoint shards (with fewer
@@ -68,7 +78,7 @@ from flip.data.images import (
     decode_image,
 )
 from flip.data.quality import DataError, DataPathError, LoaderStats, QualityMixin, SharedStats
-from flip.data.transforms import train_transform
+from flip.data.transforms import DecodeRandomResizedCrop, normalize
 from flip.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -231,8 +241,20 @@ def _samples_seen(samples, state: _ReaderState):
         yield sample
 
 
-def _decode(samples, state: _ReaderState, transform, max_pixels: int | None):
-    """(image tensor, caption, key, url) for every usable sample; the rest are counted."""
+class _DecodeThen:
+    """A decoder ``(bytes, max_pixels) -> (transform(image), mode)`` for a transform of
+    decoded PIL images (``ShardStream(transform=...)``: inspection, tools, tests)."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, data: bytes, max_pixels: int | None):
+        image, mode = decode_image(data, max_pixels)
+        return self.transform(image), mode
+
+
+def _decode(samples, state: _ReaderState, decode, max_pixels: int | None):
+    """(image, caption, key, url) for every usable sample; the rest are counted."""
     for sample in samples:
         key, url = sample.get("__key__"), sample.get("__url__")
         ext = next((e for e in IMAGE_MEMBERS if e in sample), None)
@@ -244,7 +266,7 @@ def _decode(samples, state: _ReaderState, transform, max_pixels: int | None):
             continue
         try:
             caption = decode_caption(sample["txt"])
-            image, mode = decode_image(sample[ext], max_pixels)
+            image, mode = decode(sample[ext], max_pixels)
         except BadSample as bad:
             state.skip_sample(bad.reason, f"{url} {key}: {bad.detail}")
             continue
@@ -252,12 +274,12 @@ def _decode(samples, state: _ReaderState, transform, max_pixels: int | None):
         state.stats.samples += 1
         if mode != "RGB":
             state.stats.converted[mode] += 1
-        yield transform(image), caption, key, url
+        yield image, caption, key, url
 
 
 # ------------------------------------------------------------------------------ dataset
 class ShardStream(IterableDataset):
-    """Batches ``(images (B, 3, S, S) float, tokens (B, L) long)`` from shards.
+    """Batches ``(images (B, 3, S, S) uint8, tokens (B, L) long)`` from shards.
 
     Use with ``DataLoader(stream, batch_size=None, collate_fn=keep_batch)``: batching,
     shard splitting per rank and worker, shuffling and skip counting happen here.
@@ -265,13 +287,15 @@ class ShardStream(IterableDataset):
     shards (inspection, tests), then the last partial batch is dropped. ``stats``: where
     each reader adds its counts, before every batch and at the end of its passes
     (``ShardDataModule`` passes its ``SharedStats``); without it they stay in
-    ``self.state.stats`` of the reading process.
+    ``self.state.stats`` of the reading process. Images: ``DecodeRandomResizedCrop``
+    (uint8, to be normalised with ``flip.data.transforms.normalize``), or ``transform``
+    of each decoded PIL image when one is given.
     """
 
     def __init__(self, urls, batch_size: int, image_size: int = 224, tokenizer=None,
                  shuffle_buffer: int = 5000, shuffle_initial: int = 1000, seed: int = 0,
                  rank: int = 0, world_size: int = 1, start: int = 0, passes: int | None = None,
-                 crop_scale=(0.5, 1.0), hflip: bool = True, transform=None,
+                 crop_scale=(0.5, 1.0), hflip: bool = True, draft: bool = True, transform=None,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS, max_consecutive_bad: int = 1000,
                  stats: SharedStats | None = None):
         super().__init__()
@@ -281,8 +305,9 @@ class ShardStream(IterableDataset):
         self.batch_size, self.passes, self.seed, self.start = batch_size, passes, seed, start
         self.rank, self.world_size = rank, world_size
         self.tokenizer = tokenizer if tokenizer is not None else Tokenizer(32)
-        self.transform = transform if transform is not None else train_transform(
-            image_size, tuple(crop_scale), hflip)
+        self.decode = (DecodeRandomResizedCrop(image_size, tuple(crop_scale), hflip=hflip,
+                                               draft=draft)
+                       if transform is None else _DecodeThen(transform))
         self.shuffle_buffer, self.shuffle_initial = shuffle_buffer, shuffle_initial
         self.max_pixels, self.max_consecutive_bad = max_pixels, max_consecutive_bad
         self.stats = stats
@@ -314,7 +339,7 @@ class ShardStream(IterableDataset):
         if self.shuffle_buffer > 1:
             stages.append(wds.shuffle(self.shuffle_buffer, self.shuffle_initial,
                                       rng=random.Random(rng.random())))
-        stages.append(partial(_decode, state=state, transform=self.transform,
+        stages.append(partial(_decode, state=state, decode=self.decode,
                               max_pixels=self.max_pixels))
         return iter(wds.DataPipeline(*stages))
 
@@ -357,7 +382,10 @@ def first_sample(urls: list[str], max_pixels: int | None, max_bad: int = 1000):
 class ShardDataModule(QualityMixin, L.LightningDataModule):
     """Training on webdataset shards; optional zero-shot set (e.g. ``ImageFolderZeroShot``).
 
-    ``batch_size``: per device; every batch has exactly this many samples.
+    ``batch_size``: per device; every batch has exactly this many samples. Training
+    images leave the loader as uint8 and are normalised after the copy to the device
+    (``on_after_batch_transfer``). ``draft``: decode JPEGs at reduced size when the crop
+    allows (``DecodeRandomResizedCrop``).
     """
 
     def __init__(
@@ -373,6 +401,7 @@ class ShardDataModule(QualityMixin, L.LightningDataModule):
         shuffle_initial: int = 1000,
         crop_scale: tuple[float, float] = (0.5, 1.0),
         hflip: bool = True,
+        draft: bool = True,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         max_skip_rate: float = 0.05,
         skip_rate_min_samples: int = 10_000,
@@ -387,7 +416,7 @@ class ShardDataModule(QualityMixin, L.LightningDataModule):
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.pin_memory = pin_memory
         self.shuffle_buffer, self.shuffle_initial = shuffle_buffer, shuffle_initial
-        self.crop_scale, self.hflip = tuple(crop_scale), hflip
+        self.crop_scale, self.hflip, self.draft = tuple(crop_scale), hflip, draft
         self.max_pixels, self.max_consecutive_bad, self.seed = max_pixels, max_consecutive_bad, seed
         self.tokenizer = Tokenizer(context_length)
         self.classnames = list(zeroshot.classnames) if zeroshot is not None else []
@@ -434,7 +463,8 @@ class ShardDataModule(QualityMixin, L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer, shuffle_initial=self.shuffle_initial,
             seed=self.seed, rank=rank, world_size=world,
             start=self.batches_seen,  # restored from a checkpoint: fresh data on resume
-            crop_scale=self.crop_scale, hflip=self.hflip, max_pixels=self.max_pixels,
+            crop_scale=self.crop_scale, hflip=self.hflip, draft=self.draft,
+            max_pixels=self.max_pixels,
             max_consecutive_bad=self.max_consecutive_bad, stats=self.shared_stats())
 
     def train_dataloader(self) -> DataLoader:
@@ -449,3 +479,12 @@ class ShardDataModule(QualityMixin, L.LightningDataModule):
         return DataLoader(self.zeroshot_set, batch_size=self.batch_size,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           pin_memory=self.pin_memory)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Normalise uint8 training images where they now are (the device): a quarter of
+        the bytes crossed from the workers and to the device. Zero-shot batches arrive as
+        float and pass unchanged."""
+        images, *rest = batch
+        if images.dtype != torch.uint8:
+            return batch
+        return (normalize(images), *rest)

@@ -1,19 +1,26 @@
-"""Image transforms: PIL image -> normalised float tensor (3, H, W).
+"""Image transforms: PIL image -> normalised float tensor (3, H, W), and the loader's
+uint8 route to the same.
 
 ``train_transform``: random-resized crop (+ optional horizontal flip), as in CLIP/FLIP.
 ``eval_transform``: resize the short side + centre crop.
 ``to_normalized_tensor``: no geometry at all, for synthetic data whose captions
 describe positions ("on the left") that crops or flips would make false.
+``DecodeRandomResizedCrop``: ``train_transform``'s augmentation straight from encoded
+bytes to a uint8 tensor, for the webdataset loader (``flip.data.shards``), whose batches
+are normalised on the device by ``normalize`` (the DataModule's ``on_after_batch_transfer``).
 
 Every pipeline first converts its input to RGB with ``flip.data.images.to_rgb`` (the
 conversion the decoders use: transparency composited over white, 16-bit scaled), so
 greyscale, palette or RGBA images come out with three channels, the same in training and
 evaluation. All pieces are picklable (DataLoader workers).
 """
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from flip.data.images import to_rgb
+from flip.data.images import DEFAULT_MAX_PIXELS, decode_image, to_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -51,3 +58,87 @@ def eval_transform(image_size: int) -> T.Compose:
             T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
     )
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (..., 3, H, W) -> float normalised with the ImageNet mean/std.
+
+    The same operations, in the same order, as ``T.ToTensor()`` + ``T.Normalize``, so the
+    result is bit-identical to theirs on the same pixels, on whichever device ``images`` is.
+    """
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(-1, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(-1, 1, 1)
+    return images.float().div_(255).sub_(mean).div_(std)
+
+
+DRAFT_SCALES = (8, 4, 2)  # the reduced sizes libjpeg decodes to directly: 1/8, 1/4, 1/2
+
+
+class DecodeRandomResizedCrop:
+    """Encoded image -> ``train_transform``'s augmentation as a uint8 tensor (3, S, S).
+
+    ``decoder(data, max_pixels)`` returns ``(image, original mode)`` and raises
+    ``flip.data.images.BadSample`` like ``decode_image``. The augmentation is
+    torchvision's: ``RandomResizedCrop.get_params`` draws the crop and ``torch.rand(1) <
+    0.5`` the flip, in ``train_transform``'s order, so a seed gives the same crop and flip
+    as there. What changes is the order of work, which is where a loader's time goes
+    (experiments/benchmark_loader.py):
+
+    * the crop is drawn from the header's size, before any pixel is decoded; when the
+      crop is at least 2, 4 or 8 times ``size`` on its shorter side, a JPEG is decoded at
+      1/2, 1/4 or 1/8 scale (``draft``: libjpeg scales in the DCT, nearly for free) and
+      the crop is taken from that, its edges rounded to the reduced pixel grid (at most
+      ``scale / 2`` original pixels, under half an output pixel). The crop still has at
+      least ``size`` pixels a side, so the final resize only ever shrinks, as it would
+      from the full decode; tests/test_loader_semantics.py bounds the pixel difference.
+    * crop and bicubic resize are one antialiased resize of a uint8 tensor
+      (``torchvision.transforms.v2.functional.resized_crop``, torch's vectorised uint8
+      kernel; the same filter as PIL's bicubic, within a grey level or two, several
+      times faster than PIL's);
+    * no float conversion and no normalisation here: uint8 batches are a quarter of the
+      bytes to stack, hand between processes and copy to the device, and ``normalize``
+      runs on the device (``ShardDataModule.on_after_batch_transfer``).
+
+    ``draft=False`` decodes every image at full size (the crop box is then exactly
+    torchvision's).
+    """
+
+    def __init__(self, size: int, scale: tuple[float, float] = (0.5, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True,
+                 draft: bool = True):
+        self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
+        self.hflip, self.draft = hflip, draft
+
+    def draft_scale(self, height: int, width: int) -> int:
+        """The largest JPEG reduction that leaves a (height, width) crop ``size`` a side."""
+        if self.draft:
+            for scale in DRAFT_SCALES:
+                if min(height, width) >= scale * self.size:
+                    return scale
+        return 1
+
+    def __call__(self, data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS
+                 ) -> tuple[torch.Tensor, str]:
+        crop = {}
+
+        def plan(img: Image.Image) -> None:  # header read, nothing decoded yet
+            top, left, height, width = T.RandomResizedCrop.get_params(img, self.scale, self.ratio)
+            scale = self.draft_scale(height, width)
+            if scale > 1:  # Image.draft returns None for formats without reduced decoding
+                full_width = img.width
+                drafted = img.draft(img.mode, (img.width // scale, img.height // scale))
+                scale = round(full_width / drafted[1][2]) if drafted is not None else 1
+            crop.update(top=top, left=left, height=height, width=width, scale=scale)
+
+        image, mode = decode_image(data, max_pixels, before_load=plan)
+        top, left, height, width, scale = (crop[k] for k in
+                                           ("top", "left", "height", "width", "scale"))
+        if scale > 1:  # the crop's edges on the reduced pixel grid
+            top, bottom = round(top / scale), round((top + height) / scale)
+            left, right = round(left / scale), round((left + width) / scale)
+            height, width = bottom - top, right - left
+        out = TF.resized_crop(TF.pil_to_tensor(image), top, left, height, width,
+                              [self.size, self.size], InterpolationMode.BICUBIC, antialias=True)
+        if self.hflip and torch.rand(1) < 0.5:
+            out = TF.horizontal_flip(out)
+        return out, mode
