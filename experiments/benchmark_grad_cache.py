@@ -1,20 +1,33 @@
 """Gradient caching cost, side by side: one training step of the same samples as
 (a) one-shot full batch, (b) plain micro-batch accumulation (per-micro-batch loss: fewer
-negatives, not the same objective), (c) gradient caching (exact full-batch loss).
+negatives, not the same objective), (c) gradient caching (exact full-batch loss,
+``flip/grad_cache.py``: the last micro-batch not replayed), (d) the same with
+``keep_text_graph``, (e) gradient caching that replays every micro-batch (the library's
+former path, kept here only as the baseline of the saving).
 
-Prints median step time (and spread) per variant, the cached/plain time ratio, and the
-peak resident memory of each variant measured in its own fresh process.
+Every variant runs in its own fresh process (its own peak RSS), ``--rounds`` times
+interleaved so that drifting load hits all alike; per variant: median and min–max of the
+step's wall time and of the process CPU time after one warm-up step, and the peak RSS
+above the model's. Ratios are to plain accumulation. On a shared machine pass
+``--threads 1`` and read the CPU-time columns: with one thread a process's CPU time is
+what its step costs, whatever else runs; wall time then also counts waiting for a core.
+Writes ``<out>.md`` and ``<out>.json`` with the load (``uptime``) at start and end.
 
-    python experiments/benchmark_grad_cache.py --model tiny --batch 128 --micro 32
-    python experiments/benchmark_grad_cache.py --model vit_b16 --batch 32 --micro 8 --repeats 3
+    python experiments/benchmark_grad_cache.py --model tiny --batch 128 --micro 32 \\
+        --threads 1 --repeats 10 --rounds 3 --out experiments/results/grad-cache-tiny-cpu
+    python experiments/benchmark_grad_cache.py --model vit_b16 --batch 32 --micro 8 \\
+        --threads 1 --repeats 1 --rounds 2 --variants accumulate cached cached_keep_text \\
+        recompute --out experiments/results/grad-cache-vit_b16-cpu
 """
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import hydra
 import torch
@@ -23,7 +36,8 @@ from hydra import compose, initialize_config_module
 from flip.grad_cache import cached_backward
 from flip.loss import contrastive_loss
 
-VARIANTS = ("one_shot", "accumulate", "cached")
+VARIANTS = ("one_shot", "accumulate", "cached", "cached_keep_text", "recompute")
+BASELINE = "accumulate"
 
 
 def build(model: str, mask: float):
@@ -37,6 +51,36 @@ def build(model: str, mask: float):
             cfg.data.image_size)
 
 
+def recompute_backward(model, objective, images, tokens, micro: int) -> None:
+    """Gradient caching as the library did before the last micro-batch kept its graph:
+    every micro-batch embedded without graph, then every one replayed (n + n forwards)."""
+    B = images.shape[0]
+    chunks = [slice(i, i + micro) for i in range(0, B, micro)]
+    image_mask, text_mask = model.draw_masks(B, images.device)
+    states, image_features, text_features = [], [], []
+    with torch.no_grad():
+        for c in chunks:
+            states.append(torch.get_rng_state())
+            image_features.append(model.encode_image(images[c], image_mask[c]))
+            text_features.append(model.encode_text(tokens[c], text_mask[c]))
+    after = torch.get_rng_state()
+    image_all = torch.cat(image_features).requires_grad_()
+    text_all = torch.cat(text_features).requires_grad_()
+    scale = model.scale()
+    grad_image, grad_text, grad_scale = torch.autograd.grad(
+        objective.contrastive(image_all, text_all, scale), [image_all, text_all, scale])
+    for i, (c, state) in enumerate(zip(chunks, states)):
+        torch.set_rng_state(state)
+        features = model.forward_features(images[c], tokens[c], image_mask[c], text_mask[c])
+        surrogate = (features.image * grad_image[c]).sum() + (features.text * grad_text[c]).sum()
+        for term in objective.per_sample(features, images[c], tokens[c], B).values():
+            surrogate = surrogate + term
+        if i == len(chunks) - 1:
+            surrogate = surrogate + model.scale() * grad_scale
+        surrogate.backward()
+    torch.set_rng_state(after)
+
+
 def step(variant: str, model, objective, images, tokens, micro: int) -> None:
     if variant == "one_shot":
         contrastive_loss(*model(images, tokens)).backward()
@@ -44,26 +88,33 @@ def step(variant: str, model, objective, images, tokens, micro: int) -> None:
         n = images.shape[0] // micro
         for i in range(0, images.shape[0], micro):
             (contrastive_loss(*model(images[i:i + micro], tokens[i:i + micro])) / n).backward()
+    elif variant == "recompute":
+        recompute_backward(model, objective, images, tokens, micro)
     else:
-        cached_backward(model, objective, images, tokens, micro)
+        cached_backward(model, objective, images, tokens, micro,
+                        keep_text_graph=variant == "cached_keep_text")
     model.zero_grad(set_to_none=True)
 
 
 def measure(variant: str, args) -> dict:
     """Run in a fresh process: warm-up, timed repeats, peak RSS above the model's."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, objective, size = build(args.model, args.mask)
     images = torch.randn(args.batch, 3, size, size)
     tokens = torch.randint(1, 30522, (args.batch, 32))
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step(variant, model, objective, images, tokens, args.micro)  # warm-up
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.repeats):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         step(variant, model, objective, images, tokens, args.micro)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base  # KiB on Linux
-    return {"variant": variant, "times": times, "peak_mib": peak / 1024}
+    return {"variant": variant, "times": times, "cpu_times": cpu_times, "peak_mib": peak / 1024,
+            "threads": torch.get_num_threads(), "image_size": size}
 
 
 def run_variants(script: str, argv: list[str], variants, rounds: int) -> dict[str, list[dict]]:
@@ -81,35 +132,88 @@ def run_variants(script: str, argv: list[str], variants, rounds: int) -> dict[st
     return rows
 
 
-def main() -> None:
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per variant: median and range of wall and CPU step times over all repeats of all
+    processes, median peak RSS over processes, and the ratios of the medians to plain
+    accumulation."""
+    rows = {}
+    for variant, r in runs.items():
+        wall = [t for x in r for t in x["times"]]
+        cpu = [t for x in r for t in x["cpu_times"]]
+        rows[variant] = {"n": len(wall), "median_s": statistics.median(wall),
+                         "min_s": min(wall), "max_s": max(wall),
+                         "cpu_median_s": statistics.median(cpu), "cpu_min_s": min(cpu),
+                         "cpu_max_s": max(cpu),
+                         "peak_mib": statistics.median(x["peak_mib"] for x in r)}
+    if BASELINE in rows:
+        base = rows[BASELINE]
+        for row in rows.values():
+            row["ratio"] = row["median_s"] / base["median_s"]
+            row["cpu_ratio"] = row["cpu_median_s"] / base["cpu_median_s"]
+    return rows
+
+
+def to_markdown(result: dict) -> str:
+    m, s = result["meta"], result["meta"]["settings"]
+    lines = [f"Gradient caching step, model={s['model']} {m['image_size']}px batch={s['batch']} "
+             f"micro={s['micro']} ({s['batch'] // s['micro']} micro-batches) mask={s['mask']}, "
+             f"threads={m['threads']}, {s['repeats']} timed step(s) x {s['rounds']} process(es) "
+             f"per variant, torch {m['torch']}",
+             f"`{m['command']}`",
+             f"uptime at start: {m['uptime_start']}", f"uptime at end: {m['uptime_end']}", "",
+             "| variant | wall median (s) | wall min–max (s) | wall / accumulate | "
+             "CPU median (s) | CPU min–max (s) | CPU / accumulate | peak RSS above model (MiB) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for variant, r in result["rows"].items():
+        ratio = f"{r['ratio']:.3f}" if "ratio" in r else "–"
+        cpu_ratio = f"{r['cpu_ratio']:.3f}" if "cpu_ratio" in r else "–"
+        lines.append(f"| {variant} | {r['median_s']:.3f} | {r['min_s']:.3f}–{r['max_s']:.3f} | "
+                     f"{ratio} | {r['cpu_median_s']:.3f} | {r['cpu_min_s']:.3f}–"
+                     f"{r['cpu_max_s']:.3f} | {cpu_ratio} | {r['peak_mib']:.0f} |")
+    lines += ["", "accumulate: plain accumulation (per-micro-batch loss); cached: "
+              "flip/grad_cache.py (last micro-batch kept, n - 1 replays); cached_keep_text: "
+              "with keep_text_graph; recompute: every micro-batch replayed (the former path). "
+              "CPU time: the process's, all its threads."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--micro", type=int, default=32)
     parser.add_argument("--mask", type=float, default=0.5)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per variant")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per process")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved processes per variant")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads; default: torch's")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--out", help="write <out>.md and <out>.json")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # child process mode
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.variant:
         print(json.dumps(measure(args.variant, args)))
-        return
-    results = {v: {"times": [], "peak_mib": []} for v in VARIANTS}
-    for variant, rows in run_variants(__file__, sys.argv[1:], VARIANTS, args.rounds).items():
-        for row in rows:
-            results[variant]["times"] += row["times"]
-            results[variant]["peak_mib"].append(row["peak_mib"])
-    print(f"model={args.model} batch={args.batch} micro={args.micro} mask={args.mask} "
-          f"threads={torch.get_num_threads()} repeats={args.repeats}x{args.rounds}\n")
-    print("| variant | step time median (s) | min–max (s) | peak RSS above model (MiB) |")
-    print("|---|---|---|---|")
-    for variant in VARIANTS:
-        t, m = results[variant]["times"], results[variant]["peak_mib"]
-        print(f"| {variant} | {statistics.median(t):.3f} | {min(t):.3f}–{max(t):.3f} | "
-              f"{statistics.median(m):.0f} |")
-    median = {v: statistics.median(results[v]["times"]) for v in VARIANTS}
-    print(f"\ncached / accumulate time: {median['cached'] / median['accumulate']:.2f}x; "
-          f"cached / one-shot: {median['cached'] / median['one_shot']:.2f}x")
+        return None
+    start = uptime()
+    runs = run_variants(__file__, argv, args.variants, args.rounds)
+    first = runs[args.variants[0]][0]
+    settings = {k: v for k, v in vars(args).items() if k not in ("variant", "out")}
+    meta = {"settings": settings,
+            "command": " ".join(["python experiments/benchmark_grad_cache.py", *argv]),
+            "image_size": first["image_size"], "threads": first["threads"],
+            "torch": torch.__version__, "cpus": os.cpu_count(),
+            "uptime_start": start, "uptime_end": uptime()}
+    result = {"meta": meta, "runs": runs, "rows": summarise(runs)}
+    markdown = to_markdown(result)
+    print(markdown)
+    if args.out:
+        Path(args.out).with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+        Path(args.out).with_suffix(".md").write_text(markdown)
+    return result
 
 
 if __name__ == "__main__":
