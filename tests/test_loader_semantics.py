@@ -18,6 +18,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 from flip.data.images import BadSample, decode_image
+from flip.data import transforms
 from flip.data.shards import ShardDataModule, ShardStream
 from flip.data.transforms import (
     IMAGENET_MEAN,
@@ -174,6 +175,24 @@ def test_reduced_decoding_changes_pixels_by_about_a_grey_level(size, scale):
     assert scales == {scale}  # every crop of a 640x427 photo is decoded reduced
 
 
+@pytest.mark.skipif(transforms.simplejpeg is None, reason="simplejpeg not installed")
+def test_simplejpeg_and_pil_decoders_give_the_same_crops(monkeypatch):
+    """Both decoders are libjpeg-turbo with the same settings: full and reduced sizes
+    (1/1, 1/2, 1/4, 1/8), odd image sizes and greyscale give identical outputs."""
+    image = Image.fromarray(load_sample_images().images[1]).crop((0, 0, 637, 421))
+    jpegs = [encode(image, "JPEG"), encode(image.convert("L"), "JPEG")]
+    sizes, outputs = (224, 112, 64, 24), {}
+    for decoder in ("simplejpeg", "pil"):
+        if decoder == "pil":
+            monkeypatch.setattr(transforms, "simplejpeg", None)
+        torch.manual_seed(0)
+        outputs[decoder] = [DecodeRandomResizedCrop(size)(data) for size in sizes
+                            for data in jpegs for _ in range(3)]
+    assert [mode for _, mode in outputs["pil"]] == (["RGB"] * 3 + ["L"] * 3) * len(sizes)
+    for (a, mode_a), (b, mode_b) in zip(outputs["simplejpeg"], outputs["pil"]):
+        assert mode_a == mode_b and torch.equal(a, b)
+
+
 def test_draft_scale_leaves_the_crop_at_least_the_output_size():
     decode = DecodeRandomResizedCrop(224)
     assert decode.draft_scale(447, 1000) == 1 and decode.draft_scale(448, 449) == 2
@@ -192,6 +211,8 @@ def test_greyscale_and_cmyk_jpegs_come_out_rgb_and_bad_bytes_are_bad_samples():
     assert mode == "CMYK" and (out.int() - rgb.int()).abs().max() <= 1
     with pytest.raises(BadSample, match="corrupt_image"):
         decode(b"not an image at all")
+    with pytest.raises(BadSample, match="corrupt_image: image file is truncated"):
+        decode(grey[:len(grey) // 2])  # simplejpeg refuses it, PIL names it
     with pytest.raises(BadSample, match="large_image"):
         decode(grey, max_pixels=300 * 200 - 1)
 

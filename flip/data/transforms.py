@@ -22,6 +22,11 @@ from torchvision.transforms import InterpolationMode
 
 from flip.data.images import DEFAULT_MAX_PIXELS, decode_image, to_rgb
 
+try:  # optional (requirements.txt): faster JPEG decoding, the same pixels
+    import simplejpeg
+except ImportError:
+    simplejpeg = None
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -72,6 +77,9 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 
 DRAFT_SCALES = (8, 4, 2)  # the reduced sizes libjpeg decodes to directly: 1/8, 1/4, 1/2
+# JPEG colour spaces simplejpeg turns into RGB, with the mode PIL gives such a file; the
+# rest (CMYK, YCCK) go through PIL, which knows Adobe's inverted CMYK
+_SIMPLEJPEG_MODES = {"YCbCr": "RGB", "RGB": "RGB", "Gray": "L"}
 
 
 class DecodeRandomResizedCrop:
@@ -86,11 +94,16 @@ class DecodeRandomResizedCrop:
 
     * the crop is drawn from the header's size, before any pixel is decoded; when the
       crop is at least 2, 4 or 8 times ``size`` on its shorter side, a JPEG is decoded at
-      1/2, 1/4 or 1/8 scale (``draft``: libjpeg scales in the DCT, nearly for free) and
-      the crop is taken from that, its edges rounded to the reduced pixel grid (at most
-      ``scale / 2`` original pixels, under half an output pixel). The crop still has at
-      least ``size`` pixels a side, so the final resize only ever shrinks, as it would
-      from the full decode; tests/test_loader_semantics.py bounds the pixel difference.
+      1/2, 1/4 or 1/8 scale (libjpeg scales in the DCT, nearly for free) and the crop is
+      taken from that, its edges rounded to the reduced pixel grid (at most ``scale / 2``
+      original pixels, under half an output pixel). The crop still has at least ``size``
+      pixels a side, so the final resize only ever shrinks, as it would from the full
+      decode; tests/test_loader_semantics.py bounds the pixel difference.
+    * JPEGs are decoded by simplejpeg when it is installed (libjpeg-turbo straight into a
+      numpy array, without PIL's per-image overhead and copies; the same library and
+      settings as PIL's decoder, so the same pixels), else by PIL (``Image.draft`` for the
+      reduced sizes). Other formats, CMYK JPEGs and anything simplejpeg rejects go through
+      PIL (``decode_image``), which names the reason when an image is bad.
     * crop and bicubic resize are one antialiased resize of a uint8 tensor
       (``torchvision.transforms.v2.functional.resized_crop``, torch's vectorised uint8
       kernel; the same filter as PIL's bicubic, within a grey level or two, several
@@ -119,26 +132,55 @@ class DecodeRandomResizedCrop:
 
     def __call__(self, data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS
                  ) -> tuple[torch.Tensor, str]:
-        crop = {}
+        crop = []  # (top, left, height, width): drawn once per image, by whichever decoder
 
-        def plan(img: Image.Image) -> None:  # header read, nothing decoded yet
-            top, left, height, width = T.RandomResizedCrop.get_params(img, self.scale, self.ratio)
-            scale = self.draft_scale(height, width)
-            if scale > 1:  # Image.draft returns None for formats without reduced decoding
-                full_width = img.width
-                drafted = img.draft(img.mode, (img.width // scale, img.height // scale))
-                scale = round(full_width / drafted[1][2]) if drafted is not None else 1
-            crop.update(top=top, left=left, height=height, width=width, scale=scale)
+        def draw(height: int, width: int) -> tuple[int, int, int, int]:
+            if not crop:  # get_params reads only the size of what it is given
+                shape_only = torch.empty(()).expand(height, width)
+                crop.extend(T.RandomResizedCrop.get_params(shape_only, self.scale, self.ratio))
+            return crop
 
-        image, mode = decode_image(data, max_pixels, before_load=plan)
-        top, left, height, width, scale = (crop[k] for k in
-                                           ("top", "left", "height", "width", "scale"))
+        decoded = self._simplejpeg(data, max_pixels, draw) if simplejpeg is not None else None
+        pixels, mode, scale = decoded or self._pil(data, max_pixels, draw)
+        top, left, height, width = crop
         if scale > 1:  # the crop's edges on the reduced pixel grid
             top, bottom = round(top / scale), round((top + height) / scale)
             left, right = round(left / scale), round((left + width) / scale)
             height, width = bottom - top, right - left
-        out = TF.resized_crop(TF.pil_to_tensor(image), top, left, height, width,
-                              [self.size, self.size], InterpolationMode.BICUBIC, antialias=True)
+        out = TF.resized_crop(pixels, top, left, height, width, [self.size, self.size],
+                              InterpolationMode.BICUBIC, antialias=True)
         if self.hflip and torch.rand(1) < 0.5:
             out = TF.horizontal_flip(out)
         return out, mode
+
+    def _simplejpeg(self, data: bytes, max_pixels: int | None, draw):
+        """(pixels (3, H, W), mode, scale) by simplejpeg, or None to leave it to PIL."""
+        try:
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError:  # not a JPEG (or a broken one)
+            return None
+        limit = max_pixels if max_pixels is not None else 2 * Image.MAX_IMAGE_PIXELS
+        if colorspace not in _SIMPLEJPEG_MODES or width * height > limit:
+            return None  # PIL converts it, or raises large_image naming the limit
+        scale = self.draft_scale(*draw(height, width)[2:])
+        try:  # exactly 1/scale: the smallest libjpeg size with at least these dimensions
+            pixels = simplejpeg.decode_jpeg(data, "RGB", min_height=-(-height // scale),
+                                            min_width=-(-width // scale), min_factor=scale)
+        except ValueError:  # truncated or corrupt: PIL decides, and names it
+            return None
+        return torch.from_numpy(pixels).permute(2, 0, 1), _SIMPLEJPEG_MODES[colorspace], scale
+
+    def _pil(self, data: bytes, max_pixels: int | None, draw):
+        """(pixels (3, H, W), mode, scale) by PIL; BadSample for a bad image."""
+        scale = 1
+
+        def plan(img: Image.Image) -> None:  # header read, nothing decoded yet
+            nonlocal scale
+            scale = self.draft_scale(*draw(img.height, img.width)[2:])
+            if scale > 1:  # Image.draft returns None for formats without reduced decoding
+                full_width = img.width
+                drafted = img.draft(img.mode, (img.width // scale, img.height // scale))
+                scale = round(full_width / drafted[1][2]) if drafted is not None else 1
+
+        image, mode = decode_image(data, max_pixels, before_load=plan)
+        return TF.pil_to_tensor(image), mode, scale
