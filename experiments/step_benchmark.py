@@ -9,21 +9,30 @@ model and for the same architecture built with open-clip-torch:
   next to the analytic count of :func:`analytic_flops`;
 - training-step time (forward + backward + AdamW), wall clock and process CPU time,
   over interleaved repeats after warm-up: median, min and max;
-- the peak memory a step adds: CUDA max allocated, or resident-set growth on CPU.
+- the peak memory a step adds: CUDA max allocated, or resident-set growth on CPU, each
+  (implementation, ratio) in a fresh process of this script (a process's heap keeps the
+  pages of its largest step, which would hide what a smaller step needs).
+
+The optimiser is each project's shipped AdamW (``adamw="shipped"``): ours as
+``PretrainModule.configure_optimizers`` builds it, OpenCLIP's as ``open_clip_train/main.py``
+does; or, like for like, the same implementation and values for both.
 
 ``experiments/benchmark.py`` is the command line; :func:`to_markdown` renders the table.
 This is tooling beside the library (it imports open-clip-torch), not part of ``flip``.
 """
 import ctypes
+import json
 import math
 import os
 import platform
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib.resources import files
 
 import torch
@@ -35,13 +44,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from flip.loss import contrastive_loss
 from flip.masking import num_visible
+from flip.tasks.pretrain import PretrainModule
 
 MODEL_CONF = files("flip.conf") / "model"  # conf/model, installed with the package
 IMPLS = ("flip", "openclip")
+# each project's shipped AdamW, or one implementation for both (FLIP's values)
+ADAMW = ("shipped", "fused", "foreach", "for_loop")
 # FLIP Table 1a (ViT-L/16, image + text): FLOPs and wall-clock time relative to mask 0.
 PAPER_FLOPS = {0.0: 1.00, 0.5: 0.52, 0.75: 0.28}
 PAPER_TIME = {0.0: 1.00, 0.5: 0.50, 0.75: 0.33}
 PAPER_TEXT_SHARE = 0.044  # text encoder FLOPs / image encoder FLOPs, ViT-L/16
+MEMORY_GOAL = 0.35  # step memory at mask 0.75 / mask 0 (activations scale with tokens)
 
 
 def model_config(arch: str, image_size: int) -> dict:
@@ -115,15 +128,44 @@ class Trainee:
 
 def adamw(model: nn.Module, no_decay: Callable[[str, torch.Tensor], bool], impl: str,
           lr: float = 1e-4) -> torch.optim.AdamW:
-    """AdamW with FLIP's values; ``impl``: ``fused``, ``foreach`` or ``loop`` (single-tensor)."""
+    """AdamW with FLIP's values; ``impl``: ``fused``, ``foreach`` or ``for_loop``."""
     decay, rest = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (rest if no_decay(name, p) else decay).append(p)
-    kind = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}
+    kind = {"fused": {"fused": True}, "foreach": {"foreach": True},
+            "for_loop": {"foreach": False}}
     return torch.optim.AdamW([{"params": decay, "weight_decay": 0.2},
                               {"params": rest, "weight_decay": 0.0}],
                              lr=lr, betas=(0.9, 0.95), eps=1e-8, **kind[impl])
+
+
+def flip_shipped_adamw(model: nn.Module) -> torch.optim.AdamW:
+    """Our AdamW as pre-training builds it (``conf/task/pretrain.yaml`` defaults): the
+    learning rate does not change what a step costs."""
+    module = PretrainModule(model, global_batch=256, total_samples=10**9, warmup_samples=0)
+    return module.configure_optimizers()["optimizer"]
+
+
+# open_clip_train/main.py's rule: no weight decay on gains and biases (its ``exclude``)
+def openclip_no_decay(n: str, p: torch.Tensor) -> bool:
+    return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
+
+
+def openclip_shipped_adamw(model: nn.Module) -> torch.optim.AdamW:
+    """AdamW as ``open_clip_train/main.py`` builds it for a ViT with its default arguments
+    (``open_clip_train.params``: lr 5e-4, betas (0.9, 0.98), eps 1e-6, wd 0.2): gains and
+    biases first without decay, torch's default implementation (a loop of ops per tensor
+    on CPU, foreach on CUDA)."""
+    from open_clip_train.params import parse_args
+
+    args = parse_args(["--model", "ViT-B-16"])  # only "vit" in the name picks the values
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return torch.optim.AdamW(
+        [{"params": [p for n, p in named if openclip_no_decay(n, p)], "weight_decay": 0.0},
+         {"params": [p for n, p in named if not openclip_no_decay(n, p)],
+          "weight_decay": args.wd}],
+        lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
 
 
 def build_flip(cfg: dict, adamw_impl: str) -> Trainee:
@@ -138,7 +180,8 @@ def build_flip(cfg: dict, adamw_impl: str) -> Trainee:
     def loss(images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return contrastive_loss(*model(images, tokens))
 
-    opt = adamw(model, lambda n, p: n in no_decay, adamw_impl)
+    opt = (flip_shipped_adamw(model) if adamw_impl == "shipped"
+           else adamw(model, lambda n, p: n in no_decay, adamw_impl))
     return Trainee("flip", model, set_mask, loss, opt, model.clamp_logit_scale_)
 
 
@@ -178,10 +221,8 @@ def build_openclip(cfg: dict, adamw_impl: str) -> Trainee:
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
 
-    def no_decay(n: str, p: torch.Tensor) -> bool:  # open_clip_train's exclusion rule
-        return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
-
-    opt = adamw(model, no_decay, adamw_impl)
+    opt = (openclip_shipped_adamw(model) if adamw_impl == "shipped"
+           else adamw(model, openclip_no_decay, adamw_impl))
     return Trainee("openclip", model, set_mask, loss, opt, after_step)
 
 
@@ -198,7 +239,7 @@ def measured_flops(cfg: dict, impl: str, ratios: tuple[float, ...], batch: int,
     (a test checks it on the CPU) and a large model costs no arithmetic.
     """
     with torch.device(device):
-        t = BUILDERS[impl](cfg, "loop")
+        t = BUILDERS[impl](cfg, "for_loop")
         t.model.train()
         size, ctx = cfg["image"]["image_size"], cfg["text"]["context_length"]
         images = torch.randn(batch, 3, size, size)
@@ -285,7 +326,10 @@ class Settings:
     warmup: int = 1  # untimed steps per (implementation, ratio)
     repeats: int = 3  # timed steps per (implementation, ratio), interleaved
     attention: str = "fused"  # fused: scaled_dot_product_attention's best kernel | math
-    adamw: str | None = None  # fused | foreach | loop; None: fused
+    adamw: str = "shipped"  # one of ADAMW
+    # the memory processes run after the timed steps, or beside them: sooner where a core
+    # is free for them (they add their load to the timed process's machine)
+    memory: str = "after"
     compile: bool = False  # torch.compile the forward + loss with static shapes
     channels_last: bool | None = None  # None: on for CUDA
     profile: float | None = None  # also record the top ops of one step at this ratio
@@ -322,6 +366,11 @@ def run_benchmark(s: Settings, log: Callable[[str], None] = lambda msg: None) ->
         raise ValueError(f"dtype must be fp32 or bf16, got {s.dtype!r}")
     if s.attention not in ("fused", "math"):
         raise ValueError(f"attention must be fused or math, got {s.attention!r}")
+    if s.adamw not in ADAMW:
+        raise ValueError(f"adamw must be one of {', '.join(ADAMW)}, got {s.adamw!r}")
+    if s.memory not in ("after", "beside"):
+        raise ValueError(f"memory must be after or beside, got {s.memory!r}")
+    load_start = os.getloadavg()
     device = torch.device(s.device)
     if s.threads:
         torch.set_num_threads(s.threads)
@@ -332,12 +381,21 @@ def run_benchmark(s: Settings, log: Callable[[str], None] = lambda msg: None) ->
         for r, f in measured_flops(cfg, name, s.ratios, s.batch).items():
             flops[name, r] = f
             log(f"{name} mask {r}: {f['train'] / 1e9:.2f} GFLOPs/sample per training step")
-    steps = None if s.flops_only else time_steps(s, cfg, device, log)
+    steps = None
+    if not s.flops_only and s.memory == "beside":  # the children run while this times
+        with ThreadPoolExecutor(1) as pool:
+            memory = pool.submit(memory_in_fresh_processes, s, log)
+            steps = time_steps(s, cfg, device, log)
+            steps["memory"] = memory.result()
+    elif not s.flops_only:
+        steps = time_steps(s, cfg, device, log)
+        steps["memory"] = memory_in_fresh_processes(s, log)
     meta = {
         "settings": {**s.__dict__, "image_size": cfg["image"]["image_size"],
-                     "adamw": s.adamw or "fused", "channels_last": _channels_last(s, device),
+                     "channels_last": _channels_last(s, device),
                      "ratios": list(s.ratios), "impls": list(s.impls)},
         "threads": torch.get_num_threads(),
+        "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
         "torch": torch.__version__,
         "machine": f"{platform.machine()} {_cpu_name()}, {os.cpu_count()} CPUs"
                    + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
@@ -356,14 +414,10 @@ def _channels_last(s: Settings, device: torch.device) -> bool:
     return device.type == "cuda" if s.channels_last is None else s.channels_last
 
 
-def time_steps(s: Settings, cfg: dict, device: torch.device,
-               log: Callable[[str], None]) -> dict[str, dict]:
-    """Time training steps of every (implementation, ratio), interleaved, then profile one
-    step per implementation and measure the memory of one step per row.
-
-    Returns ``{"wall", "cpu", "memory"}`` keyed by (implementation, ratio) and
-    ``"profile"`` keyed by implementation.
-    """
+def trainees_and_step(s: Settings, cfg: dict, device: torch.device, impls: tuple[str, ...]
+                      ) -> tuple[dict[str, Trainee], Callable[[str], None]]:
+    """The trainees of ``impls`` on ``device`` and ``step(name)``, one training step of one
+    of them on a fixed random batch."""
     channels_last = _channels_last(s, device)
 
     def autocast():
@@ -374,8 +428,8 @@ def time_steps(s: Settings, cfg: dict, device: torch.device,
         return sdpa_kernel(SDPBackend.MATH) if s.attention == "math" else nullcontext()
 
     trainees = {}
-    for name in s.impls:
-        t = BUILDERS[name](cfg, s.adamw or "fused")
+    for name in impls:
+        t = BUILDERS[name](cfg, s.adamw)
         t.model.to(device).train()
         if channels_last:
             t.model.to(memory_format=torch.channels_last)
@@ -400,6 +454,18 @@ def time_steps(s: Settings, cfg: dict, device: torch.device,
         t.after_step()
         t.optimizer.zero_grad(set_to_none=True)
 
+    return trainees, step
+
+
+def time_steps(s: Settings, cfg: dict, device: torch.device,
+               log: Callable[[str], None]) -> dict[str, dict]:
+    """Time training steps of every (implementation, ratio), interleaved, then profile one
+    step per implementation.
+
+    Returns ``{"wall", "cpu"}`` keyed by (implementation, ratio) and ``"profile"`` keyed
+    by implementation.
+    """
+    trainees, step = trainees_and_step(s, cfg, device, s.impls)
     wall = {(name, r): [] for name in s.impls for r in s.ratios}
     cpu = {k: [] for k in wall}
     for rep in range(s.warmup + s.repeats):
@@ -425,19 +491,63 @@ def time_steps(s: Settings, cfg: dict, device: torch.device,
             step(name)  # warm at this ratio
             profile[name] = top_ops(lambda: step(name), device)
 
-    memory = {}  # last: releasing freed memory makes the following step fault pages in
-    for name, t in trainees.items():
+    return {"wall": wall, "cpu": cpu, "profile": profile}
+
+
+def memory_in_fresh_processes(s: Settings, log: Callable[[str], None] = lambda msg: None
+                              ) -> dict[tuple[str, float], dict]:
+    """:func:`step_memory` of every (implementation, ratio), each in a fresh process of
+    this script: in one process, a step at mask 0.75 after one at mask 0 reuses the heap
+    pages that step left resident, and its resident-set growth would read near zero."""
+    from benchmark_grad_cache import run_variants  # experiments/benchmark_grad_cache.py
+
+    variants = [f"{name}/{r}" for name in s.impls for r in s.ratios]
+    runs = run_variants(__file__, ["--settings", json.dumps(asdict(s))], variants, rounds=1)
+    out = {}
+    for name in s.impls:
         for r in s.ratios:
-            t.set_mask(r)
-            memory[name, r] = peak_memory(lambda: step(name), device)
-    return {"wall": wall, "cpu": cpu, "memory": memory, "profile": profile}
+            out[name, r] = runs[f"{name}/{r}"][0]
+            log(f"{name} mask {r}: a step adds {_mb(out[name, r]['step_peak'])} MB "
+                f"(own process, peak resident {_mb(out[name, r]['process_peak'])} MB)")
+    return out
+
+
+def _mb(n: int | None) -> str:
+    return "–" if n is None else f"{n / 2**20:.0f}"
+
+
+def step_memory(s: Settings, name: str, ratio: float) -> dict[str, int | None]:
+    """In this process: build implementation ``name`` alone, take ``s.warmup`` steps (at
+    least one: AdamW's state exists then, as in training), and measure the next step's
+    peak memory (:func:`peak_memory`: activations, gradients, temporaries). Also the
+    process's peak resident set (CPU) or peak allocated (CUDA) since it started."""
+    device = torch.device(s.device)
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    torch.manual_seed(s.seed)
+    cfg = model_config(s.arch, s.resolved_image_size())
+    trainees, step = trainees_and_step(s, cfg, device, (name,))
+    trainees[name].set_mask(ratio)
+    for _ in range(max(1, s.warmup)):
+        step(name)
+    peak = peak_memory(lambda: step(name), device)
+    if device.type == "cuda":
+        process_peak = torch.cuda.max_memory_allocated(device)
+    else:
+        import resource
+
+        process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB
+    return {"step_peak": peak, "process_peak": process_peak}
 
 
 def _rows(s: Settings, cfg: dict, flops: dict, steps: dict | None) -> list[dict]:
-    """One result row per (implementation, ratio); the timing fields are None without
-    ``steps``. Ratios are to the first mask ratio, speed-ups ours over OpenCLIP's."""
+    """One result row per (implementation, ratio); the timing and memory fields are None
+    without ``steps``. Ratios are to the first mask ratio, speed-ups ours over OpenCLIP's.
+    The visible-token ratio is the image tower's sequence length (visible patches and the
+    class token) over the first ratio's: what its activations scale with."""
     base, rows = s.ratios[0], []
     patches = (cfg["image"]["image_size"] // cfg["image"]["patch_size"]) ** 2
+    cls = int(cfg["image"].get("class_token", True))
     for name in s.impls:
         for r in s.ratios:
             f, f0 = flops[name, r], flops[name, base]
@@ -448,19 +558,25 @@ def _rows(s: Settings, cfg: dict, flops: dict, steps: dict | None) -> list[dict]
                 "flops_ratio": f["train"] / f0["train"],
                 "analytic_ratio": a["train"] / a0["train"],
                 "text_share": f0["text"] / f0["image"],
+                "visible_token_ratio": ((num_visible(patches, r) + cls)
+                                        / (num_visible(patches, base) + cls)),
                 "wall_s": None, "cpu_s": None, "samples_per_s": None, "time_ratio": None,
                 "cpu_time_ratio": None, "peak_mb": None, "peak_mb_per_sample": None,
+                "memory_ratio": None, "process_peak_mb": None,
             }
             if steps:
                 wall = {k: _stats(v) for k, v in steps["wall"].items()}
                 cpu = {k: _stats(v) for k, v in steps["cpu"].items()}
-                w, c, mem = wall[name, r], cpu[name, r], steps["memory"][name, r]
+                w, c = wall[name, r], cpu[name, r]
+                mem, mem0 = (steps["memory"][name, x]["step_peak"] for x in (r, base))
                 row.update({
                     "wall_s": w, "cpu_s": c, "samples_per_s": s.batch / w["median"],
                     "time_ratio": w["median"] / wall[name, base]["median"],
                     "cpu_time_ratio": c["median"] / cpu[name, base]["median"],
                     "peak_mb": None if mem is None else mem / 2**20,
                     "peak_mb_per_sample": None if mem is None else mem / 2**20 / s.batch,
+                    "memory_ratio": None if mem is None else mem / mem0,
+                    "process_peak_mb": steps["memory"][name, r]["process_peak"] / 2**20,
                 })
                 if name == "flip" and "openclip" in s.impls:
                     row["speedup_vs_openclip"] = wall["openclip", r]["median"] / w["median"]
@@ -501,17 +617,26 @@ def to_markdown(result: dict) -> str:
     st = meta["settings"]
     timing = ("FLOPs only (counted on the meta device)" if st.get("flops_only") else
               f"{st['warmup']} warm-up and {st['repeats']} timed steps per row, interleaved; "
-              "times are median [min–max]")
+              "times are median [min–max]; peak memory of one step after warm-up, each row "
+              "in its own process")
+    adamw = ("each project's shipped AdamW (ours: PretrainModule's, fused; OpenCLIP: "
+             "open_clip_train's, torch's default implementation)" if st["adamw"] == "shipped"
+             else f"AdamW {st['adamw']} with FLIP's values for both")
+    load = ""
+    if "loadavg_start" in meta:
+        load = (f"; load average (1/5/15 min) "
+                f"{'/'.join(f'{x:.2f}' for x in meta['loadavg_start'])} at start, "
+                f"{'/'.join(f'{x:.2f}' for x in meta['loadavg_end'])} at end")
     out = [
         f"{st['arch']}, {st['image_size']} px, micro-batch {st['batch']}, {st['dtype']}, "
         f"{st['device']} ({meta['machine']}), {meta['threads']} threads, attention "
-        f"{st['attention']}, AdamW {st['adamw']}, compile {st['compile']}, torch "
-        f"{meta['torch']}, open_clip {meta.get('open_clip', '-')}; {timing}.",
+        f"{st['attention']}, {adamw}, compile {st['compile']}, torch "
+        f"{meta['torch']}, open_clip {meta.get('open_clip', '-')}{load}; {timing}.",
         "",
         "| impl | mask | visible patches | GFLOPs/sample image fwd | text fwd | train step "
         "| FLOPs ratio (analytic) | step s wall | step s CPU | samples/s | time ratio wall "
-        "(CPU) | peak MB/sample | vs OpenCLIP wall (CPU) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "(CPU) | peak MB/sample | memory ratio (image tokens) | vs OpenCLIP wall (CPU) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         f = r["flops"]
@@ -522,7 +647,8 @@ def to_markdown(result: dict) -> str:
             f"| {f['text'] / 1e9:.3f} | {f['train'] / 1e9:.3f} | {r['flops_ratio']:.3f} "
             f"({r['analytic_ratio']:.3f}) | {_range(r['wall_s'])} | {_range(r['cpu_s'])} "
             f"| {_fmt(r['samples_per_s'], '.2f')} | {_fmt(r['time_ratio'])} "
-            f"({_fmt(r['cpu_time_ratio'])}) | {_fmt(r['peak_mb_per_sample'], '.1f')} | {vs} |")
+            f"({_fmt(r['cpu_time_ratio'])}) | {_fmt(r['peak_mb_per_sample'], '.1f')} "
+            f"| {_fmt(r['memory_ratio'])} ({r['visible_token_ratio']:.3f}) | {vs} |")
     out += ["", *goals(result)]
     for name, ops in result.get("profile", {}).items():
         out += ["", f"Top ops of one {name} step at mask {st['profile']:g} (torch.profiler, "
@@ -534,8 +660,8 @@ def to_markdown(result: dict) -> str:
 
 def goals(result: dict) -> list[str]:
     """The performance goals checked on our rows, one markdown bullet each: FLOPs ratios within
-    0.01 of the analytic ones, step-time ratios at most 1.05 × the FLOPs ratios, and
-    throughput at least 1.1 × OpenCLIP's."""
+    0.01 of the analytic ones, step-time ratios at most 1.05 × the FLOPs ratios, memory at
+    mask 0.75 at most 0.35 × mask 0's, and throughput at least 1.1 × OpenCLIP's."""
     ours = [r for r in result["rows"] if r["impl"] == "flip"]
     if not ours:
         return []
@@ -554,6 +680,11 @@ def goals(result: dict) -> list[str]:
                      f"wall, {_met(r['cpu_time_ratio'] <= limit)} CPU)")
             if r["mask"] in PAPER_TIME:
                 line += f", paper {PAPER_TIME[r['mask']]:.2f}"
+        if r["memory_ratio"] is not None:
+            line += (f"; memory ratio {r['memory_ratio']:.3f} vs image tokens "
+                     f"{r['visible_token_ratio']:.3f}")
+            if r["mask"] == 0.75 and ours[0]["mask"] == 0.0:
+                line += f" (goal ≤ {MEMORY_GOAL:.2f}: {_met(r['memory_ratio'] <= MEMORY_GOAL)})"
         lines.append(line)
     for r in ours:
         if "speedup_vs_openclip" in r:
@@ -563,3 +694,16 @@ def goals(result: dict) -> list[str]:
                 f"{_met(r['speedup_vs_openclip'] >= 1.1)} wall, "
                 f"{_met(r['cpu_speedup_vs_openclip'] >= 1.1)} CPU)")
     return lines
+
+
+if __name__ == "__main__":  # a child of memory_in_fresh_processes: one variant's memory
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--settings", required=True, help="Settings as json")
+    p.add_argument("--variant", required=True, help="<impl>/<mask ratio>")
+    a = p.parse_args()
+    fields = json.loads(a.settings)
+    settings = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    impl, ratio = a.variant.split("/")
+    print(json.dumps(step_memory(settings, impl, float(ratio))))

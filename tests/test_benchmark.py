@@ -2,16 +2,22 @@
 experiments/ is on pytest's path): FLOPs counts against formulas and hand counts, and every
 derived number of a run (ratios, throughput, the markdown table) recomputed from the raw
 measurements. No timings are asserted."""
+import importlib.util
 import json
+import re
+from pathlib import Path
 
 import benchmark as benchmark_cli  # experiments/benchmark.py
 import pytest
 import torch
+from hydra.utils import instantiate
 from step_benchmark import (
-    Settings, analytic_flops, block_flops, count_flops, measured_flops, model_config,
+    BUILDERS, Settings, analytic_flops, block_flops, count_flops, measured_flops, model_config,
     openclip_config, run_benchmark, to_markdown, top_ops,
 )
 from timm.models.vision_transformer import Block
+
+from flip.tasks.pretrain import PretrainModule
 
 
 @pytest.mark.parametrize("tokens, width, heads", [(17, 64, 4), (50, 96, 2), (1, 32, 1)])
@@ -120,18 +126,20 @@ def table_rows(markdown: str) -> dict[tuple[str, float], dict[str, float | None]
     out = {}
     for line in markdown.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) != 13 or cells[0] not in ("flip", "openclip"):
+        if len(cells) != 14 or cells[0] not in ("flip", "openclip"):
             continue
         ratio, analytic = cells[6].replace("(", "").replace(")", "").split()
         time, cpu_time = cells[10].replace("(", "").replace(")", "").split()
         wall = cells[7].replace("[", " ").replace("]", "").replace("–", " ").split()
-        vs = cells[12].replace("(", "").replace(")", "").split()
+        memory, tokens = cells[12].replace("(", "").replace(")", "").split()
+        vs = cells[13].replace("(", "").replace(")", "").split()
         out[cells[0], float(cells[1])] = {
             "visible": int(cells[2]), "image": float(cells[3]), "text": float(cells[4]),
             "train": float(cells[5]), "ratio": float(ratio), "analytic": float(analytic),
             "wall": tuple(map(float, wall)) if wall != ["–"] else None,
             "samples_per_s": _number(cells[9]), "time_ratio": _number(time),
             "cpu_time_ratio": _number(cpu_time), "mb_per_sample": _number(cells[11]),
+            "memory_ratio": _number(memory), "token_ratio": float(tokens),
             "vs": tuple(map(_number, vs)) if vs else None,
         }
     return out
@@ -148,6 +156,7 @@ def assert_table_equals_json(markdown: str, result: dict) -> None:
             assert t[key] == pytest.approx(r["flops"][key] / 1e9, abs=5e-4)
         assert t["ratio"] == pytest.approx(r["flops_ratio"], abs=5e-4)
         assert t["analytic"] == pytest.approx(r["analytic_ratio"], abs=5e-4)
+        assert t["token_ratio"] == pytest.approx(r["visible_token_ratio"], abs=5e-4)
         if r["wall_s"] is None:
             assert t["wall"] is None and t["samples_per_s"] is None
             continue
@@ -157,11 +166,13 @@ def assert_table_equals_json(markdown: str, result: dict) -> None:
         assert t["time_ratio"] == pytest.approx(r["time_ratio"], abs=5e-4)
         assert t["cpu_time_ratio"] == pytest.approx(r["cpu_time_ratio"], abs=5e-4)
         assert t["mb_per_sample"] == pytest.approx(r["peak_mb_per_sample"], abs=0.05)
+        assert t["memory_ratio"] == pytest.approx(r["memory_ratio"], abs=5e-4)
         if "speedup_vs_openclip" in r:
             assert t["vs"] == pytest.approx(
                 (r["speedup_vs_openclip"], r["cpu_speedup_vs_openclip"]), abs=5e-3)
 
 
+@pytest.mark.slow  # memory: a fresh process per row
 def test_harness_run_on_tiny_derives_every_number_from_its_measurements():
     batch = 4
     s = Settings(arch="tiny", image_size=32, batch=batch, warmup=0, repeats=2, profile=0.75)
@@ -187,6 +198,11 @@ def test_harness_run_on_tiny_derives_every_number_from_its_measurements():
         assert r["time_ratio"] == pytest.approx(w["median"] / base["wall_s"]["median"])
         assert r["cpu_time_ratio"] == pytest.approx(c["median"] / base["cpu_s"]["median"])
         assert r["peak_mb_per_sample"] == pytest.approx(r["peak_mb"] / batch)
+        assert r["memory_ratio"] == pytest.approx(r["peak_mb"] / base["peak_mb"])
+        # 16 patches and a class token; 8 and 4 patches kept
+        assert r["visible_token_ratio"] == {0.0: 1.0, 0.5: 9 / 17, 0.75: 5 / 17}[mask]
+        # measured in its own process: its peak holds the model, the optimiser and the step
+        assert r["process_peak_mb"] > r["peak_mb"] > 0
     for mask in (0.0, 0.5, 0.75):
         ours, theirs = rows["flip", mask], rows["openclip", mask]
         assert ours["speedup_vs_openclip"] == pytest.approx(
@@ -203,6 +219,10 @@ def test_harness_run_on_tiny_derives_every_number_from_its_measurements():
     assert_table_equals_json(markdown, result)
     speedup = rows["flip", 0.5]["speedup_vs_openclip"]
     assert f"- mask 0.5: throughput vs OpenCLIP {speedup:.2f}× wall" in markdown
+    memory = rows["flip", 0.75]["memory_ratio"]
+    assert (f"memory ratio {memory:.3f} vs image tokens {5 / 17:.3f} (goal ≤ 0.35: "
+            f"{'met' if memory <= 0.35 else 'MISSED'})") in markdown
+    assert "each project's shipped AdamW" in markdown
 
 
 def test_flops_only_run_of_vit_l16_gives_table_1a():
@@ -215,6 +235,7 @@ def test_flops_only_run_of_vit_l16_gives_table_1a():
     assert "paper 0.52" in to_markdown(result)
 
 
+@pytest.mark.slow  # memory: a fresh process per row
 def test_command_line_writes_json_and_markdown(tmp_path, capsys):
     out = tmp_path / "bench"
     benchmark_cli.main(["--arch", "tiny", "--image-size", "32", "--batch", "2",
@@ -227,3 +248,64 @@ def test_command_line_writes_json_and_markdown(tmp_path, capsys):
     assert_table_equals_json(markdown, data)  # the written table is the written json
     assert data["rows"][1]["flops"]["image"] == TINY32[0.75]["image"]
     assert table_rows(capsys.readouterr().out) == table_rows(markdown)
+
+
+# -- the optimisers: each project's shipped AdamW, or one implementation for both --------
+
+
+def _open_clip_train_exclude():
+    """The no-decay rule as written in open_clip_train/main.py (its ``exclude`` lambda,
+    read from the installed file: the script builds the optimiser inline in ``main``)."""
+    source = Path(importlib.util.find_spec("open_clip_train.main").origin).read_text()
+    return eval(re.search(r"exclude = (lambda n, p: .+)\n", source).group(1))
+
+
+def _group_names(model, optimizer) -> list[set[str]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [{names[id(p)] for p in g["params"]} for g in optimizer.param_groups]
+
+
+def test_shipped_openclip_adamw_is_open_clip_trains():
+    from open_clip_train.params import parse_args
+
+    t = BUILDERS["openclip"](model_config("tiny", 32), "shipped")
+    exclude = _open_clip_train_exclude()
+    named = [(n, p) for n, p in t.model.named_parameters() if p.requires_grad]
+    assert len(named) < len(list(t.model.parameters()))  # the fixed sin-cos table is left out
+    # main.py: gains and biases (no decay) first, then the rest with args.wd
+    assert _group_names(t.model, t.optimizer) == [
+        {n for n, p in named if exclude(n, p)}, {n for n, p in named if not exclude(n, p)}]
+    assert "logit_scale" in _group_names(t.model, t.optimizer)[0]
+    args = parse_args(["--model", "ViT-B-16"])  # its defaults for a ViT
+    assert [g["weight_decay"] for g in t.optimizer.param_groups] == [0.0, args.wd] == [0.0, 0.2]
+    d = t.optimizer.defaults
+    assert (d["lr"], d["betas"], d["eps"]) == (args.lr, (args.beta1, args.beta2), args.eps) \
+        == (5e-4, (0.9, 0.98), 1e-6)
+    assert d["fused"] is None and d["foreach"] is None  # torch's default implementation
+
+
+def test_shipped_flip_adamw_is_pretrain_modules():
+    t = BUILDERS["flip"](model_config("tiny", 32), "shipped")
+    module = PretrainModule(instantiate(model_config("tiny", 32)), global_batch=256,
+                            total_samples=10**9, warmup_samples=0)
+    reference = module.configure_optimizers()["optimizer"]
+    ours = [{f"model.{n}" for n in g} for g in _group_names(t.model, t.optimizer)]
+    assert ours == _group_names(module, reference)
+    for key in ("betas", "eps", "weight_decay", "fused", "foreach"):
+        assert t.optimizer.defaults[key] == reference.defaults[key]
+    assert t.optimizer.defaults["fused"] is True  # the CPU default
+
+
+@pytest.mark.parametrize("impl", ["fused", "foreach", "for_loop"])
+def test_like_for_like_gives_both_the_same_adamw(impl):
+    cfg = model_config("tiny", 32)
+    ours, theirs = (BUILDERS[name](cfg, impl).optimizer.defaults for name in ("flip", "openclip"))
+    assert ours == theirs
+    assert (ours["fused"], ours["foreach"]) == {
+        "fused": (True, None), "foreach": (None, True), "for_loop": (None, False)}[impl]
+    assert ours["betas"] == (0.9, 0.95) and ours["eps"] == 1e-8
+
+
+def test_unknown_adamw_is_refused():
+    with pytest.raises(ValueError, match="adamw must be one of shipped, fused"):
+        run_benchmark(Settings(arch="tiny", adamw="loop", flops_only=True))
