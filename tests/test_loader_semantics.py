@@ -5,6 +5,7 @@ own x and y coordinates; the photographs are scikit-learn's two sample photos (J
 """
 import io
 
+import hydra
 import lightning as L
 import numpy as np
 import pytest
@@ -28,7 +29,7 @@ from flip.data.transforms import (
     train_transform,
 )
 from flip.train import train
-from tests.conftest import compose_fast
+from tests.conftest import compose_fast, compose_train
 
 MEAN, STD = torch.tensor(IMAGENET_MEAN).view(-1, 1, 1), torch.tensor(IMAGENET_STD).view(-1, 1, 1)
 SCALE, RATIO = (0.5, 1.0), (3 / 4, 4 / 3)
@@ -198,6 +199,24 @@ def test_draft_scale_leaves_the_crop_at_least_the_output_size():
     assert decode.draft_scale(447, 1000) == 1 and decode.draft_scale(448, 449) == 2
     assert decode.draft_scale(896, 900) == 4 and decode.draft_scale(1792, 5000) == 8
     assert DecodeRandomResizedCrop(224, draft=False).draft_scale(1792, 5000) == 1
+
+
+def test_data_draft_setting_reaches_the_decoder(tmp_path):
+    """``data.draft=false`` (conf/data/laion.yaml): full decode, torchvision's crop to within
+    the bicubic rounding; the default drafts (different pixels) for crops that allow it."""
+    pattern = write_solid_shards(tmp_path, COLOURS)
+    data = photos()[0]
+    torch.manual_seed(3)
+    reference = as_levels(train_transform(64)(Image.open(io.BytesIO(data)).convert("RGB")))
+    outputs = {}
+    for draft in (None, "false"):
+        cfg = compose_train("data=laion", f'data.shards="{pattern}"', "data.image_size=64",
+                            *([f"data.draft={draft}"] if draft else []))
+        dm = hydra.utils.instantiate(cfg.data)
+        torch.manual_seed(3)
+        outputs[draft] = dm.stream().decode(data)[0].float()
+    assert (outputs["false"] - reference).abs().max() <= 2.01
+    assert (outputs[None] - reference).abs().mean() > 0.2  # decoded at 1/4 size
 
 
 def test_greyscale_and_cmyk_jpegs_come_out_rgb_and_bad_bytes_are_bad_samples():
