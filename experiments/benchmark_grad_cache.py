@@ -11,7 +11,11 @@ step's wall time and of the process CPU time after one warm-up step, and the pea
 above the model's. Ratios are to plain accumulation. On a shared machine pass
 ``--threads 1`` and read the CPU-time columns: with one thread a process's CPU time is
 what its step costs, whatever else runs; wall time then also counts waiting for a core.
-Writes ``<out>.md`` and ``<out>.json`` with the load (``uptime``) at start and end.
+The ``components`` variant times one micro-batch's parts (graph-free forward of each
+tower, forward-backward of both) for the cost model: caching / accumulation =
+1 + (n - 1) / n x graph-free forward / forward-backward (the text tower left out of the
+graph-free forward with ``keep_text_graph``). Writes ``<out>.md`` and ``<out>.json`` with
+the load (``uptime``) at start and end.
 
     python experiments/benchmark_grad_cache.py --model tiny --batch 128 --micro 32 \\
         --threads 1 --repeats 10 --rounds 3 --out experiments/results/grad-cache-tiny-cpu
@@ -36,7 +40,7 @@ from hydra import compose, initialize_config_module
 from flip.grad_cache import cached_backward
 from flip.loss import contrastive_loss
 
-VARIANTS = ("one_shot", "accumulate", "cached", "cached_keep_text", "recompute")
+VARIANTS = ("one_shot", "accumulate", "cached", "cached_keep_text", "recompute", "components")
 BASELINE = "accumulate"
 
 
@@ -96,6 +100,36 @@ def step(variant: str, model, objective, images, tokens, micro: int) -> None:
     model.zero_grad(set_to_none=True)
 
 
+def components(model, images, tokens, micro: int, repeats: int) -> dict[str, list[float]]:
+    """CPU times of one micro-batch's parts, each after a warm-up: the graph-free forward
+    of each tower (caching's first pass) and the forward-backward of both (one micro-batch
+    of plain accumulation)."""
+    image_mask, text_mask = model.draw_masks(micro, images.device)
+    images, tokens = images[:micro], tokens[:micro]
+
+    def image_inference():
+        with torch.inference_mode():
+            model.encode_image(images, image_mask)
+
+    def text_inference():
+        with torch.inference_mode():
+            model.encode_text(tokens, text_mask)
+
+    def forward_backward():
+        contrastive_loss(*model(images, tokens, image_mask, text_mask)).backward()
+        model.zero_grad(set_to_none=True)
+
+    times = {}
+    for part in (image_inference, text_inference, forward_backward):
+        part()
+        times[part.__name__] = []
+        for _ in range(repeats):
+            cpu = time.process_time()
+            part()
+            times[part.__name__].append(time.process_time() - cpu)
+    return times
+
+
 def measure(variant: str, args) -> dict:
     """Run in a fresh process: warm-up, timed repeats, peak RSS above the model's."""
     if args.threads:
@@ -104,6 +138,9 @@ def measure(variant: str, args) -> dict:
     model, objective, size = build(args.model, args.mask)
     images = torch.randn(args.batch, 3, size, size)
     tokens = torch.randint(1, 30522, (args.batch, 32))
+    if variant == "components":
+        return {"variant": variant, "threads": torch.get_num_threads(), "image_size": size,
+                **components(model, images, tokens, args.micro, args.repeats)}
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step(variant, model, objective, images, tokens, args.micro)  # warm-up
     times, cpu_times = [], []
@@ -136,12 +173,27 @@ def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
+def cost_model(runs: list[dict], n: int) -> dict[str, float]:
+    """Median CPU time of each micro-batch part, and the caching / accumulation ratios
+    they predict (n micro-batches)."""
+    part = {k: statistics.median(t for x in runs for t in x[k])
+            for k in ("image_inference", "text_inference", "forward_backward")}
+    share = (n - 1) / n / part["forward_backward"]
+    return {**part,
+            "predicted_cached": 1 + share * (part["image_inference"] + part["text_inference"]),
+            "predicted_cached_keep_text": 1 + share * part["image_inference"],
+            "predicted_recompute": 1 + (part["image_inference"] + part["text_inference"])
+            / part["forward_backward"]}
+
+
 def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
     """Per variant: median and range of wall and CPU step times over all repeats of all
     processes, median peak RSS over processes, and the ratios of the medians to plain
     accumulation."""
     rows = {}
     for variant, r in runs.items():
+        if variant == "components":
+            continue
         wall = [t for x in r for t in x["times"]]
         cpu = [t for x in r for t in x["cpu_times"]]
         rows[variant] = {"n": len(wall), "median_s": statistics.median(wall),
@@ -178,6 +230,14 @@ def to_markdown(result: dict) -> str:
               "flip/grad_cache.py (last micro-batch kept, n - 1 replays); cached_keep_text: "
               "with keep_text_graph; recompute: every micro-batch replayed (the former path). "
               "CPU time: the process's, all its threads."]
+    if "cost_model" in result:
+        c = result["cost_model"]
+        lines += ["", f"Cost model, CPU time of one micro-batch of {s['micro']} (median): "
+                  f"graph-free forward image {c['image_inference']:.3f} s + text "
+                  f"{c['text_inference']:.3f} s; forward-backward {c['forward_backward']:.3f} s. "
+                  f"Predicted / accumulate: cached {c['predicted_cached']:.3f}, "
+                  f"cached_keep_text {c['predicted_cached_keep_text']:.3f}, "
+                  f"recompute {c['predicted_recompute']:.3f}."]
     return "\n".join(lines) + "\n"
 
 
@@ -208,6 +268,8 @@ def main(argv: list[str] | None = None) -> dict | None:
             "torch": torch.__version__, "cpus": os.cpu_count(),
             "uptime_start": start, "uptime_end": uptime()}
     result = {"meta": meta, "runs": runs, "rows": summarise(runs)}
+    if "components" in runs:
+        result["cost_model"] = cost_model(runs["components"], args.batch // args.micro)
     markdown = to_markdown(result)
     print(markdown)
     if args.out:

@@ -363,3 +363,45 @@ def test_pretrain_module_passes_keep_text_graph(keep_text_graph, text_forwards):
                         enable_model_summary=False)
     trainer.fit(module, DataLoader(TensorDataset(*batch()), batch_size=B))
     assert calls == {"image": 7, "text": text_forwards}
+
+
+GRAD_CACHE_RESULTS = sorted((Path(__file__).parents[1] / "experiments" / "results")
+                            .glob("grad-cache-*.json"))
+
+
+@pytest.mark.parametrize("path", GRAD_CACHE_RESULTS, ids=lambda p: p.stem)
+def test_committed_grad_cache_results_derive_from_their_raw_times(path):
+    """Every median, range, ratio and cost-model figure of a committed benchmark result
+    recomputed from the per-process raw times; the markdown beside it is the json's."""
+    import statistics
+
+    import benchmark_grad_cache as bench  # experiments/benchmark_grad_cache.py
+
+    result = json.loads(path.read_text())
+    settings = result["meta"]["settings"]
+    timed = [v for v in settings["variants"] if v != "components"]
+    assert set(result["rows"]) == set(timed) and "accumulate" in timed
+    base = result["rows"]["accumulate"]
+    for variant in timed:
+        runs, row = result["runs"][variant], result["rows"][variant]
+        assert len(runs) == settings["rounds"]
+        wall = [t for r in runs for t in r["times"]]
+        cpu = [t for r in runs for t in r["cpu_times"]]
+        assert row["n"] == len(wall) == len(cpu) == settings["repeats"] * settings["rounds"]
+        assert (row["median_s"], row["min_s"], row["max_s"]) == (
+            statistics.median(wall), min(wall), max(wall))
+        assert row["cpu_median_s"] == statistics.median(cpu)
+        assert row["ratio"] == row["median_s"] / base["median_s"]
+        assert row["cpu_ratio"] == row["cpu_median_s"] / base["cpu_median_s"]
+        assert row["peak_mib"] == statistics.median(r["peak_mib"] for r in runs)
+    if "components" in settings["variants"]:
+        n = settings["batch"] // settings["micro"]
+        c = result["cost_model"]
+        parts = {k: statistics.median(t for r in result["runs"]["components"] for t in r[k])
+                 for k in ("image_inference", "text_inference", "forward_backward")}
+        graph_free = parts["image_inference"] + parts["text_inference"]
+        assert c["predicted_cached"] == pytest.approx(
+            1 + (n - 1) / n * graph_free / parts["forward_backward"], rel=1e-12)
+        assert c["predicted_recompute"] == pytest.approx(
+            1 + graph_free / parts["forward_backward"], rel=1e-12)
+    assert path.with_suffix(".md").read_text() == bench.to_markdown(result)
