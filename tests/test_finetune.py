@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torchvision.datasets import ImageFolder
 
 from flip.checkpoint import load_checkpoint, model_state, save_flip_checkpoint
 from flip.data.classification import ClassificationDataModule, ShapesClasses
@@ -193,6 +194,7 @@ def imagenet_data(root, batch_size, *overrides):
     return hydra.utils.instantiate(cfg.data, batch_size=batch_size)
 
 
+@pytest.mark.slow
 def test_imagenet_folder_few_steps_loss_falls(imagenet, checkpoint):
     """Real JPEGs in ImageNet's layout through conf/data/imagenet.yaml (MAE's RandAugment,
     random erasing, bicubic crops): labels from the sorted wnids, and a few epochs lower
@@ -206,7 +208,7 @@ def test_imagenet_folder_few_steps_loss_falls(imagenet, checkpoint):
     module = FinetuneModule(tiny_model_config(), **data.task_args, epochs=8, base_lr=0.05,
                             global_batch=12, warmup_epochs=1, mixup=0.0, cutmix=0.0)
     module.load_pretrained(model_state(load_checkpoint(checkpoint)), "test")
-    run = trainer(max_epochs=8)
+    run = trainer(max_epochs=8, inference_mode=False)  # metric states made in validate() stay usable in fit
     before = run.validate(module, datamodule=data, verbose=False)[0]
     run.fit(module, datamodule=data)
     after = run.validate(module, datamodule=data, verbose=False)[0]
@@ -223,7 +225,8 @@ def test_imagenet_folders_with_different_classes_are_refused(tmp_path):
     write_image_folder(tmp_path / "train", CLASSES, per_class=1)
     write_image_folder(tmp_path / "val", dict(list(CLASSES.items())[:2]), per_class=1)
     with pytest.raises(ValueError, match="different classes .*n01484850"):
-        imagenet_data(tmp_path, 2)
+        ClassificationDataModule(partial(ImageFolder, tmp_path / "train"),
+                                 partial(ImageFolder, tmp_path / "val"), image_size=32)
 
 
 def test_mae_transforms():
@@ -308,6 +311,7 @@ def test_ema_weights_and_validation_keys(checkpoint, ema):
 # the run and the full-scale configs
 
 
+@pytest.mark.slow
 def test_train_py_finetune_prints_the_summary_line(checkpoint, tmp_path):
     out = subprocess.run(
         [sys.executable, "train.py", "task=finetune", f"init_from={checkpoint}",

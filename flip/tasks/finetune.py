@@ -107,8 +107,9 @@ class FinetuneModule(TransferModule):
         visual = build_tower(model_config, "visual", drop_path=drop_path)
         self.model = ViTClassifier(visual, num_classes, head_init_std)
         self.ema = ModelEmaV3(self.model, decay=ema_decay) if ema else None
-        if self.ema is not None:
-            self.ema.requires_grad_(False)  # updated by averaging, never by the optimiser
+        if self.ema is not None:  # updated by averaging, never by the optimiser; in the
+            # module's mode like the rest (Lightning switches all to eval to validate)
+            self.ema.requires_grad_(False).train()
         self.lr = base_lr * global_batch / 256
         self.mixup = None
         if mixup > 0 or cutmix > 0:  # smoothing then lives in the soft targets
