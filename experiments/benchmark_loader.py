@@ -57,6 +57,7 @@ import webdataset as wds
 from PIL import Image
 
 from flip.data import shards as sh
+from flip.data import transforms
 from flip.data.images import decode_image
 from flip.data.transforms import (
     IMAGENET_MEAN,
@@ -66,6 +67,11 @@ from flip.data.transforms import (
     train_transform,
 )
 from flip.tokenizer import Tokenizer
+
+try:
+    import simplejpeg
+except ImportError:
+    simplejpeg = None
 
 WORDS = ("a photo of the old red temple with a garden and blue sky over the hills at dusk "
          "close up of a pink flower petals in bright sunlight on a summer day").split()
@@ -164,17 +170,19 @@ def openclip_loader(pattern: str, batch: int, workers: int, like_for_like: bool)
 
 # --------------------------------------------------------------------------- timing
 def batches(name: str, pattern: str, batch: int, workers: int):
-    """An endless iterator of training batches (images, texts) of pipeline ``name``."""
-    if name.startswith("openclip"):
-        return iter(openclip_loader(pattern, batch, workers, name == "openclip_lfl"))
-    if workers == 0:
+    """(an endless iterator of training batches (images, texts) of pipeline ``name``, the
+    loader's own iterator, whose worker processes ``rate`` stops)."""
+    if name.startswith("openclip"):  # its WebLoader is a DataPipeline around a DataLoader
+        loader = openclip_loader(pattern, batch, workers, name == "openclip_lfl").pipeline[0]
+    elif workers == 0:
         loader = sh.ShardStream(sh.expand_shards(pattern), batch, IMAGE_SIZE)
     else:
         loader = sh.ShardDataModule(pattern, image_size=IMAGE_SIZE, batch_size=batch,
                                     num_workers=workers).train_dataloader()
+    it = iter(loader)
     if name == "ours_host_norm":
-        return ((normalize(images), tokens) for images, tokens in loader)
-    return iter(loader)
+        return ((normalize(images), tokens) for images, tokens in it), it
+    return it, it
 
 
 def rate(name: str, pattern: str, batch: int, workers: int, seconds: float,
@@ -183,7 +191,7 @@ def rate(name: str, pattern: str, batch: int, workers: int, seconds: float,
     filled, workers started, their prefetched batches drained)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker; the consumer does nothing
-    it = batches(name, pattern, batch, workers)
+    it, base = batches(name, pattern, batch, workers)
     try:
         start = time.perf_counter()
         while time.perf_counter() - start < warmup:
@@ -193,8 +201,9 @@ def rate(name: str, pattern: str, batch: int, workers: int, seconds: float,
         while time.perf_counter() - start < seconds:
             n += len(next(it)[0])
         return n / (time.perf_counter() - start)
-    finally:
-        del it  # stops worker processes
+    finally:  # persistent workers would outlive the iterator and share the next run's cores
+        if hasattr(base, "_shutdown_workers"):
+            base._shutdown_workers()
         torch.set_num_threads(threads)
 
 
@@ -226,14 +235,28 @@ def race(sets: dict, a) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- profile
-def ms_per_item(fn, items, repeats: int = 3) -> float:
+def ms_per_item(fn, items, repeats: int = 3, pil_only: bool = False) -> float:
+    """Fastest of ``repeats`` passes, ms per item; ``pil_only``: without simplejpeg."""
     best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for item in items:
-            fn(item)
-        best = min(best, (time.perf_counter() - start) / len(items))
+    saved = transforms.simplejpeg
+    transforms.simplejpeg = None if pil_only else saved
+    try:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for item in items:
+                fn(item)
+            best = min(best, (time.perf_counter() - start) / len(items))
+    finally:
+        transforms.simplejpeg = saved
     return best * 1e3
+
+
+def pilrgb(data: bytes) -> Image.Image:
+    """webdataset's "pilrgb" image decoder, which OpenCLIP's loader uses."""
+    with io.BytesIO(data) as stream:
+        img = Image.open(stream)
+        img.load()
+        return img.convert("RGB")
 
 
 def shard_samples(url: str) -> list[dict]:
@@ -274,10 +297,14 @@ def profile(pattern: str, n: int, batch: int) -> dict:
     out = {
         "read_tar_per_sample": ms_per_item(lambda url: read_shard(url), urls) * len(urls)
         / sum(read_shard(url) for url in urls),
-        "decode_full": ms_per_item(lambda d: decode_image(d), raw),
+        "decode_full_pil": ms_per_item(lambda d: decode_image(d), raw),
+        "decode_full_simplejpeg": ms_per_item(lambda d: simplejpeg.decode_jpeg(d, "RGB"), raw)
+        if simplejpeg is not None else None,
         "ours_decode_crop_flip_uint8": ms_per_item(ours, raw),
+        "ours_with_pil_decoder": ms_per_item(ours, raw, pil_only=True),
         "ours_without_draft": ms_per_item(full, raw),
         "share_of_crops_drafted": drafted / (10 * len(pils)),
+        "openclip_decode_pilrgb": ms_per_item(pilrgb, raw),
         "openclip_lfl_transform_on_decoded": ms_per_item(lfl, pils),
         "pil_reference_transform_on_decoded": ms_per_item(train_transform(IMAGE_SIZE), pils),
         "stack_uint8_batch": ms_per_item(lambda _: torch.stack(u8), [0]) / len(u8),

@@ -85,8 +85,8 @@ _SIMPLEJPEG_MODES = {"YCbCr": "RGB", "RGB": "RGB", "Gray": "L"}
 class DecodeRandomResizedCrop:
     """Encoded image -> ``train_transform``'s augmentation as a uint8 tensor (3, S, S).
 
-    ``decoder(data, max_pixels)`` returns ``(image, original mode)`` and raises
-    ``flip.data.images.BadSample`` like ``decode_image``. The augmentation is
+    ``decode(data, max_pixels)`` (an instance ``decode``) returns ``(image, original
+    mode)`` and raises ``flip.data.images.BadSample`` like ``decode_image``. The augmentation is
     torchvision's: ``RandomResizedCrop.get_params`` draws the crop and ``torch.rand(1) <
     0.5`` the flip, in ``train_transform``'s order, so a seed gives the same crop and flip
     as there. What changes is the order of work, which is where a loader's time goes
