@@ -1,7 +1,7 @@
 """Our webdataset training loader (``data=laion``) against OpenCLIP's, on the same shards.
 
-    python experiments/benchmark_loader.py --out experiments/results/loader-cpu  # ~15 min, 2 cores
-    python experiments/benchmark_loader.py --shards '/data/laion/{00000..00009}.tar'
+    python experiments/benchmark_loader.py --out experiments/results/loader-cpu  # ~12 min, 2 cores
+    python experiments/benchmark_loader.py --shards 'laion=/data/laion/{00000..00009}.tar'
     python experiments/benchmark_loader.py --models tiny:32 vit_b16:8   # + which side limits
 
 1. Shards: JPEG (quality 95, img2dataset's default) photographs with captions, written from
