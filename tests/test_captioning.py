@@ -6,6 +6,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import re
 import subprocess
 import sys
@@ -27,6 +28,16 @@ from flip.tokenizer import PAD_ID, VOCAB_SIZE
 from tests.conftest import CONF, FAST, compose_fast, compose_train
 
 TINY_TOWERS = [o for o in FAST if o.startswith("model.")]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: a second intra-op thread only waits for a
+    core (measured 20x slower steps under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # -- metrics ---------------------------------------------------------------------------------
@@ -363,9 +374,9 @@ def test_karpathy_coco_fixture_trains_and_its_loss_falls(tmp_path):
     torch.manual_seed(0)
     module = CaptioningModule(_tiny_model_config(), **data.task_args, decoder_width=32,
                               decoder_depth=1, decoder_heads=2, decoder_dropout=0.0)
-    opt = torch.optim.AdamW(module.parameters(), lr=2e-3)
+    opt = torch.optim.AdamW(module.parameters(), lr=3e-3)
     losses = []
-    for _ in range(4):
+    for _ in range(8):
         for images, tokens in data.train_dataloader():
             assert images.shape == (4, 3, 16, 16)
             loss = module.loss(module.image_tokens(images), tokens)
@@ -373,7 +384,7 @@ def test_karpathy_coco_fixture_trains_and_its_loss_falls(tmp_path):
             loss.backward()
             opt.step()
             losses.append(loss.item())
-    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
     images, tokens, refs, indices = next(iter(data.val_dataloader()))
     assert refs == [[f"A {w} number {k} in the picture." for k in range(5)] for w in ("kite", "boat")]
     assert images.shape == (2, 3, 16, 16) and indices.tolist() == [0, 1]
@@ -441,7 +452,8 @@ def test_train_py_captioning_prints_the_summary_line(tmp_path):
          "data.train.size=32", "data.val.size=6", "data.val_batch_size=6", "data.num_workers=0",
          "task.epochs=1", "task.decoder_width=32", "task.decoder_depth=1", "task.decoder_heads=2",
          "logger=none", "trainer.enable_progress_bar=false", f"output_dir={tmp_path / 'run'}"],
-        capture_output=True, text=True, timeout=600, cwd=CONF.parent)
+        capture_output=True, text=True, timeout=600, cwd=CONF.parent,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})  # see one_thread
     assert out.returncode == 0, out.stderr[-3000:]
     line = out.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"captioning CIDEr [\d.]+ BLEU-4 [\d.]+ METEOR [\d.]+ ROUGE-L [\d.]+ "
