@@ -462,3 +462,42 @@ def test_train_py_captioning_prints_the_summary_line(tmp_path):
     record = json.loads((tmp_path / "run" / "result.json").read_text())
     assert "val/baseline_CIDEr" in record["metrics"] and "val/CIDEr" in record["metrics"]
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_optimizer_groups_and_schedule():
+    """Decoder at lr, tower at lr x encoder_lr_scale; no decay on biases, norm scales and
+    position embeddings; linear warm-up over warmup_epochs, then cosine to 0."""
+    from types import SimpleNamespace
+
+    caps = ["a red circle", "two blue squares"]
+    images = torch.randn(2, 3, 16, 16)
+    dm = CaptionDataModule(Pairs(images, caps), Refs(images, caps), image_size=16, max_length=8)
+    module = CaptioningModule(_tiny_model_config(), **dm.task_args, decoder_width=32,
+                              decoder_depth=1, decoder_heads=2, lr=1e-3, encoder_lr_scale=0.1,
+                              weight_decay=0.05, epochs=4, warmup_epochs=1.0)
+    module.trainer = SimpleNamespace(estimated_stepping_batches=40)
+    config = module.configure_optimizers()
+    opt, schedule = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    groups = {g["name"]: g for g in opt.param_groups}
+    ids = {name: {id(p) for p in g["params"]} for name, g in groups.items()}
+    assert id(module.decoder.pos_embed) in ids["decoder/no_decay"]
+    assert id(module.decoder.token_embed.weight) in ids["decoder/decay"]  # = the tied head
+    assert id(module.visual.blocks[0].attn.qkv.weight) in ids["visual/decay"]
+    assert id(module.visual.norm.weight) in ids["visual/no_decay"]
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(module.parameters()))
+    assert groups["decoder/no_decay"]["weight_decay"] == 0 and groups["visual/decay"]["weight_decay"] == 0.05
+    lrs = []
+    for _ in range(40):
+        lrs.append((groups["decoder/decay"]["lr"], groups["visual/decay"]["lr"]))
+        opt.step()
+        schedule.step()
+    assert lrs[0] == (0.0, 0.0) and lrs[5][0] == pytest.approx(5e-4)  # warm-up: 10 steps
+    assert lrs[10] == pytest.approx((1e-3, 1e-4))
+    assert lrs[25][0] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 15 / 30)))
+
+
+def test_datamodule_checks_the_image_size():
+    val = ShapesReferences(size=2, image_size=32)
+    dm = CaptionDataModule(ShapesTrainCaptions(size=4, image_size=32), val, image_size=16)
+    with pytest.raises(ValueError, match="data.image_size is 16"):
+        dm.setup("fit")
