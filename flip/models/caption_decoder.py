@@ -48,7 +48,8 @@ class CaptionDecoder(nn.Module):
         norm_eps: float = 1e-5,
     ):
         super().__init__()
-        if len({bos_id, eos_id, pad_id}) != 3 or not all(0 <= i < vocab_size for i in (bos_id, eos_id, pad_id)):
+        specials = (bos_id, eos_id, pad_id)
+        if len(set(specials)) != 3 or not all(0 <= i < vocab_size for i in specials):
             raise ValueError(f"bos_id={bos_id}, eos_id={eos_id}, pad_id={pad_id} must be distinct "
                              f"ids of the vocabulary (size {vocab_size})")
         self.vocab_size, self.max_length = vocab_size, max_length
