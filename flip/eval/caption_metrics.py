@@ -48,7 +48,7 @@ def _check_java() -> None:
 
 
 def _ptb(captions: Mapping) -> dict:
-    """{id: [str]} -> {id: [PTB-tokenised str]}; ids are keyed as strings for the Java side."""
+    """{id: [str]} -> {id: [PTB-tokenised str]} (lower-cased, punctuation removed)."""
     return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
 
 

@@ -125,24 +125,21 @@ class CaptioningModule(TransferModule):
 
     def captions(self, images: torch.Tensor) -> list[str]:
         """Generated captions (text) of a batch of images, with the configured decoding."""
-        hp = self.hparams
-        ids = self.decoder.generate(self.image_tokens(images), hp.beam_size, hp.decode_max_length,
-                                    hp.length_penalty)
-        return [self.text(seq) for seq in ids]
+        return self._decode(self.image_tokens(images))
 
-    def text(self, ids: list[int]) -> str:
-        """Decoder ids -> caption text (word pieces merged)."""
-        return self.tokenizer.decode([self.hparams.vocab[i] for i in ids])
+    def _decode(self, image_tokens: torch.Tensor) -> list[str]:
+        hp = self.hparams
+        ids = self.decoder.generate(image_tokens, hp.beam_size, hp.decode_max_length, hp.length_penalty)
+        # decoder ids -> WordPiece ids -> text (word pieces merged)
+        return [self.tokenizer.decode([hp.vocab[i] for i in seq]) for seq in ids]
 
     def validation_step(self, batch, batch_idx):
         images, tokens, references, indices = batch
         image_tokens = self.image_tokens(images)
         loss = self.loss(image_tokens, tokens)
         self.log("val/loss", loss, sync_dist=True, batch_size=len(images))
-        hp = self.hparams
-        ids = self.decoder.generate(image_tokens, hp.beam_size, hp.decode_max_length, hp.length_penalty)
-        for i, seq, refs in zip(indices.tolist(), ids, references):
-            self._captions[i] = self.text(seq)
+        for i, caption, refs in zip(indices.tolist(), self._decode(image_tokens), references):
+            self._captions[i] = caption
             self._references[i] = refs
 
     def on_validation_epoch_end(self) -> None:
