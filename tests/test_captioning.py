@@ -501,3 +501,29 @@ def test_datamodule_checks_the_image_size():
     dm = CaptionDataModule(ShapesTrainCaptions(size=4, image_size=32), val, image_size=16)
     with pytest.raises(ValueError, match="data.image_size is 16"):
         dm.setup("fit")
+
+
+@pytest.mark.slow
+def test_two_process_validation_scores_every_image_once():
+    """DDP (2 gloo processes): each rank decodes a share of 5 images (the sampler repeats
+    one to even the ranks); the gathered captions are scored once, as in one process."""
+    import lightning as L
+
+    torch.manual_seed(0)
+    caps = ["a red circle", "a blue square", "two green stars", "a pink cross", "an orange star"]
+    images = torch.randn(5, 3, 16, 16)
+
+    def run(devices):
+        dm = CaptionDataModule(Pairs(images, caps), Refs(images, caps), image_size=16,
+                               batch_size=2, max_length=8)
+        torch.manual_seed(0)
+        module = CaptioningModule(_tiny_model_config(), **dm.task_args, decoder_width=32,
+                                  decoder_depth=1, decoder_heads=2, spice=False)
+        trainer = L.Trainer(accelerator="cpu", devices=devices, logger=False,
+                            strategy="ddp_spawn" if devices > 1 else "auto",
+                            enable_progress_bar=False, enable_model_summary=False)
+        return trainer.validate(module, datamodule=dm, verbose=False)[0]
+
+    one, two = run(1), run(2)
+    for key in ("val/CIDEr", "val/BLEU-1", "val/ROUGE-L", "val/baseline_CIDEr"):
+        assert two[key] == pytest.approx(one[key], abs=1e-6), key
