@@ -11,9 +11,11 @@ width, depth and heads are settings (conf/task/captioning.yaml).
   LayerNorm. Learned position embedding over ``max_length`` positions.
 - Vocabulary: the contrastive tokenizer's BERT-uncased WordPiece vocabulary
   (``flip.tokenizer``), whose captions carry no special tokens. The decoder needs a start
-  and an end: BERT's own ``[CLS]`` (101) starts every sequence and ``[SEP]`` (102) ends
-  it, ``[PAD]`` (0) fills the rest (ignored by the loss). Both already exist in the vocab,
-  so the table keeps its 30522 rows and a caption decodes with the same tokenizer.
+  and an end: BERT's own ``[CLS]`` starts every sequence and ``[SEP]`` ends it, ``[PAD]``
+  fills the rest (ignored by the loss). They exist in the vocabulary already, so captions
+  tokenise and decode with the same tokenizer. The decoder's ``vocab_size`` ids index the
+  data's choice of word pieces (``flip.data.captions``: those of the training captions, or
+  all 30522, where the defaults 101/102/0 are the WordPiece ids themselves).
 - Output projection tied to the token embedding by default (``tie_embeddings``).
 
 Decoding (``generate``): greedy, or beam search over ``beam_size`` hypotheses with an
