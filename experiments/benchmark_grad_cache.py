@@ -17,6 +17,12 @@ tower, forward-backward of both) for the cost model: caching / accumulation =
 graph-free forward with ``keep_text_graph``). Writes ``<out>.md`` and ``<out>.json`` with
 the load (``uptime``) at start and end.
 
+Peak RSS depends on glibc's heap: freed activations stay in the process unless their
+blocks were mmap'd, and glibc raises its mmap threshold as tensors are freed, so the
+order of allocations moves the peak by tens of percent. For memory comparisons run with
+``MALLOC_MMAP_THRESHOLD_=65536`` (children inherit it; every tensor beyond 64 KiB is
+mmap'd and returned when freed, so peak RSS follows the live tensors; steps get slower).
+
     python experiments/benchmark_grad_cache.py --model tiny --batch 128 --micro 32 \\
         --threads 1 --repeats 10 --rounds 3 --out experiments/results/grad-cache-tiny-cpu
     python experiments/benchmark_grad_cache.py --model vit_b16 --batch 32 --micro 8 \\
@@ -215,7 +221,8 @@ def to_markdown(result: dict) -> str:
              f"micro={s['micro']} ({s['batch'] // s['micro']} micro-batches) mask={s['mask']}, "
              f"threads={m['threads']}, {s['repeats']} timed step(s) x {s['rounds']} process(es) "
              f"per variant, torch {m['torch']}",
-             f"`{m['command']}`",
+             f"`{m['command']}`" + (f" with MALLOC_MMAP_THRESHOLD_={m['malloc_mmap_threshold']}"
+                                    if m.get("malloc_mmap_threshold") else ""),
              f"uptime at start: {m['uptime_start']}", f"uptime at end: {m['uptime_end']}", "",
              "| variant | wall median (s) | wall min–max (s) | wall / accumulate | "
              "CPU median (s) | CPU min–max (s) | CPU / accumulate | peak RSS above model (MiB) |",
@@ -266,7 +273,8 @@ def main(argv: list[str] | None = None) -> dict | None:
             "command": " ".join(["python experiments/benchmark_grad_cache.py", *argv]),
             "image_size": first["image_size"], "threads": first["threads"],
             "torch": torch.__version__, "cpus": os.cpu_count(),
-            "uptime_start": start, "uptime_end": uptime()}
+            "uptime_start": start, "uptime_end": uptime(),
+            "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
     result = {"meta": meta, "runs": runs, "rows": summarise(runs)}
     if "components" in runs:
         result["cost_model"] = cost_model(runs["components"], args.batch // args.micro)
