@@ -208,7 +208,8 @@ def test_imagenet_folder_few_steps_loss_falls(imagenet, checkpoint):
     module = FinetuneModule(tiny_model_config(), **data.task_args, epochs=8, base_lr=0.05,
                             global_batch=12, warmup_epochs=1, mixup=0.0, cutmix=0.0)
     module.load_pretrained(model_state(load_checkpoint(checkpoint)), "test")
-    run = trainer(max_epochs=8, inference_mode=False)  # metric states made in validate() stay usable in fit
+    # no inference mode: metric states first made in validate() stay usable in fit
+    run = trainer(max_epochs=8, inference_mode=False)
     before = run.validate(module, datamodule=data, verbose=False)[0]
     run.fit(module, datamodule=data)
     after = run.validate(module, datamodule=data, verbose=False)[0]

@@ -171,7 +171,8 @@ class FinetuneModule(TransferModule):
         ema_logits = self.ema(images) if self.ema is not None else None
         for name, metric in self.val_metrics.items():
             metric.update(ema_logits if name.startswith("ema_") else logits, labels)
-        self.log_dict({f"val/{k}": m for k, m in self.val_metrics.items()}, batch_size=labels.shape[0])
+        self.log_dict({f"val/{k}": m for k, m in self.val_metrics.items()},
+                      batch_size=labels.shape[0])
         self.log("val/loss", self.val_loss, batch_size=labels.shape[0])
         self.log("val/baseline_majority", self.val_baseline, batch_size=labels.shape[0])
 
