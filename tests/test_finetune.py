@@ -20,6 +20,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torchvision.datasets import ImageFolder
 
 from flip.checkpoint import load_checkpoint, model_state, save_flip_checkpoint
+from flip.config import ConfigError
 from flip.data.classification import ClassificationDataModule, ShapesClasses
 from flip.data.shapes import ALL_COMBOS, COLOUR_JITTER, COLOURS, render
 from flip.tasks.finetune import FinetuneModule
@@ -158,6 +159,12 @@ def test_without_mixup_the_loss_is_label_smoothing_cross_entropy():
     assert loss.item() == pytest.approx(by_hand.item(), rel=1e-6)
     assert loss.item() == pytest.approx(
         LabelSmoothingCrossEntropy(0.1)(module(images), labels).item(), rel=1e-6)
+
+
+def test_mixup_with_an_odd_batch_stops_at_start():
+    module = FinetuneModule(tiny_model_config(), num_classes=40, mixup=0.8, cutmix=1.0)
+    with pytest.raises(ConfigError, match="even per-device batch, got 7"):
+        trainer(max_epochs=1).fit(module, datamodule=shapes_data(batch_size=7, size=14))
 
 
 # ----------------------------------------------------------------------------------------
