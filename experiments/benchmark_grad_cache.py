@@ -26,8 +26,11 @@ mmap'd and returned when freed, so peak RSS follows the live tensors; steps get 
     python experiments/benchmark_grad_cache.py --model tiny --batch 128 --micro 32 \\
         --threads 1 --repeats 10 --rounds 3 --out experiments/results/grad-cache-tiny-cpu
     python experiments/benchmark_grad_cache.py --model vit_b16 --batch 32 --micro 8 \\
-        --threads 1 --repeats 1 --rounds 2 --variants accumulate cached cached_keep_text \\
-        recompute --out experiments/results/grad-cache-vit_b16-cpu
+        --threads 1 --repeats 1 --rounds 1 --variants components recompute \\
+        cached_keep_text cached accumulate --out experiments/results/grad-cache-vit_b16-cpu-2
+    MALLOC_MMAP_THRESHOLD_=65536 python experiments/benchmark_grad_cache.py --model tiny \\
+        --batch 128 --micro 32 --threads 1 --repeats 3 --rounds 2 \\
+        --out experiments/results/grad-cache-tiny-cpu-mmap
 """
 import argparse
 import json
