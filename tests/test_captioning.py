@@ -366,7 +366,7 @@ def _data(*overrides, batch_size=4):
 
 def test_karpathy_coco_fixture_trains_and_its_loss_falls(tmp_path):
     write_karpathy(tmp_path / "coco")
-    data = _data("data=coco_captions", f"+data_root={tmp_path}", "data.image_size=16")
+    data = _data("data=coco_captions", f"data_root={tmp_path}", "data.image_size=16")
     assert len(data.train_set) == 4 * 5  # train + restval, one sample per caption
     assert len(data.val_set) == 2 and data.val_set[0][1][0] == "A kite number 0 in the picture."
     assert data.constant_caption == "A dog number 0 in the picture."  # all count 1: the first
@@ -393,7 +393,7 @@ def test_karpathy_coco_fixture_trains_and_its_loss_falls(tmp_path):
 
 def test_karpathy_split_selection(tmp_path):
     write_karpathy(tmp_path / "coco")
-    data = _data("data=coco_captions", f"+data_root={tmp_path}", "data.image_size=16",
+    data = _data("data=coco_captions", f"data_root={tmp_path}", "data.image_size=16",
                  "data.val.splits=[val]")
     assert [refs[0] for _, refs in data.val_set.items] == ["A pizza number 0 in the picture."]
 
@@ -401,7 +401,7 @@ def test_karpathy_split_selection(tmp_path):
 def test_nocaps_reader_and_datamodule(tmp_path):
     write_karpathy(tmp_path / "coco")
     write_nocaps(tmp_path / "nocaps")
-    data = _data("data=nocaps", f"+data_root={tmp_path}", "data.image_size=16")
+    data = _data("data=nocaps", f"data_root={tmp_path}", "data.image_size=16")
     assert len(data.train_set) == 20  # COCO Karpathy train + restval
     assert len(data.val_set) == 3
     image, refs = data.val_set[1]

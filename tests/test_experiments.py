@@ -72,7 +72,9 @@ def test_every_experiment_composes_and_builds_its_model(name, tmp_path):
 
 
 def test_every_full_scale_experiment_is_in_the_official_table():
-    assert sorted(n for n in EXPERIMENTS if n.startswith(("table", "fig"))) == sorted(OFFICIAL)
+    transfer = ("table3_", "table7_")  # downstream tasks: tests/test_{finetune,captioning,vqa}.py
+    pretraining = [n for n in EXPERIMENTS if n.startswith(("table", "fig")) and not n.startswith(transfer)]
+    assert sorted(pretraining) == sorted(OFFICIAL)
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL))

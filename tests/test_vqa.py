@@ -330,7 +330,7 @@ def test_vqav2_run_reports_official_accuracy_beside_the_baseline(tmp_path, capsy
     write_vqav2(data_root / "vqav2", "val2014", images=6, first_id=100)
     pretrained_checkpoint(tmp_path / "p.ckpt", image_size=16)
     cfg = compose_train(
-        "task=vqa", "data=vqav2", f"+data_root={data_root}", f"init_from={tmp_path / 'p.ckpt'}",
+        "task=vqa", "data=vqav2", f"data_root={data_root}", f"init_from={tmp_path / 'p.ckpt'}",
         "data.num_workers=0", "batch.global=24", "task.epochs=2", "task.fusion_width=32",
         "task.fusion_depth=1", "task.fusion_heads=2", "logger=none",
         "trainer.enable_progress_bar=false", output_dir=tmp_path / "run")
@@ -356,7 +356,7 @@ def test_vqav2_run_reports_official_accuracy_beside_the_baseline(tmp_path, capsy
 
 
 def test_table7_experiment_composes_with_metered_values():
-    cfg = compose_train("experiment=table7_vqa", "+data_root=/data", "init_from=x.ckpt")
+    cfg = compose_train("experiment=table7_vqa", "data_root=/data", "init_from=x.ckpt")
     assert cfg.task._target_ == "flip.tasks.vqa.VQAModule" and cfg.needs_init_from
     assert cfg.data.train._target_ == "flip.data.vqa.VQAv2"
     assert cfg.data.train.images == "/data/vqav2/train2014"
