@@ -20,7 +20,7 @@ from flip.data.vqa import ShapesVQA, VQADataModule, VQAv2, ask, read_vqav2
 from flip.eval.vqa_metrics import (VQAAccuracy, answer_scores, answer_vocabulary,
                                    leave_one_out_score, normalize_answer, process_punctuation,
                                    vqa_accuracy)
-from flip.models.fusion import FusionTransformer
+from flip.models.fusion import AnswerClassifier, FusionTransformer
 from flip.tasks.vqa import VQAModule
 from flip.train import train
 from tests.conftest import compose_train
@@ -288,10 +288,16 @@ def test_fusion_does_not_attend_to_question_padding():
     changed = text.clone()
     changed[0, 4] += 1.0  # a padding position of question 0
     out, out_changed = fusion(image, text, padding), fusion(image, changed, padding)
+    assert out.shape == (2, 32)  # [mean image token | mean question token]
     assert torch.allclose(out, out_changed, atol=1e-6)
     changed[0, 1] += 1.0  # a real token
     assert not torch.allclose(out[0], fusion(image, changed, padding)[0], atol=1e-4)
     assert not torch.allclose(out[0], fusion(image, changed, None)[0], atol=1e-4)
+
+
+def test_classifier_starts_at_the_uniform_answer_prior():
+    head = AnswerClassifier(8, 20)
+    assert torch.allclose(torch.sigmoid(head[-1].bias), torch.full((20,), 1 / 20))
 
 
 def test_training_steps_on_vqav2_files_lower_the_loss(tmp_path):
@@ -318,7 +324,7 @@ def test_training_steps_on_vqav2_files_lower_the_loss(tmp_path):
         module.loss(module(batch["images"], batch["tokens"]), batch["targets"]).backward()
         optimizer.step()
     module.eval()
-    assert loss() < 0.75 * before  # from ln 2 per answer: the priors of each question kind
+    assert loss() < 0.75 * before
 
 
 def test_vqav2_run_reports_official_accuracy_beside_the_baseline(tmp_path, capsys):

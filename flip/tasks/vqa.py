@@ -69,7 +69,7 @@ class VQAModule(TransferModule):
         self.text = build_tower(model_config, "text")
         self.fusion = FusionTransformer(self.visual.width, self.text.width, fusion_width,
                                         fusion_depth, fusion_heads, drop_path=drop_path)
-        self.classifier = AnswerClassifier(fusion_width, len(self.answers))
+        self.classifier = AnswerClassifier(self.fusion.out_features, len(self.answers))
         self.val_acc = VQAAccuracy(ANSWER_TYPES)
         self.val_baseline = VQAAccuracy(ANSWER_TYPES)
 
@@ -116,7 +116,7 @@ class VQAModule(TransferModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        no_decay = no_decay_names(self) | {"fusion.cls_token", "fusion.type_embed.weight"}
+        no_decay = no_decay_names(self) | {"fusion.type_embed.weight"}
         groups = []
         for prefix, mult in (("visual.", 1.0), ("text.", 1.0),
                              ("fusion.", hp.fusion_lr_mult), ("classifier.", hp.head_lr_mult)):
