@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import sys
 import threading
@@ -498,7 +499,7 @@ def memory_in_fresh_processes(s: Settings, log: Callable[[str], None] = lambda m
                               ) -> dict[tuple[str, float], dict]:
     """:func:`step_memory` of every (implementation, ratio), each in a fresh process of
     this script: in one process, a step at mask 0.75 after one at mask 0 reuses the heap
-    pages that step left resident, and its resident-set growth would read near zero."""
+    pages that step left resident, and its resident-set growth would read too low."""
     from benchmark_grad_cache import run_variants  # experiments/benchmark_grad_cache.py
 
     variants = [f"{name}/{r}" for name in s.impls for r in s.ratios]
@@ -534,8 +535,6 @@ def step_memory(s: Settings, name: str, ratio: float) -> dict[str, int | None]:
     if device.type == "cuda":
         process_peak = torch.cuda.max_memory_allocated(device)
     else:
-        import resource
-
         process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB
     return {"step_peak": peak, "process_peak": process_peak}
 
