@@ -25,10 +25,11 @@ Two quirks of the official code are kept because they change scores:
 Soft targets (``answer_scores``): the training target of an answer is the accuracy the
 official metric would give it, i.e. the leave-one-out average above with every answer
 normalised: 0.3 / 0.6 / 0.9 / 1 for 1 / 2 / 3 / >= 4 of 10 humans. It is the table of
-ViLT's ``write_vqa.get_score`` (dandelin/ViLT, used by METER, the setup the FLIP paper
-follows for VQA), whose comment calls it "the average of 10 choose 9 candidate answers
-cases"; ``min(n / 3, 1)`` (bottom-up-attention's ``compute_softscore``) is the variant
-without the averaging, not used here.
+ViLT's ``write_vqa.get_score`` (dandelin/ViLT, whose data METER uses; METER is the setup
+the FLIP paper follows for VQA) and of hengyuan-hu/bottom-up-attention-vqa
+``tools/compute_softscore.py``;
+``min(n / 3, 1)``, the same without the averaging (1/3, 2/3, 1), found in some
+re-implementations, is not used here.
 """
 from __future__ import annotations
 
