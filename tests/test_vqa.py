@@ -218,6 +218,20 @@ def test_datamodule_targets_vocabulary_and_baseline(tmp_path):
     assert batch["answers"][2] == ["1"] * 7 + ["one"] * 3
 
 
+def test_vocabulary_counts_validation_answers_only_when_asked(tmp_path):
+    write_vqav2(tmp_path, images=3)
+    write_vqav2(tmp_path, "val2014", images=3, first_id=100)
+    notes_file = tmp_path / "v2_mscoco_val2014_annotations.json"
+    notes = json.loads(notes_file.read_text())
+    notes["annotations"][0]["multiple_choice_answer"] = "Purple."
+    notes_file.write_text(json.dumps(notes))
+    train_set, val_set = vqav2_set(tmp_path, image_size=16), vqav2_set(tmp_path, "val2014", image_size=16)
+    without = VQADataModule(train_set, val_set, image_size=16)
+    with_val = VQADataModule(train_set, val_set, vocab_includes_val=True, image_size=16)
+    assert "purple" not in without.answers and "purple" in with_val.answers
+    assert without.baseline_answer == with_val.baseline_answer == "1"  # training answers only
+
+
 # -- shapes miniature -------------------------------------------------------------------
 def _truth(scene, question: str) -> str:
     """The answer recomputed from the scene, independently of the generator's code paths."""
@@ -293,6 +307,39 @@ def test_fusion_does_not_attend_to_question_padding():
     changed[0, 1] += 1.0  # a real token
     assert not torch.allclose(out[0], fusion(image, changed, padding)[0], atol=1e-4)
     assert not torch.allclose(out[0], fusion(image, changed, None)[0], atol=1e-4)
+
+
+def test_optimizer_groups_and_schedule(tmp_path):
+    """Towers at lr, fusion at lr x fusion_lr_mult, classifier at lr x head_lr_mult; no decay
+    on biases, norms and embeddings; warm-up over warmup_fraction of the steps, cosine to 0."""
+    from types import SimpleNamespace
+
+    _, model_cfg = pretrained_checkpoint(tmp_path / "p.ckpt", image_size=16)
+    module = VQAModule(model_cfg, ["yes", "no"], fusion_width=16, fusion_depth=1, fusion_heads=1,
+                       lr=1e-4, fusion_lr_mult=5, head_lr_mult=50, weight_decay=0.01,
+                       warmup_fraction=0.1)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=100)
+    config = module.configure_optimizers()
+    optimizer, schedule = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    named = dict(module.named_parameters())
+    norms = {f"{n}.weight" for n, m in module.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+    assert "classifier.1.weight" in norms and len(group_of) == len(named)  # every parameter is trained, once
+    expected_lr = {"visual": 1e-4, "text": 1e-4, "fusion": 5e-4, "classifier": 5e-3}
+    for name, p in named.items():
+        group = group_of[id(p)]
+        # the LambdaLR already scaled the group's lr by the first step's factor (1 / 10)
+        assert group["initial_lr"] == pytest.approx(expected_lr[name.split(".")[0]]), name
+        spared = name.endswith(".bias") or name in norms or "pos_embed" in name \
+            or name == "fusion.type_embed.weight"
+        assert group["weight_decay"] == (0.0 if spared else 0.01), name
+    factors = []
+    for _ in range(100):
+        factors.append(optimizer.param_groups[0]["lr"] / 1e-4)
+        optimizer.step()
+        schedule.step()
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[54] == pytest.approx(0.5, abs=0.02) and factors[-1] < 1e-3
 
 
 def test_classifier_starts_at_the_uniform_answer_prior():
