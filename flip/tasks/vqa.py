@@ -7,8 +7,8 @@ Model: both pre-trained towers (unmasked) encode the image and the question; a n
 initialised fusion Transformer reads both token sequences and an answer classifier scores
 every answer of the vocabulary (``flip/models/fusion.py``). Training: binary cross-entropy
 with logits against soft scores (``flip.eval.vqa_metrics.answer_scores``), summed over the
-answers and averaged over the batch (bottom-up-attention's ``instance_bce_with_logits`` and
-ViLT's/METER's ``compute_vqa``: the mean times the number of answers). AdamW with three
+answers and averaged over the batch (ViLT's/METER's ``compute_vqa``: the mean times the
+number of answers, after jnhwkim/ban-vqa's ``instance_bce_with_logits``). AdamW with three
 learning rates, as METER fine-tunes (``task_finetune_vqa_clip_bert``: lr 5e-6 for the
 pre-trained encoders, x5 for the new cross-modal layers, x50 for the head), weight decay
 0.01 on all but biases, norm scales and position embeddings; linear warm-up over
