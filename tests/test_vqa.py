@@ -16,7 +16,7 @@ from flip.checkpoint import load_checkpoint
 from flip.data.images import BadSample
 from flip.data.quality import DataPathError
 from flip.data.shapes import COLOURS, SHAPES, plural
-from flip.data.vqa import ShapesVQA, VQADataModule, VQAv2, ask, read_vqav2
+from flip.data.vqa import ShapesVQA, VQADataModule, VQAv2, read_vqav2
 from flip.eval.vqa_metrics import (VQAAccuracy, answer_scores, answer_vocabulary,
                                    leave_one_out_score, normalize_answer, process_punctuation,
                                    vqa_accuracy)
@@ -161,7 +161,8 @@ def test_vqav2_reader_reads_the_official_files(tmp_path):
                                   tmp_path / "v2_mscoco_train2014_annotations.json")
     assert subtype == "train2014" and len(records) == 9
     r = records[0]
-    assert (r.question_id, r.image_id, r.question) == (4587520, 458752, "what color is the picture?")
+    assert (r.question_id, r.image_id) == (4587520, 458752)
+    assert r.question == "what color is the picture?"
     assert r.answers == ("red",) * 8 + ("purple",) * 2 and r.multiple_choice_answer == "red"
     assert (r.answer_type, r.question_type) == ("other", "what color is the")
     data = vqav2_set(tmp_path, image_size=32)
@@ -176,7 +177,8 @@ def test_vqav2_reader_reads_the_official_files(tmp_path):
 def test_vqav2_reader_refusals_name_the_file(tmp_path):
     write_vqav2(tmp_path, images=2)
     with pytest.raises(DataPathError, match="annotations file not found: .*nope.json"):
-        read_vqav2(tmp_path / "v2_OpenEnded_mscoco_train2014_questions.json", tmp_path / "nope.json")
+        read_vqav2(tmp_path / "v2_OpenEnded_mscoco_train2014_questions.json",
+                   tmp_path / "nope.json")
     with pytest.raises(ValueError, match="not a VQA questions file"):
         read_vqav2(tmp_path / "v2_mscoco_train2014_annotations.json")
     notes = json.loads((tmp_path / "v2_mscoco_train2014_annotations.json").read_text())
@@ -225,7 +227,8 @@ def test_vocabulary_counts_validation_answers_only_when_asked(tmp_path):
     notes = json.loads(notes_file.read_text())
     notes["annotations"][0]["multiple_choice_answer"] = "Purple."
     notes_file.write_text(json.dumps(notes))
-    train_set, val_set = vqav2_set(tmp_path, image_size=16), vqav2_set(tmp_path, "val2014", image_size=16)
+    train_set = vqav2_set(tmp_path, image_size=16)
+    val_set = vqav2_set(tmp_path, "val2014", image_size=16)
     without = VQADataModule(train_set, val_set, image_size=16)
     with_val = VQADataModule(train_set, val_set, vocab_includes_val=True, image_size=16)
     assert "purple" not in without.answers and "purple" in with_val.answers
@@ -324,7 +327,8 @@ def test_optimizer_groups_and_schedule(tmp_path):
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     named = dict(module.named_parameters())
     norms = {f"{n}.weight" for n, m in module.named_modules() if isinstance(m, torch.nn.LayerNorm)}
-    assert "classifier.1.weight" in norms and len(group_of) == len(named)  # every parameter is trained, once
+    assert "classifier.1.weight" in norms
+    assert len(group_of) == len(named)  # every parameter is trained, once
     expected_lr = {"visual": 1e-4, "text": 1e-4, "fusion": 5e-4, "classifier": 5e-3}
     for name, p in named.items():
         group = group_of[id(p)]
