@@ -114,7 +114,9 @@ def summarise(runs: dict[str, list[dict]]) -> list[dict]:
         row["time_ratio"] = bf16["median_s"] / fp32["median_s"]
         row["cpu_time_ratio"] = bf16["cpu_median_s"] / fp32["cpu_median_s"]
         row["rss_ratio"] = bf16["peak_rss_mib"] / fp32["peak_rss_mib"]
-        row["growth_ratio"] = bf16["growth_mib"] / fp32["growth_mib"]
+        # None: fp32 grew nothing measurable (in-process runs reuse the heap) — no ratio
+        row["growth_ratio"] = (bf16["growth_mib"] / fp32["growth_mib"]
+                               if fp32["growth_mib"] else None)
         rows.append(row)
     return rows
 
@@ -134,6 +136,10 @@ def machine() -> dict:
             "torch_avx512_bf16": torch._C._cpu._is_avx512_bf16_supported(),
             "torch_amx": torch._C._cpu._is_amx_tile_supported(),
             "loadavg": os.getloadavg()}
+
+
+def _ratio(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
 
 
 def to_markdown(result: dict) -> str:
@@ -161,7 +167,7 @@ def to_markdown(result: dict) -> str:
             f"{b['median_s']:.3f} [{b['min_s']:.3f}–{b['max_s']:.3f}] | {r['time_ratio']:.2f} | "
             f"{r['cpu_time_ratio']:.2f} | {f['peak_rss_mib']:.0f} | {b['peak_rss_mib']:.0f} | "
             f"{r['rss_ratio']:.2f} | {f['growth_mib']:.0f} | {b['growth_mib']:.0f} | "
-            f"{r['growth_ratio']:.2f} | {','.join(f['linear_dtypes'])} / "
+            f"{_ratio(r['growth_ratio'])} | {','.join(f['linear_dtypes'])} / "
             f"{','.join(b['linear_dtypes'])} |")
     lines += ["", "Peak RSS: the whole process's (Python, torch, Lightning, model, data, step); "
               "growth: peak RSS above its value before the first step (the steps' activations, "

@@ -5,8 +5,9 @@ over micro-batches changes the loss (fewer negatives). Gradient caching (Gao et 
 2021) keeps it exact at the memory of one micro-batch plus the embeddings:
 
 1. embed every micro-batch, drawing its patch mask and recording the random-number
-   state (dropout, drop-path) of those that will be replayed. All but the last run in
-   inference mode (no graph); the last keeps its graph, and its per-sample terms are
+   state (dropout, drop-path) of those that will be replayed. All but the last run
+   without a graph (``no_grad``; not ``inference_mode``: its tensors break bf16 autocast's
+   weight cache, reused by the graph passes, and XLA's tensors); the last keeps its graph, and its per-sample terms are
    computed at once: it is never replayed;
 2. compute the global-batch loss on all embeddings (gathered across ranks) and
    differentiate it w.r.t. the embeddings and the logit scale only;
@@ -81,10 +82,13 @@ def cached_backward(
     states, image_features, texts = [], [], []
     for c in replayed:
         states.append(_rng_state(device))
-        with torch.inference_mode():
+        with torch.no_grad():
             image_features.append(model.encode_image(images[c], image_mask[c]))
             if not keep_text_graph:
                 texts.append({"text": model.encode_text(tokens[c], text_mask[c])})
+        # autocast caches each weight's low-precision copy for the region; one made without
+        # grad would be reused by the graph passes, leaving that weight without gradient
+        torch.clear_autocast_cache()
         if keep_text_graph:
             texts.append(model.forward_text(tokens[c], text_mask[c]))
     last = model.forward_features(images[kept], tokens[kept], image_mask[kept], text_mask[kept])
