@@ -131,7 +131,7 @@ def test_fused_falls_back_to_foreach_where_the_device_has_no_fused_kernel(caplog
     assert adamw_kernel("foreach", cpu) == {"fused": False, "foreach": True}
     assert adamw_kernel("for_loop", cpu) == {"fused": False, "foreach": False}
     # the meta device, like XLA, is not among torch's fused-kernel devices
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="flip.tasks.pretrain"):
         assert adamw_kernel("fused", cpu + [torch.zeros(2, device="meta")]) == {
             "fused": False, "foreach": True}
     assert "no fused kernel on meta" in caplog.text

@@ -9,13 +9,14 @@ fits in memory: with ``micro_batch`` smaller than the per-device batch the step 
 gradient caching (``flip/grad_cache.py``), still one optimiser step and one
 data-parallel gradient sync per global batch.
 """
+import logging
 import time
 from contextlib import nullcontext
 from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_only
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from torchmetrics.classification import MulticlassAccuracy
@@ -26,6 +27,8 @@ from flip.models.clip import FLIP, no_decay_names
 from flip.objective import Objective
 from flip.schedule import warmup_cosine
 from flip.eval.zeroshot import build_zero_shot_classifier
+
+log = logging.getLogger(__name__)
 
 ADAMW_IMPLS = ("fused", "foreach", "for_loop")  # task.optimizer_impl
 
@@ -227,7 +230,9 @@ def adamw_kernel(impl: str, params: list[torch.Tensor]) -> dict[str, bool]:
         without = sorted({p.device.type for p in params if p.device.type not in supported})
         if not without:
             return {"fused": True, "foreach": False}
-        rank_zero_info(f"AdamW: torch has no fused kernel on {', '.join(without)} (it has on "
-                       f"{', '.join(supported)}); task.optimizer_impl=fused uses foreach")
+        if rank_zero_only.rank == 0:  # our logger: quiet_console hides Lightning's info lines
+            log.info("AdamW: torch has no fused kernel on %s (it has on %s); "
+                     "task.optimizer_impl=fused uses foreach", ", ".join(without),
+                     ", ".join(supported))
         impl = "foreach"
     return {"fused": False, "foreach": impl == "foreach"}
