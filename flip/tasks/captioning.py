@@ -27,9 +27,8 @@ import torch.nn.functional as F
 
 from flip.eval.caption_metrics import score_captions
 from flip.models.caption_decoder import CaptionDecoder
-from flip.models.clip import no_decay_names
 from flip.schedule import warmup_cosine
-from flip.tasks.transfer import TransferModule, build_tower
+from flip.tasks.transfer import TransferModule, build_tower, part_param_groups
 from flip.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -167,16 +166,8 @@ class CaptioningModule(TransferModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        groups = []
-        for name, module, lr in (("visual", self.visual, hp.lr * hp.encoder_lr_scale),
-                                 ("decoder", self.decoder, hp.lr)):
-            no_decay = no_decay_names(module)
-            params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-            groups += [{"params": [p for n, p in params if n not in no_decay], "lr": lr,
-                        "weight_decay": hp.weight_decay, "name": f"{name}/decay"},
-                       {"params": [p for n, p in params if n in no_decay], "lr": lr,
-                        "weight_decay": 0.0, "name": f"{name}/no_decay"}]
-        groups = [g for g in groups if g["params"]]
+        groups = part_param_groups([("visual", self.visual, hp.lr * hp.encoder_lr_scale),
+                                    ("decoder", self.decoder, hp.lr)], hp.weight_decay)
         optimizer = torch.optim.AdamW(groups, betas=tuple(hp.betas), eps=hp.eps)
         total = self.trainer.estimated_stepping_batches
         warmup = round(total * hp.warmup_epochs / hp.epochs)

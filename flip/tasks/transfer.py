@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import hydra
@@ -38,6 +38,7 @@ from flip.checkpoint import (CheckpointError, load_checkpoint, load_weights, mer
                              model_config, model_state)
 from flip.config import ConfigError, check_hardware, per_device_batch
 from flip.console import quiet_console
+from flip.models.clip import no_decay_names
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,28 @@ def build_tower(model_config: Mapping, part: str, **runtime) -> nn.Module:
     the task's run-time settings (``drop_path``, ``grad_checkpointing``)."""
     cfg = merge_model_config(model_config, {TOWERS[part]: {"mask_ratio": 0.0, **runtime}})
     return hydra.utils.instantiate(cfg[TOWERS[part]])
+
+
+def part_param_groups(parts: Iterable[tuple[str, nn.Module, float]], weight_decay: float,
+                      also_no_decay: Iterable[str] = ()) -> list[dict]:
+    """AdamW groups of a task with a learning rate per part: for each (name, module, lr),
+    its decayed weights and, without decay, the official no-decay set (biases, norm scales,
+    position embeddings; ``no_decay_names``) plus ``also_no_decay`` (full names,
+    "part.param"). Groups are named "<part>/decay" and "<part>/no_decay"; empty ones are
+    left out."""
+    also = set(also_no_decay)
+    groups = []
+    for name, module, lr in parts:
+        no_decay = no_decay_names(module) | {n[len(name) + 1:] for n in also
+                                             if n.startswith(name + ".")}
+        params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        for decay in (True, False):
+            chosen = [p for n, p in params if (n not in no_decay) == decay]
+            if chosen:
+                groups.append({"params": chosen, "lr": lr,
+                               "name": f"{name}/{'decay' if decay else 'no_decay'}",
+                               "weight_decay": weight_decay if decay else 0.0})
+    return groups
 
 
 class TransferModule(L.LightningModule):

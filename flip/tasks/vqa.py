@@ -27,10 +27,9 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from flip.eval.vqa_metrics import ANSWER_TYPES, VQAAccuracy
-from flip.models.clip import no_decay_names
 from flip.models.fusion import AnswerClassifier, FusionTransformer
 from flip.schedule import warmup_cosine
-from flip.tasks.transfer import TransferModule, build_tower
+from flip.tasks.transfer import TransferModule, build_tower, part_param_groups
 from flip.tokenizer import PAD_ID
 
 _TYPE_KEYS = {"yes/no": "yes_no", "number": "number", "other": "other"}  # metric names
@@ -116,17 +115,11 @@ class VQAModule(TransferModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        no_decay = no_decay_names(self) | {"fusion.type_embed.weight"}
-        groups = []
-        for prefix, mult in (("visual.", 1.0), ("text.", 1.0),
-                             ("fusion.", hp.fusion_lr_mult), ("classifier.", hp.head_lr_mult)):
-            params = [(n, p) for n, p in self.named_parameters()
-                      if n.startswith(prefix) and p.requires_grad]
-            for decay in (True, False):
-                chosen = [p for n, p in params if (n not in no_decay) == decay]
-                if chosen:
-                    groups.append({"params": chosen, "lr": hp.lr * mult,
-                                   "weight_decay": hp.weight_decay if decay else 0.0})
+        groups = part_param_groups(
+            [("visual", self.visual, hp.lr), ("text", self.text, hp.lr),
+             ("fusion", self.fusion, hp.lr * hp.fusion_lr_mult),
+             ("classifier", self.classifier, hp.lr * hp.head_lr_mult)],
+            hp.weight_decay, also_no_decay={"fusion.type_embed.weight"})
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
         total = self.trainer.estimated_stepping_batches
         warmup = int(hp.warmup_fraction * total)
