@@ -86,11 +86,11 @@ def cached_backward(
             image_features.append(model.encode_image(images[c], image_mask[c]))
             if not keep_text_graph:
                 texts.append({"text": model.encode_text(tokens[c], text_mask[c])})
-        # autocast caches each weight's low-precision copy for the region; one made without
-        # grad would be reused by the graph passes, leaving that weight without gradient
-        torch.clear_autocast_cache()
-        if keep_text_graph:
+        if keep_text_graph:  # the text tower never runs without grad here
             texts.append(model.forward_text(tokens[c], text_mask[c]))
+    # autocast caches each weight's low-precision copy for the region; one made without
+    # grad would be reused by the graph passes, leaving that weight without gradient
+    torch.clear_autocast_cache()
     last = model.forward_features(images[kept], tokens[kept], image_mask[kept], text_mask[kept])
     last_terms = objective.per_sample(last, images[kept], tokens[kept], B)
     after = _rng_state(device)
