@@ -139,3 +139,15 @@ def test_cfg_job_shows_ratio_and_batch():
     job = OmegaConf.create(out.stdout)
     assert job.mask == 0.75 and job.batch["global"] == 65536
     assert "mask: 0.75" in out.stdout and "global: 65536" in out.stdout
+
+
+def test_data_root_places_every_downstream_dataset(tmp_path):
+    """data_root=/x: ImageNet, COCO, nocaps and VQAv2 are read under /x/<name>."""
+    roots = {"imagenet": lambda d: (d.train.root, d.val.root),
+             "coco_captions": lambda d: (d.train.images.root, d.val.root),
+             "nocaps": lambda d: (d.train.images.root, d.val.root),
+             "vqav2": lambda d: (d.train.images, d.val.questions)}
+    for option, paths in roots.items():
+        cfg = compose_train(f"data={option}", "data_root=/x", output_dir=tmp_path)
+        for path in paths(cfg.data):
+            assert path.startswith("/x/"), (option, path)
