@@ -1,4 +1,5 @@
 """FLIP pre-training entry point: `python train.py [overrides]` (see conf/train.yaml)."""
+
 import hydra
 from omegaconf import DictConfig
 

@@ -11,6 +11,7 @@ and writes it with the raw numbers to ``<out>.md`` and ``<out>.json`` (default
 ``experiments/results/benchmark-<arch>-<device>``).
 The measuring code is ``experiments/step_benchmark.py``.
 """
+
 import argparse
 import json
 import sys
@@ -26,47 +27,93 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arch", default="tiny", help="a conf/model option: tiny, vit_b16, vit_l16, …")
     p.add_argument("--image-size", type=int, default=None, help="default: 64 for tiny, else 224")
     p.add_argument("--batch", type=int, default=32, help="micro-batch per step")
-    p.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.5, 0.75],
-                   help="mask ratios; the first is the reference for the ratios")
+    p.add_argument(
+        "--ratios",
+        type=float,
+        nargs="+",
+        default=[0.0, 0.5, 0.75],
+        help="mask ratios; the first is the reference for the ratios",
+    )
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     p.add_argument("--device", default="cpu", help="cpu or cuda[:n]")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16: autocast of the forward pass")
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16: autocast of the forward pass",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per row")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per row, interleaved")
     p.add_argument("--attention", choices=["fused", "math"], default="fused")
-    p.add_argument("--adamw", choices=ADAMW, default="shipped",
-                   help="shipped: each project's own AdamW as its training builds it; else "
-                        "this implementation with FLIP's values for both")
-    p.add_argument("--memory", choices=["after", "beside"], default="after",
-                   help="measure memory (each row in its own process) after the timed steps, "
-                        "or beside them: sooner where a core is free, a load on the timing")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile(dynamic=False) of forward + loss for both models")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels-last images and conv weights (default: on for CUDA)")
-    p.add_argument("--profile", type=float, default=None, metavar="RATIO",
-                   help="also print torch.profiler's top ops of one step at this mask ratio")
-    p.add_argument("--flops-only", action="store_true",
-                   help="count FLOPs only (meta device: instant even for ViT-H), no timing")
-    p.add_argument("--out", type=Path, default=None,
-                   help="output path without suffix (writes .json and .md)")
+    p.add_argument(
+        "--adamw",
+        choices=ADAMW,
+        default="shipped",
+        help="shipped: each project's own AdamW as its training builds it; else "
+        "this implementation with FLIP's values for both",
+    )
+    p.add_argument(
+        "--memory",
+        choices=["after", "beside"],
+        default="after",
+        help="measure memory (each row in its own process) after the timed steps, "
+        "or beside them: sooner where a core is free, a load on the timing",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile(dynamic=False) of forward + loss for both models",
+    )
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels-last images and conv weights (default: on for CUDA)",
+    )
+    p.add_argument(
+        "--profile",
+        type=float,
+        default=None,
+        metavar="RATIO",
+        help="also print torch.profiler's top ops of one step at this mask ratio",
+    )
+    p.add_argument(
+        "--flops-only",
+        action="store_true",
+        help="count FLOPs only (meta device: instant even for ViT-H), no timing",
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="output path without suffix (writes .json and .md)"
+    )
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     a = parse_args(argv)
     settings = Settings(
-        arch=a.arch, image_size=a.image_size, batch=a.batch, ratios=tuple(a.ratios),
-        impls=tuple(a.impls), device=a.device, dtype=a.dtype, threads=a.threads,
-        warmup=a.warmup, repeats=a.repeats, attention=a.attention, adamw=a.adamw,
-        memory=a.memory, compile=a.compile, channels_last=a.channels_last, profile=a.profile,
+        arch=a.arch,
+        image_size=a.image_size,
+        batch=a.batch,
+        ratios=tuple(a.ratios),
+        impls=tuple(a.impls),
+        device=a.device,
+        dtype=a.dtype,
+        threads=a.threads,
+        warmup=a.warmup,
+        repeats=a.repeats,
+        attention=a.attention,
+        adamw=a.adamw,
+        memory=a.memory,
+        compile=a.compile,
+        channels_last=a.channels_last,
+        profile=a.profile,
         flops_only=a.flops_only,
     )
     result = run_benchmark(settings, log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    command = "python experiments/benchmark.py " + " ".join(argv if argv is not None
-                                                              else sys.argv[1:])
+    command = "python experiments/benchmark.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     result["meta"]["command"] = command
     table = f"`{command}`\n\n{to_markdown(result)}\n"
     print(table)

@@ -32,6 +32,7 @@ mmap'd and returned when freed, so peak RSS follows the live tensors; steps get 
         --batch 128 --micro 32 --threads 1 --repeats 3 --rounds 2 \\
         --out experiments/results/grad-cache-tiny-cpu-mmap
 """
+
 import argparse
 import json
 import os
@@ -60,8 +61,11 @@ def build(model: str, mask: float):
         cfg = compose("train", overrides=[f"model={model}", f"mask={mask}", "output_dir=/tmp"])
     if model != "tiny":
         cfg.data.image_size = 224
-    return (hydra.utils.instantiate(cfg.model).train(), hydra.utils.instantiate(cfg.objective),
-            cfg.data.image_size)
+    return (
+        hydra.utils.instantiate(cfg.model).train(),
+        hydra.utils.instantiate(cfg.objective),
+        cfg.data.image_size,
+    )
 
 
 def recompute_backward(model, objective, images, tokens, micro: int) -> None:
@@ -81,7 +85,8 @@ def recompute_backward(model, objective, images, tokens, micro: int) -> None:
     text_all = torch.cat(text_features).requires_grad_()
     scale = model.scale()
     grad_image, grad_text, grad_scale = torch.autograd.grad(
-        objective.contrastive(image_all, text_all, scale), [image_all, text_all, scale])
+        objective.contrastive(image_all, text_all, scale), [image_all, text_all, scale]
+    )
     for i, (c, state) in enumerate(zip(chunks, states)):
         torch.set_rng_state(state)
         features = model.forward_features(images[c], tokens[c], image_mask[c], text_mask[c])
@@ -100,12 +105,13 @@ def step(variant: str, model, objective, images, tokens, micro: int) -> None:
     elif variant == "accumulate":
         n = images.shape[0] // micro
         for i in range(0, images.shape[0], micro):
-            (contrastive_loss(*model(images[i:i + micro], tokens[i:i + micro])) / n).backward()
+            (contrastive_loss(*model(images[i : i + micro], tokens[i : i + micro])) / n).backward()
     elif variant == "recompute":
         recompute_backward(model, objective, images, tokens, micro)
     else:
-        cached_backward(model, objective, images, tokens, micro,
-                        keep_text_graph=variant == "cached_keep_text")
+        cached_backward(
+            model, objective, images, tokens, micro, keep_text_graph=variant == "cached_keep_text"
+        )
     model.zero_grad(set_to_none=True)
 
 
@@ -148,8 +154,12 @@ def measure(variant: str, args) -> dict:
     images = torch.randn(args.batch, 3, size, size)
     tokens = torch.randint(1, 30522, (args.batch, 32))
     if variant == "components":
-        return {"variant": variant, "threads": torch.get_num_threads(), "image_size": size,
-                **components(model, images, tokens, args.micro, args.repeats)}
+        return {
+            "variant": variant,
+            "threads": torch.get_num_threads(),
+            "image_size": size,
+            **components(model, images, tokens, args.micro, args.repeats),
+        }
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step(variant, model, objective, images, tokens, args.micro)  # warm-up
     times, cpu_times = [], []
@@ -159,8 +169,14 @@ def measure(variant: str, args) -> dict:
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base  # KiB on Linux
-    return {"variant": variant, "times": times, "cpu_times": cpu_times, "peak_mib": peak / 1024,
-            "threads": torch.get_num_threads(), "image_size": size}
+    return {
+        "variant": variant,
+        "times": times,
+        "cpu_times": cpu_times,
+        "peak_mib": peak / 1024,
+        "threads": torch.get_num_threads(),
+        "image_size": size,
+    }
 
 
 def run_variants(script: str, argv: list[str], variants, rounds: int) -> dict[str, list[dict]]:
@@ -170,8 +186,11 @@ def run_variants(script: str, argv: list[str], variants, rounds: int) -> dict[st
     rows = {v: [] for v in variants}
     for _ in range(rounds):
         for variant in variants:
-            out = subprocess.run([sys.executable, script, *argv, "--variant", variant],
-                                 capture_output=True, text=True)
+            out = subprocess.run(
+                [sys.executable, script, *argv, "--variant", variant],
+                capture_output=True,
+                text=True,
+            )
             if out.returncode:
                 raise RuntimeError(f"variant {variant} failed:\n{out.stderr[-3000:]}")
             rows[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -185,14 +204,18 @@ def uptime() -> str:
 def cost_model(runs: list[dict], n: int) -> dict[str, float]:
     """Median CPU time of each micro-batch part, and the caching / accumulation ratios
     they predict (n micro-batches)."""
-    part = {k: statistics.median(t for x in runs for t in x[k])
-            for k in ("image_inference", "text_inference", "forward_backward")}
+    part = {
+        k: statistics.median(t for x in runs for t in x[k])
+        for k in ("image_inference", "text_inference", "forward_backward")
+    }
     share = (n - 1) / n / part["forward_backward"]
-    return {**part,
-            "predicted_cached": 1 + share * (part["image_inference"] + part["text_inference"]),
-            "predicted_cached_keep_text": 1 + share * part["image_inference"],
-            "predicted_recompute": 1 + (part["image_inference"] + part["text_inference"])
-            / part["forward_backward"]}
+    return {
+        **part,
+        "predicted_cached": 1 + share * (part["image_inference"] + part["text_inference"]),
+        "predicted_cached_keep_text": 1 + share * part["image_inference"],
+        "predicted_recompute": 1
+        + (part["image_inference"] + part["text_inference"]) / part["forward_backward"],
+    }
 
 
 def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
@@ -205,11 +228,16 @@ def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
             continue
         wall = [t for x in r for t in x["times"]]
         cpu = [t for x in r for t in x["cpu_times"]]
-        rows[variant] = {"n": len(wall), "median_s": statistics.median(wall),
-                         "min_s": min(wall), "max_s": max(wall),
-                         "cpu_median_s": statistics.median(cpu), "cpu_min_s": min(cpu),
-                         "cpu_max_s": max(cpu),
-                         "peak_mib": statistics.median(x["peak_mib"] for x in r)}
+        rows[variant] = {
+            "n": len(wall),
+            "median_s": statistics.median(wall),
+            "min_s": min(wall),
+            "max_s": max(wall),
+            "cpu_median_s": statistics.median(cpu),
+            "cpu_min_s": min(cpu),
+            "cpu_max_s": max(cpu),
+            "peak_mib": statistics.median(x["peak_mib"] for x in r),
+        }
     if BASELINE in rows:
         base = rows[BASELINE]
         for row in rows.values():
@@ -220,34 +248,50 @@ def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
 
 def to_markdown(result: dict) -> str:
     m, s = result["meta"], result["meta"]["settings"]
-    lines = [f"Gradient caching step, model={s['model']} {m['image_size']}px batch={s['batch']} "
-             f"micro={s['micro']} ({s['batch'] // s['micro']} micro-batches) mask={s['mask']}, "
-             f"threads={m['threads']}, {s['repeats']} timed step(s) x {s['rounds']} process(es) "
-             f"per variant, torch {m['torch']}",
-             f"`{m['command']}`" + (f" with MALLOC_MMAP_THRESHOLD_={m['malloc_mmap_threshold']}"
-                                    if m.get("malloc_mmap_threshold") else ""),
-             f"uptime at start: {m['uptime_start']}", f"uptime at end: {m['uptime_end']}", "",
-             "| variant | wall median (s) | wall min–max (s) | wall / accumulate | "
-             "CPU median (s) | CPU min–max (s) | CPU / accumulate | peak RSS above model (MiB) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Gradient caching step, model={s['model']} {m['image_size']}px batch={s['batch']} "
+        f"micro={s['micro']} ({s['batch'] // s['micro']} micro-batches) mask={s['mask']}, "
+        f"threads={m['threads']}, {s['repeats']} timed step(s) x {s['rounds']} process(es) "
+        f"per variant, torch {m['torch']}",
+        f"`{m['command']}`"
+        + (
+            f" with MALLOC_MMAP_THRESHOLD_={m['malloc_mmap_threshold']}"
+            if m.get("malloc_mmap_threshold")
+            else ""
+        ),
+        f"uptime at start: {m['uptime_start']}",
+        f"uptime at end: {m['uptime_end']}",
+        "",
+        "| variant | wall median (s) | wall min–max (s) | wall / accumulate | "
+        "CPU median (s) | CPU min–max (s) | CPU / accumulate | peak RSS above model (MiB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for variant, r in result["rows"].items():
         ratio = f"{r['ratio']:.3f}" if "ratio" in r else "–"
         cpu_ratio = f"{r['cpu_ratio']:.3f}" if "cpu_ratio" in r else "–"
-        lines.append(f"| {variant} | {r['median_s']:.3f} | {r['min_s']:.3f}–{r['max_s']:.3f} | "
-                     f"{ratio} | {r['cpu_median_s']:.3f} | {r['cpu_min_s']:.3f}–"
-                     f"{r['cpu_max_s']:.3f} | {cpu_ratio} | {r['peak_mib']:.0f} |")
-    lines += ["", "accumulate: plain accumulation (per-micro-batch loss); cached: "
-              "flip/grad_cache.py (last micro-batch kept, n - 1 replays); cached_keep_text: "
-              "with keep_text_graph; recompute: every micro-batch replayed (the former path). "
-              "CPU time: the process's, all its threads."]
+        lines.append(
+            f"| {variant} | {r['median_s']:.3f} | {r['min_s']:.3f}–{r['max_s']:.3f} | "
+            f"{ratio} | {r['cpu_median_s']:.3f} | {r['cpu_min_s']:.3f}–"
+            f"{r['cpu_max_s']:.3f} | {cpu_ratio} | {r['peak_mib']:.0f} |"
+        )
+    lines += [
+        "",
+        "accumulate: plain accumulation (per-micro-batch loss); cached: "
+        "flip/grad_cache.py (last micro-batch kept, n - 1 replays); cached_keep_text: "
+        "with keep_text_graph; recompute: every micro-batch replayed (the former path). "
+        "CPU time: the process's, all its threads.",
+    ]
     if "cost_model" in result:
         c = result["cost_model"]
-        lines += ["", f"Cost model, CPU time of one micro-batch of {s['micro']} (median): "
-                  f"graph-free forward image {c['image_inference']:.3f} s + text "
-                  f"{c['text_inference']:.3f} s; forward-backward {c['forward_backward']:.3f} s. "
-                  f"Predicted / accumulate: cached {c['predicted_cached']:.3f}, "
-                  f"cached_keep_text {c['predicted_cached_keep_text']:.3f}, "
-                  f"recompute {c['predicted_recompute']:.3f}."]
+        lines += [
+            "",
+            f"Cost model, CPU time of one micro-batch of {s['micro']} (median): "
+            f"graph-free forward image {c['image_inference']:.3f} s + text "
+            f"{c['text_inference']:.3f} s; forward-backward {c['forward_backward']:.3f} s. "
+            f"Predicted / accumulate: cached {c['predicted_cached']:.3f}, "
+            f"cached_keep_text {c['predicted_cached_keep_text']:.3f}, "
+            f"recompute {c['predicted_recompute']:.3f}.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -272,12 +316,17 @@ def main(argv: list[str] | None = None) -> dict | None:
     runs = run_variants(__file__, argv, args.variants, args.rounds)
     first = runs[args.variants[0]][0]
     settings = {k: v for k, v in vars(args).items() if k not in ("variant", "out")}
-    meta = {"settings": settings,
-            "command": " ".join(["python experiments/benchmark_grad_cache.py", *argv]),
-            "image_size": first["image_size"], "threads": first["threads"],
-            "torch": torch.__version__, "cpus": os.cpu_count(),
-            "uptime_start": start, "uptime_end": uptime(),
-            "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
+    meta = {
+        "settings": settings,
+        "command": " ".join(["python experiments/benchmark_grad_cache.py", *argv]),
+        "image_size": first["image_size"],
+        "threads": first["threads"],
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "uptime_start": start,
+        "uptime_end": uptime(),
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+    }
     result = {"meta": meta, "runs": runs, "rows": summarise(runs)}
     if "components" in runs:
         result["cost_model"] = cost_model(runs["components"], args.batch // args.micro)

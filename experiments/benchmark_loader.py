@@ -35,6 +35,7 @@ end-of-shard marker ``{}`` that OpenCLIP's ``group_by_keys_nothrow`` reads as a 
 ``open_clip_train.data`` imports pandas (for its CSV dataset, unused here), which this
 project does not install: a placeholder module stands in when pandas is absent.
 """
+
 import argparse
 import io
 import json
@@ -73,19 +74,24 @@ try:
 except ImportError:
     simplejpeg = None
 
-WORDS = ("a photo of the old red temple with a garden and blue sky over the hills at dusk "
-         "close up of a pink flower petals in bright sunlight on a summer day").split()
+WORDS = (
+    "a photo of the old red temple with a garden and blue sky over the hills at dusk "
+    "close up of a pink flower petals in bright sunlight on a summer day"
+).split()
 IMAGE_SIZE = 224
 PIPELINES = ("ours", "ours_host_norm", "openclip_lfl", "openclip_shipped")
-LABELS = {"ours": "ours (uint8 batches)",
-          "ours_host_norm": "ours, normalised on the host",
-          "openclip_lfl": "OpenCLIP like for like (scale 0.5-1 + flip)",
-          "openclip_shipped": "OpenCLIP as shipped (scale 0.9-1, no flip)"}
+LABELS = {
+    "ours": "ours (uint8 batches)",
+    "ours_host_norm": "ours, normalised on the host",
+    "openclip_lfl": "OpenCLIP like for like (scale 0.5-1 + flip)",
+    "openclip_shipped": "OpenCLIP as shipped (scale 0.9-1, no flip)",
+}
 
 
 # ---------------------------------------------------------------------------- shards
-def write_photo_shards(out: Path, n: int, per_shard: int, width: int, height: int,
-                       seed: int = 0) -> str:
+def write_photo_shards(
+    out: Path, n: int, per_shard: int, width: int, height: int, seed: int = 0
+) -> str:
     """n JPEG (quality 95) photographs of width x height, with captions, in shards.
 
     Square images are random square crops of scikit-learn's two sample photos (640x427)
@@ -107,12 +113,14 @@ def write_photo_shards(out: Path, n: int, per_shard: int, width: int, height: in
         if width == height:
             side = rng.randint(96, photo.height)
             x, y = rng.randint(0, photo.width - side), rng.randint(0, photo.height - side)
-            img = photo.crop((x, y, x + side, y + side)).resize((width, height),
-                                                                Image.Resampling.BICUBIC)
+            img = photo.crop((x, y, x + side, y + side)).resize(
+                (width, height), Image.Resampling.BICUBIC
+            )
         else:
             f = max(width / photo.width, height / photo.height) * rng.uniform(1.0, 1.33)
-            big = photo.resize((math.ceil(photo.width * f), math.ceil(photo.height * f)),
-                               Image.Resampling.BICUBIC)
+            big = photo.resize(
+                (math.ceil(photo.width * f), math.ceil(photo.height * f)), Image.Resampling.BICUBIC
+            )
             x, y = rng.randint(0, big.width - width), rng.randint(0, big.height - height)
             img = big.crop((x, y, x + width, y + height))
         if rng.random() < 0.5:
@@ -120,8 +128,14 @@ def write_photo_shards(out: Path, n: int, per_shard: int, width: int, height: in
         buffer = io.BytesIO()
         img.save(buffer, "JPEG", quality=95)
         caption = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 20)))
-        writer.write({"__key__": f"{i // per_shard:05d}{i % per_shard:04d}",
-                      "jpg": buffer.getvalue(), "txt": caption, "json": b"{}"})
+        writer.write(
+            {
+                "__key__": f"{i // per_shard:05d}{i % per_shard:04d}",
+                "jpg": buffer.getvalue(),
+                "txt": caption,
+                "json": b"{}",
+            }
+        )
     writer.close()
     return str(out / f"{{00000..{(n - 1) // per_shard:05d}}}.tar")
 
@@ -151,8 +165,13 @@ def openclip_transform(like_for_like: bool):
 
     if not like_for_like:
         return image_transform(IMAGE_SIZE, is_train=True)
-    transform = image_transform(IMAGE_SIZE, is_train=True, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                                aug_cfg=AugmentationCfg(scale=(0.5, 1.0)))
+    transform = image_transform(
+        IMAGE_SIZE,
+        is_train=True,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        aug_cfg=AugmentationCfg(scale=(0.5, 1.0)),
+    )
     transform.transforms.insert(1, T.RandomHorizontalFlip())  # after RandomResizedCrop
     return transform
 
@@ -160,11 +179,20 @@ def openclip_transform(like_for_like: bool):
 def openclip_loader(pattern: str, batch: int, workers: int, like_for_like: bool):
     import open_clip
 
-    args = Namespace(train_data=pattern, val_data=None, dataset_resampled=False,
-                     train_num_samples=10**9, train_data_upsampling_factors=None, seed=0,
-                     batch_size=batch, world_size=1, workers=workers)
-    info = openclip_data().get_wds_dataset(args, openclip_transform(like_for_like), True,
-                                           tokenizer=open_clip.get_tokenizer("ViT-B-16"))
+    args = Namespace(
+        train_data=pattern,
+        val_data=None,
+        dataset_resampled=False,
+        train_num_samples=10**9,
+        train_data_upsampling_factors=None,
+        seed=0,
+        batch_size=batch,
+        world_size=1,
+        workers=workers,
+    )
+    info = openclip_data().get_wds_dataset(
+        args, openclip_transform(like_for_like), True, tokenizer=open_clip.get_tokenizer("ViT-B-16")
+    )
     return info.dataloader
 
 
@@ -177,16 +205,16 @@ def batches(name: str, pattern: str, batch: int, workers: int):
     elif workers == 0:
         loader = sh.ShardStream(sh.expand_shards(pattern), batch, IMAGE_SIZE)
     else:
-        loader = sh.ShardDataModule(pattern, image_size=IMAGE_SIZE, batch_size=batch,
-                                    num_workers=workers).train_dataloader()
+        loader = sh.ShardDataModule(
+            pattern, image_size=IMAGE_SIZE, batch_size=batch, num_workers=workers
+        ).train_dataloader()
     it = iter(loader)
     if name == "ours_host_norm":
         return ((normalize(images), tokens) for images, tokens in it), it
     return it, it
 
 
-def rate(name: str, pattern: str, batch: int, workers: int, seconds: float,
-         warmup: float) -> float:
+def rate(name: str, pattern: str, batch: int, workers: int, seconds: float, warmup: float) -> float:
     """Images/s over ``seconds`` after ``warmup`` seconds of batches (shuffle buffer
     filled, workers started, their prefetched batches drained)."""
     threads = torch.get_num_threads()
@@ -213,18 +241,28 @@ def race(sets: dict, a) -> list[dict]:
     for r in range(a.rounds):
         for s, pattern in sets.items():
             for w in (0, a.workers):
-                order = PIPELINES[r % len(PIPELINES):] + PIPELINES[:r % len(PIPELINES)]
+                order = PIPELINES[r % len(PIPELINES) :] + PIPELINES[: r % len(PIPELINES)]
                 for p in order:
                     x = rate(p, pattern, a.batch, w, a.seconds, a.warmup)
                     runs[(s, w, p)].append(x)
-                    print(f"round {r + 1}/{a.rounds} {s} workers={w} {p}: {x:.1f} img/s "
-                          f"(load {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
+                    print(
+                        f"round {r + 1}/{a.rounds} {s} workers={w} {p}: {x:.1f} img/s "
+                        f"(load {os.getloadavg()[0]:.2f})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     rows = []
     for (s, w, p), xs in runs.items():
-        ours, lfl, shipped = (runs[(s, w, q)] for q in ("ours", "openclip_lfl",
-                                                       "openclip_shipped"))
-        row = {"shards": s, "workers": w, "pipeline": p, "images_per_s": xs,
-               "median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+        ours, lfl, shipped = (runs[(s, w, q)] for q in ("ours", "openclip_lfl", "openclip_shipped"))
+        row = {
+            "shards": s,
+            "workers": w,
+            "pipeline": p,
+            "images_per_s": xs,
+            "median": statistics.median(xs),
+            "min": min(xs),
+            "max": max(xs),
+        }
         if p.startswith("ours"):  # per-round ratios: same round, neighbouring in time
             for ref, ys in (("lfl", lfl), ("shipped", shipped)):
                 per_round = [x / y for x, y in zip(xs, ys)]
@@ -262,8 +300,9 @@ def pilrgb(data: bytes) -> Image.Image:
 def shard_samples(url: str) -> list[dict]:
     """The samples of one shard, undecoded (tar members grouped by key)."""
     with wds.gopen(url) as stream:
-        return list(sh.group_by_keys(sh.tar_file_expander([{"url": url, "stream": stream}],
-                                                          eof_value=None)))
+        return list(
+            sh.group_by_keys(sh.tar_file_expander([{"url": url, "stream": stream}], eof_value=None))
+        )
 
 
 def read_shard(url: str) -> int:
@@ -278,16 +317,19 @@ def profile(pattern: str, n: int, batch: int) -> dict:
     torch.set_num_threads(1)
     urls = sh.expand_shards(pattern)
     samples = []
-    for sample in sh.ShardStream(urls, 1, passes=1, shuffle_buffer=0,
-                                 transform=lambda img: img).samples():
+    for sample in sh.ShardStream(
+        urls, 1, passes=1, shuffle_buffer=0, transform=lambda img: img
+    ).samples():
         samples.append(sample)
         if len(samples) == n:
             break
     raw = [s["jpg"] for url in urls for s in shard_samples(url)][:n]
     pils = [img for img, _, _, _ in samples]
     captions = [c for _, c, _, _ in samples]
-    ours, full = DecodeRandomResizedCrop(IMAGE_SIZE), DecodeRandomResizedCrop(IMAGE_SIZE,
-                                                                              draft=False)
+    ours, full = (
+        DecodeRandomResizedCrop(IMAGE_SIZE),
+        DecodeRandomResizedCrop(IMAGE_SIZE, draft=False),
+    )
     drafted = sum(ours.draft_scale(*_crop_hw(img)) > 1 for img in pils for _ in range(10))
     lfl = openclip_transform(True)
     u8 = [ours(d)[0] for d in raw[:batch]]
@@ -295,11 +337,13 @@ def profile(pattern: str, n: int, batch: int) -> dict:
     u8_batch = torch.stack(u8)
     oc_tok, our_tok = open_clip.get_tokenizer("ViT-B-16"), Tokenizer(32)
     out = {
-        "read_tar_per_sample": ms_per_item(lambda url: read_shard(url), urls) * len(urls)
+        "read_tar_per_sample": ms_per_item(lambda url: read_shard(url), urls)
+        * len(urls)
         / sum(read_shard(url) for url in urls),
         "decode_full_pil": ms_per_item(lambda d: decode_image(d), raw),
         "decode_full_simplejpeg": ms_per_item(lambda d: simplejpeg.decode_jpeg(d, "RGB"), raw)
-        if simplejpeg is not None else None,
+        if simplejpeg is not None
+        else None,
         "ours_decode_crop_flip_uint8": ms_per_item(ours, raw),
         "ours_with_pil_decoder": ms_per_item(ours, raw, pil_only=True),
         "ours_without_draft": ms_per_item(full, raw),
@@ -319,6 +363,7 @@ def profile(pattern: str, n: int, batch: int) -> dict:
 
 def _crop_hw(img) -> tuple[int, int]:
     from torchvision import transforms as T
+
     _, _, h, w = T.RandomResizedCrop.get_params(img, (0.5, 1.0), (3 / 4, 4 / 3))
     return h, w
 
@@ -334,8 +379,15 @@ def measure_model(arch: str, mask: float, batch: int, steps: int, threads: int) 
 
     torch.set_num_threads(threads)
     with initialize_config_module(config_module="flip.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[f"model={arch}", f"mask={mask}",
-                                          "data.image_size=224", "output_dir=/tmp/unused"])
+        cfg = compose(
+            "train",
+            overrides=[
+                f"model={arch}",
+                f"mask={mask}",
+                "data.image_size=224",
+                "output_dir=/tmp/unused",
+            ],
+        )
     torch.manual_seed(0)
     model = hydra.utils.instantiate(cfg.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -383,10 +435,17 @@ def to_markdown(result: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in result["race"]:
-        setting = ("1 reader in-process, 1 thread" if r["workers"] == 0
-                   else f"DataLoader, {r['workers']} workers")
-        cells = [r["shards"], setting, LABELS[r["pipeline"]],
-                 f"{r['median']:.0f} [{r['min']:.0f}–{r['max']:.0f}]"]
+        setting = (
+            "1 reader in-process, 1 thread"
+            if r["workers"] == 0
+            else f"DataLoader, {r['workers']} workers"
+        )
+        cells = [
+            r["shards"],
+            setting,
+            LABELS[r["pipeline"]],
+            f"{r['median']:.0f} [{r['min']:.0f}–{r['max']:.0f}]",
+        ]
         for ref in ("lfl", "shipped"):
             if f"vs_{ref}" in r:
                 rounds = r[f"vs_{ref}_rounds"]
@@ -394,30 +453,48 @@ def to_markdown(result: dict) -> str:
             else:
                 cells.append("")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Per stage, ms per image (1 thread, fastest of 3 passes over the same "
-              f"{m['profile_samples']} samples; share of crops drafted: crops whose shorter "
-              "side is >= 2 x 224 px, decoded at 1/2 or less):", ""]
+    lines += [
+        "",
+        "Per stage, ms per image (1 thread, fastest of 3 passes over the same "
+        f"{m['profile_samples']} samples; share of crops drafted: crops whose shorter "
+        "side is >= 2 x 224 px, decoded at 1/2 or less):",
+        "",
+    ]
     names = list(next(iter(result["profile"].values())))
-    lines += ["| stage | " + " | ".join(result["profile"]) + " |",
-              "|---|" + "---|" * len(result["profile"])]
+    lines += [
+        "| stage | " + " | ".join(result["profile"]) + " |",
+        "|---|" + "---|" * len(result["profile"]),
+    ]
     for name in names:
         vals = [p[name] for p in result["profile"].values()]
-        fmt = (lambda v: f"{v:.0%}") if name.startswith("share") else (
-            lambda v: "" if v is None else f"{v:.3f}")
+        fmt = (
+            (lambda v: f"{v:.0%}")
+            if name.startswith("share")
+            else (lambda v: "" if v is None else f"{v:.3f}")
+        )
         lines.append(f"| {name} | " + " | ".join(fmt(v) for v in vals) + " |")
     if result.get("models"):
-        lines += ["", "| model (224 px) | mask | batch | step (s) | model images/s | "
-                  "our 1-thread readers needed |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| model (224 px) | mask | batch | step (s) | model images/s | "
+            "our 1-thread readers needed |",
+            "|---|---|---|---|---|---|",
+        ]
         for mm in result["models"]:
-            lines.append(f"| {mm['arch']} | {mm['mask']:g} | {mm['batch']} | {mm['step']:.2f} "
-                         f"| {mm['images_per_s']:.3g} | {mm['readers_needed']:.2g} |")
+            lines.append(
+                f"| {mm['arch']} | {mm['mask']:g} | {mm['batch']} | {mm['step']:.2f} "
+                f"| {mm['images_per_s']:.3g} | {mm['readers_needed']:.2g} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shards", nargs="+", help="NAME=PATTERN of existing shards (default: "
-                   "write 256x256 and 640x480 JPEG shards)")
+    p.add_argument(
+        "--shards",
+        nargs="+",
+        help="NAME=PATTERN of existing shards (default: write 256x256 and 640x480 JPEG shards)",
+    )
     p.add_argument("--images", type=int, default=1500, help="images per written shard set")
     p.add_argument("--per-shard", type=int, default=250)
     p.add_argument("--batch", type=int, default=64)
@@ -426,16 +503,23 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=float, default=3.0, help="seconds before timing")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument("--profile-samples", type=int, default=200)
-    p.add_argument("--models", nargs="*", default=[], help="arch:batch pairs: model step "
-                   "rates and how many 1-thread readers of the first shard set keep up")
+    p.add_argument(
+        "--models",
+        nargs="*",
+        default=[],
+        help="arch:batch pairs: model step "
+        "rates and how many 1-thread readers of the first shard set keep up",
+    )
     p.add_argument("--masks", type=float, nargs="+", default=[0.0, 0.5, 0.75])
     p.add_argument("--steps", type=int, default=3, help="timed steps per model row (min)")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                   help="torch threads for the model")
+    p.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="torch threads for the model"
+    )
     p.add_argument("--out", help="write <out>.md and <out>.json")
     a = p.parse_args(argv)
 
     import open_clip
+
     tmp = None
     if a.shards:
         sets = dict(spec.split("=", 1) for spec in a.shards)
@@ -446,8 +530,11 @@ def main(argv=None) -> dict:
             name = f"{w}x{h}"
             sets[name] = write_photo_shards(tmp / name, a.images, a.per_shard, w, h)
             size = sum(f.stat().st_size for f in (tmp / name).glob("*.tar"))
-            print(f"wrote {a.images} {name} JPEGs (q95, {size / a.images / 1024:.1f} KiB each "
-                  "with tar overhead)", file=sys.stderr)
+            print(
+                f"wrote {a.images} {name} JPEGs (q95, {size / a.images / 1024:.1f} KiB each "
+                "with tar overhead)",
+                file=sys.stderr,
+            )
     start = uptime()
     try:
         profiles = {s: profile(pattern, a.profile_samples, a.batch) for s, pattern in sets.items()}
@@ -456,26 +543,45 @@ def main(argv=None) -> dict:
         models = []
         for spec in a.models:
             arch, batch = spec.split(":")
-            per_reader = next(r["median"] for r in rows if r["workers"] == 0
-                              and r["pipeline"] == "ours")
+            per_reader = next(
+                r["median"] for r in rows if r["workers"] == 0 and r["pipeline"] == "ours"
+            )
             for mask in a.masks:
                 step = measure_model(arch, mask, int(batch), a.steps, a.threads)
-                models.append({"arch": arch, "mask": mask, "batch": int(batch), "step": step,
-                               "images_per_s": int(batch) / step,
-                               "readers_needed": int(batch) / step / per_reader})
+                models.append(
+                    {
+                        "arch": arch,
+                        "mask": mask,
+                        "batch": int(batch),
+                        "step": step,
+                        "images_per_s": int(batch) / step,
+                        "readers_needed": int(batch) / step / per_reader,
+                    }
+                )
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     result = {
-        "meta": {"batch": a.batch, "rounds": a.rounds, "seconds": a.seconds,
-                 "warmup": a.warmup, "workers": a.workers, "profile_samples": a.profile_samples,
-                 "shards": sets if a.shards else {s: f"written: {a.images} images"
-                                                  for s in sets},
-                 "torch": torch.__version__, "pillow": Image.__version__,
-                 "numpy": np.__version__, "webdataset": wds.__version__,
-                 "open_clip": open_clip.__version__, "cpus": os.cpu_count(),
-                 "uptime_start": start, "uptime_end": uptime()},
-        "race": rows, "profile": profiles, "models": models,
+        "meta": {
+            "batch": a.batch,
+            "rounds": a.rounds,
+            "seconds": a.seconds,
+            "warmup": a.warmup,
+            "workers": a.workers,
+            "profile_samples": a.profile_samples,
+            "shards": sets if a.shards else {s: f"written: {a.images} images" for s in sets},
+            "torch": torch.__version__,
+            "pillow": Image.__version__,
+            "numpy": np.__version__,
+            "webdataset": wds.__version__,
+            "open_clip": open_clip.__version__,
+            "cpus": os.cpu_count(),
+            "uptime_start": start,
+            "uptime_end": uptime(),
+        },
+        "race": rows,
+        "profile": profiles,
+        "models": models,
     }
     text = to_markdown(result)
     print(text)

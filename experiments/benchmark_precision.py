@@ -17,6 +17,7 @@ slower (wall and CPU time alike).
     python experiments/benchmark_precision.py --model vit_b16 --batch 32 --micro 8 \\
         --threads 1 --repeats 1 --rounds 1 --out experiments/results/precision-vit_b16-cpu
 """
+
 import argparse
 import json
 import os
@@ -29,9 +30,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from benchmark_grad_cache import build, run_variants  # experiments/benchmark_grad_cache.py
 from torch.utils.data import DataLoader
 
-from benchmark_grad_cache import build, run_variants  # experiments/benchmark_grad_cache.py
 from flip.tasks.pretrain import PretrainModule
 
 MODES = ("one_shot", "cached")
@@ -54,7 +55,8 @@ class StepProbe(L.Callback):
         self.start_peak_mib = _max_rss_mib()
         for tower in (module.model.visual, module.model.text):
             tower.blocks[0].mlp.fc1.register_forward_hook(
-                lambda m, i, out: self.linear_dtypes.add(str(out.dtype)))
+                lambda m, i, out: self.linear_dtypes.add(str(out.dtype))
+            )
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         self._wall, self._cpu = time.perf_counter(), time.process_time()
@@ -75,24 +77,45 @@ def measure(variant: str, args) -> dict:
     torch.manual_seed(0)  # same weights in every process
     model, objective, size = build(args.model, args.mask)
     steps = 1 + args.repeats
-    module = PretrainModule(model, global_batch=args.batch, total_samples=args.batch * steps,
-                            warmup_samples=0, objective=objective,
-                            micro_batch=args.micro if mode == "cached" else None)
+    module = PretrainModule(
+        model,
+        global_batch=args.batch,
+        total_samples=args.batch * steps,
+        warmup_samples=0,
+        objective=objective,
+        micro_batch=args.micro if mode == "cached" else None,
+    )
     images = torch.randn(args.batch, 3, size, size)
     tokens = torch.randint(1, 30522, (args.batch, 32))
     probe = StepProbe()
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision=PRECISIONS[precision],
-                        max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[probe])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision=PRECISIONS[precision],
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[probe],
+    )
     trainer.fit(module, DataLoader([(images, tokens)] * steps, batch_size=None))
     peak = _max_rss_mib()
-    return {"variant": variant, "trainer_precision": trainer.precision, "image_size": size,
-            "threads": torch.get_num_threads(),
-            "times": probe.wall[1:], "cpu_times": probe.cpu[1:],
-            "peak_rss_mib": peak, "growth_mib": peak - probe.start_peak_mib,
-            "linear_dtypes": sorted(probe.linear_dtypes), "loss_dtypes": sorted(probe.loss_dtypes),
-            "loadavg_at_start": load}
+    return {
+        "variant": variant,
+        "trainer_precision": trainer.precision,
+        "image_size": size,
+        "threads": torch.get_num_threads(),
+        "times": probe.wall[1:],
+        "cpu_times": probe.cpu[1:],
+        "peak_rss_mib": peak,
+        "growth_mib": peak - probe.start_peak_mib,
+        "linear_dtypes": sorted(probe.linear_dtypes),
+        "loss_dtypes": sorted(probe.loss_dtypes),
+        "loadavg_at_start": load,
+    }
 
 
 def summarise(runs: dict[str, list[dict]]) -> list[dict]:
@@ -104,19 +127,24 @@ def summarise(runs: dict[str, list[dict]]) -> list[dict]:
         for p in PRECISIONS:
             r = runs[f"{mode}/{p}"]
             times = [t for x in r for t in x["times"]]
-            row[p] = {"median_s": statistics.median(times), "min_s": min(times),
-                      "max_s": max(times), "n": len(times),
-                      "cpu_median_s": statistics.median(t for x in r for t in x["cpu_times"]),
-                      "peak_rss_mib": statistics.median(x["peak_rss_mib"] for x in r),
-                      "growth_mib": statistics.median(x["growth_mib"] for x in r),
-                      "linear_dtypes": sorted({d for x in r for d in x["linear_dtypes"]})}
+            row[p] = {
+                "median_s": statistics.median(times),
+                "min_s": min(times),
+                "max_s": max(times),
+                "n": len(times),
+                "cpu_median_s": statistics.median(t for x in r for t in x["cpu_times"]),
+                "peak_rss_mib": statistics.median(x["peak_rss_mib"] for x in r),
+                "growth_mib": statistics.median(x["growth_mib"] for x in r),
+                "linear_dtypes": sorted({d for x in r for d in x["linear_dtypes"]}),
+            }
         fp32, bf16 = row["fp32"], row["bf16"]
         row["time_ratio"] = bf16["median_s"] / fp32["median_s"]
         row["cpu_time_ratio"] = bf16["cpu_median_s"] / fp32["cpu_median_s"]
         row["rss_ratio"] = bf16["peak_rss_mib"] / fp32["peak_rss_mib"]
         # None: fp32 grew nothing measurable (in-process runs reuse the heap) — no ratio
-        row["growth_ratio"] = (bf16["growth_mib"] / fp32["growth_mib"]
-                               if fp32["growth_mib"] else None)
+        row["growth_ratio"] = (
+            bf16["growth_mib"] / fp32["growth_mib"] if fp32["growth_mib"] else None
+        )
         rows.append(row)
     return rows
 
@@ -129,13 +157,19 @@ def machine() -> dict:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
             elif line.startswith("flags"):
-                flags = sorted(f for f in line.split(":", 1)[1].split() if "bf16" in f or "amx" in f)
+                flags = sorted(
+                    f for f in line.split(":", 1)[1].split() if "bf16" in f or "amx" in f
+                )
                 break
-    return {"cpu_model": model, "cpus": os.cpu_count(), "cpu_bf16_amx_flags": flags,
-            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "torch_avx512_bf16": torch._C._cpu._is_avx512_bf16_supported(),
-            "torch_amx": torch._C._cpu._is_amx_tile_supported(),
-            "loadavg": os.getloadavg()}
+    return {
+        "cpu_model": model,
+        "cpus": os.cpu_count(),
+        "cpu_bf16_amx_flags": flags,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_avx512_bf16": torch._C._cpu._is_avx512_bf16_supported(),
+        "torch_amx": torch._C._cpu._is_amx_tile_supported(),
+        "loadavg": os.getloadavg(),
+    }
 
 
 def _ratio(value: float | None) -> str:
@@ -168,11 +202,15 @@ def to_markdown(result: dict) -> str:
             f"{r['cpu_time_ratio']:.2f} | {f['peak_rss_mib']:.0f} | {b['peak_rss_mib']:.0f} | "
             f"{r['rss_ratio']:.2f} | {f['growth_mib']:.0f} | {b['growth_mib']:.0f} | "
             f"{_ratio(r['growth_ratio'])} | {','.join(f['linear_dtypes'])} / "
-            f"{','.join(b['linear_dtypes'])} |")
-    lines += ["", "Peak RSS: the whole process's (Python, torch, Lightning, model, data, step); "
-              "growth: peak RSS above its value before the first step (the steps' activations, "
-              "gradients, optimiser state, autocast's bf16 weight copies). CPU time: the process's, "
-              "all threads."]
+            f"{','.join(b['linear_dtypes'])} |"
+        )
+    lines += [
+        "",
+        "Peak RSS: the whole process's (Python, torch, Lightning, model, data, step); "
+        "growth: peak RSS above its value before the first step (the steps' activations, "
+        "gradients, optimiser state, autocast's bf16 weight copies). CPU time: the process's, "
+        "all threads.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -196,13 +234,17 @@ def main(argv: list[str] | None = None) -> dict | None:
     runs = run_variants(__file__, argv, VARIANTS, args.rounds)
     end = machine()
     settings = {k: v for k, v in vars(args).items() if k not in ("variant", "out")}
-    meta = {"settings": settings, "command": " ".join(["python experiments/benchmark_precision.py",
-                                                       *argv]),
-            "image_size": runs[VARIANTS[0]][0]["image_size"],
-            "threads": runs[VARIANTS[0]][0]["threads"],
-            "torch": torch.__version__, "lightning": L.__version__,
-            **{k: v for k, v in start.items() if k != "loadavg"},
-            "loadavg_start": start["loadavg"], "loadavg_end": end["loadavg"]}
+    meta = {
+        "settings": settings,
+        "command": " ".join(["python experiments/benchmark_precision.py", *argv]),
+        "image_size": runs[VARIANTS[0]][0]["image_size"],
+        "threads": runs[VARIANTS[0]][0]["threads"],
+        "torch": torch.__version__,
+        "lightning": L.__version__,
+        **{k: v for k, v in start.items() if k != "loadavg"},
+        "loadavg_start": start["loadavg"],
+        "loadavg_end": end["loadavg"],
+    }
     result = {"meta": meta, "runs": runs, "rows": summarise(runs)}
     markdown = to_markdown(result)
     print(markdown)

@@ -19,6 +19,7 @@ mask is read from the run that wrote the checkpoint), the model (image width/dep
 
 This is tooling beside the library, not part of ``flip``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,10 +32,23 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PAPER = json.loads((HERE / "paper_tables.json").read_text())
-TABLES = ("table1a", "table1b", "table1c", "table1d", "table1e", "table1f", "fig3", "table2",
-          "table8")
-MODEL_NAMES = {(768, 12, 16): "B/16", (1024, 24, 16): "L/16", (1024, 24, 14): "L/14",
-               (1280, 32, 14): "H/14"}  # image tower (width, depth, patch) -> paper name
+TABLES = (
+    "table1a",
+    "table1b",
+    "table1c",
+    "table1d",
+    "table1e",
+    "table1f",
+    "fig3",
+    "table2",
+    "table8",
+)
+MODEL_NAMES = {
+    (768, 12, 16): "B/16",
+    (1024, 24, 16): "L/16",
+    (1024, 24, 14): "L/14",
+    (1280, 32, 14): "H/14",
+}  # image tower (width, depth, patch) -> paper name
 PAPER_BATCHES = {16384: "16k", 32768: "32k", 65536: "64k"}
 TOP1 = "val/zeroshot_top1"
 
@@ -46,19 +60,29 @@ def read_run(directory: Path | str) -> dict:
     """One run: its directory, final metrics, config and validation curve."""
     directory = Path(directory)
     record = json.loads((directory / "result.json").read_text())
-    csvs = sorted((directory / "logs").glob("version_*/metrics.csv"),
-                  key=lambda p: int(p.parent.name.split("_")[-1]))
+    csvs = sorted(
+        (directory / "logs").glob("version_*/metrics.csv"),
+        key=lambda p: int(p.parent.name.split("_")[-1]),
+    )
     rows = _read_csv(csvs[-1]) if csvs else []
-    run = {"dir": directory, "name": str(directory), "metrics": record["metrics"],
-           "config": record["config"], "evals": [], "pretrain": None}
+    run = {
+        "dir": directory,
+        "name": str(directory),
+        "metrics": record["metrics"],
+        "config": record["config"],
+        "evals": [],
+        "pretrain": None,
+    }
     run["curve"] = validation_curve(rows, run["metrics"])
     return run
 
 
 def _read_csv(path: Path) -> list[dict]:
     with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)}
-                for row in csv.DictReader(f)]
+        return [
+            {k: float(v) for k, v in row.items() if v not in ("", None)}
+            for row in csv.DictReader(f)
+        ]
 
 
 def validation_curve(rows: list[dict], final: dict) -> list[dict]:
@@ -77,14 +101,25 @@ def validation_curve(rows: list[dict], final: dict) -> list[dict]:
         if not before:
             continue
         t = before[-1]
-        points.append({"samples": t.get("train/samples_seen", math.nan),
-                       "wall": t["time/train_wall_s"], "cpu": t["time/train_cpu_s"],
-                       "acc": 100 * r[TOP1]})
+        points.append(
+            {
+                "samples": t.get("train/samples_seen", math.nan),
+                "wall": t["time/train_wall_s"],
+                "cpu": t["time/train_cpu_s"],
+                "acc": 100 * r[TOP1],
+            }
+        )
     if TOP1 in final and "time/train_cpu_s" in final:
-        last = {"samples": final.get("train/samples_seen", math.nan),
-                "wall": final["time/train_wall_s"], "cpu": final["time/train_cpu_s"],
-                "acc": 100 * final[TOP1]}
-        if not points or (points[-1]["acc"], points[-1]["samples"]) != (last["acc"], last["samples"]):
+        last = {
+            "samples": final.get("train/samples_seen", math.nan),
+            "wall": final["time/train_wall_s"],
+            "cpu": final["time/train_cpu_s"],
+            "acc": 100 * final[TOP1],
+        }
+        if not points or (points[-1]["acc"], points[-1]["samples"]) != (
+            last["acc"],
+            last["samples"],
+        ):
             points.append(last)
     return points
 
@@ -101,18 +136,22 @@ def load_runs(*dirs: Path | str) -> list[dict]:
                 by_dir[pre] = read_run(pre)
             run["pretrain"] = by_dir.get(pre)
             if run["pretrain"] is None:
-                print(f"collect: {run['name']} tunes {run['config']['init_from']}, whose run "
-                      "(result.json) is not found: its pre-training mask is taken from a "
-                      "'mask<r>' tag, else unknown, and its time excludes pre-training",
-                      file=sys.stderr)
+                print(
+                    f"collect: {run['name']} tunes {run['config']['init_from']}, whose run "
+                    "(result.json) is not found: its pre-training mask is taken from a "
+                    "'mask<r>' tag, else unknown, and its time excludes pre-training",
+                    file=sys.stderr,
+                )
     for d in dirs:
         for path in sorted(Path(d).rglob("results.json")):
             record = json.loads(path.read_text())
             ckpt = Path(record.get("ckpt_path", "")).resolve()
             owner = next((by_dir[p] for p in ckpt.parents if p in by_dir), None)
             if owner is None:
-                print(f"collect: {path} evaluates {ckpt}, which no collected run wrote: skipped",
-                      file=sys.stderr)
+                print(
+                    f"collect: {path} evaluates {ckpt}, which no collected run wrote: skipped",
+                    file=sys.stderr,
+                )
                 continue
             owner["evals"].append(record)
     return runs
@@ -123,15 +162,24 @@ def load_wandb_runs(path: str, api=None) -> list[dict]:
     given): config, summary metrics and the logged history as the validation curve."""
     if api is None:
         import wandb
+
         api = wandb.Api()
     runs = []
     for r in api.runs(path):
         config, metrics = _unflatten(dict(r.config)), dict(r.summary)
         if TOP1 not in metrics:
             continue
-        runs.append({"dir": None, "name": f"wandb:{path}/{r.id}", "metrics": metrics,
-                     "config": config, "evals": [], "pretrain": None,
-                     "curve": validation_curve(list(r.scan_history()), metrics)})
+        runs.append(
+            {
+                "dir": None,
+                "name": f"wandb:{path}/{r.id}",
+                "metrics": metrics,
+                "config": config,
+                "evals": [],
+                "pretrain": None,
+                "curve": validation_curve(list(r.scan_history()), metrics),
+            }
+        )
     return runs
 
 
@@ -178,14 +226,22 @@ def describe(run: dict) -> dict:
         "text_len": int(text["context_length"] * (1 - text_ratio)),
         "reconstruction": "reconstruction" in ((c.get("objective") or {}).get("auxiliary") or {}),
         "model": model_name(image),
-        "model_size": image["width"] ** 2 * image["depth"] * (image["image_size"] // image["patch_size"]) ** 2,
+        "model_size": image["width"] ** 2
+        * image["depth"]
+        * (image["image_size"] // image["patch_size"]) ** 2,
         "samples": float(c["schedule"]["total_samples"]),
         "data_2b": any("2b" in t.lower() for t in tags) or "2b" in shards.lower(),
-        "tag_row": next((t for t in tags if t != "mini" and not t.startswith(("table", "fig"))), None),
-        "epochs": (float(c["schedule"]["total_samples"]) / c["data"]["train"]["size"]
-                   if ((c.get("data") or {}).get("train") or {}).get("size") else math.nan),
+        "tag_row": next(
+            (t for t in tags if t != "mini" and not t.startswith(("table", "fig"))), None
+        ),
+        "epochs": (
+            float(c["schedule"]["total_samples"]) / c["data"]["train"]["size"]
+            if ((c.get("data") or {}).get("train") or {}).get("size")
+            else math.nan
+        ),
         "acc": 100 * m[TOP1] if TOP1 in m else math.nan,
-        "wall": wall, "cpu": cpu,
+        "wall": wall,
+        "cpu": cpu,
         "samples_seen": m.get("train/samples_seen", math.nan),
     }
 
@@ -224,6 +280,7 @@ def flops_ratio(run: dict, reference: dict) -> float:
         model = json.loads(json.dumps(r["config"]["model"]))
         model["text"]["context_length"] = d["text_len"]
         return analytic_flops(model, d["mask"] if not d["tuned"] else 0.0, d["batch"])["train"]
+
     return per_sample(run) / per_sample(reference)
 
 
@@ -231,12 +288,16 @@ def _pick(runs: list[dict], **want) -> dict | None:
     """The run whose description matches ``want`` (the last by path if several)."""
     found = [r for r in runs if all(_same(describe(r)[k], v) for k, v in want.items())]
     if len(found) > 1:
-        print(f"collect: {len(found)} runs match {want}; using {found[-1]['name']}", file=sys.stderr)
+        print(
+            f"collect: {len(found)} runs match {want}; using {found[-1]['name']}", file=sys.stderr
+        )
     return found[-1] if found else None
 
 
 def _same(a, b) -> bool:
-    return math.isclose(a, b, abs_tol=1e-9) if isinstance(a, float) or isinstance(b, float) else a == b
+    return (
+        math.isclose(a, b, abs_tol=1e-9) if isinstance(a, float) or isinstance(b, float) else a == b
+    )
 
 
 def _ratio(a: float, b: float) -> float:
@@ -251,8 +312,10 @@ def _times(run: dict | None, base: dict | None) -> dict:
     out = {"train wall s": d["wall"], "train CPU s": d["cpu"]}
     if base is not None:
         b = describe(base)
-        out |= {"time wall (ours)": _ratio(d["wall"], b["wall"]),
-                "time CPU (ours)": _ratio(d["cpu"], b["cpu"])}
+        out |= {
+            "time wall (ours)": _ratio(d["wall"], b["wall"]),
+            "time CPU (ours)": _ratio(d["cpu"], b["cpu"]),
+        }
     return out
 
 
@@ -267,8 +330,9 @@ def batch_labels(runs: list[dict]) -> dict[int, str]:
     if all(b in PAPER_BATCHES for b in batches):
         return {b: PAPER_BATCHES[b] for b in batches}
     labels = {1: "16k", 2: "32k", 4: "64k"}
-    return {b: labels.get(b // batches[0], str(b)) if b % batches[0] == 0 else str(b)
-            for b in batches}
+    return {
+        b: labels.get(b // batches[0], str(b)) if b % batches[0] == 0 else str(b) for b in batches
+    }
 
 
 # ------------------------------------------------------------------------------ tables
@@ -279,12 +343,20 @@ def table1a(runs: list[dict]) -> list[dict]:
     rows = []
     for p in PAPER["table1a"]["rows"]:
         run = _pick(runs, mask=p["mask"], tuned=False)
-        rows.append({"mask": f"{p['mask']:.0%}", "batch": p["batch"],
-                     "batch (ours)": describe(run)["batch"] if run else None,
-                     "FLOPs": p["flops"],
-                     "FLOPs (ours)": flops_ratio(run, base) if run and base else math.nan,
-                     "time": p["time"], **_times(run, base), "acc.": p["acc"],
-                     "acc. (ours)": _acc(run), "run": run["name"] if run else None})
+        rows.append(
+            {
+                "mask": f"{p['mask']:.0%}",
+                "batch": p["batch"],
+                "batch (ours)": describe(run)["batch"] if run else None,
+                "FLOPs": p["flops"],
+                "FLOPs (ours)": flops_ratio(run, base) if run and base else math.nan,
+                "time": p["time"],
+                **_times(run, base),
+                "acc.": p["acc"],
+                "acc. (ours)": _acc(run),
+                "run": run["name"] if run else None,
+            }
+        )
     return rows
 
 
@@ -293,14 +365,22 @@ def table1b(runs: list[dict]) -> list[dict]:
     labels = batch_labels(untuned) if untuned else {}
     rows = []
     for p in PAPER["table1b"]["rows"]:
-        row = {"batch": p["batch"],
-               "batch (ours)": next((b for b, lab in labels.items() if lab == p["batch"]), None)}
+        row = {
+            "batch": p["batch"],
+            "batch (ours)": next((b for b, lab in labels.items() if lab == p["batch"]), None),
+        }
         for mask in (0.5, 0.75):
             col = f"mask {mask:.0%}"
-            run = (_pick(untuned, mask=mask, batch=row["batch (ours)"])
-                   if row["batch (ours)"] is not None else None)
-            row |= {col: p[col], f"{col} (ours)": _acc(run),
-                    f"{col} train CPU s": describe(run)["cpu"] if run else math.nan}
+            run = (
+                _pick(untuned, mask=mask, batch=row["batch (ours)"])
+                if row["batch (ours)"] is not None
+                else None
+            )
+            row |= {
+                col: p[col],
+                f"{col} (ours)": _acc(run),
+                f"{col} train CPU s": describe(run)["cpu"] if run else math.nan,
+            }
         rows.append(row)
     return rows
 
@@ -310,12 +390,19 @@ def table1c(runs: list[dict]) -> list[dict]:
     rows = []
     for p in PAPER["table1c"]["rows"]:
         run = _pick(runs, text_kind=p["kind"], text_ratio=p["ratio"], tuned=False)
-        rows.append({"text mask": p["text mask"], "text len": p["text len"],
-                     "text len (ours)": describe(run)["text_len"] if run else None,
-                     "time": p["time"], **_times(run, base),
-                     "FLOPs (ours)": flops_ratio(run, base) if run and base else math.nan,
-                     "acc.": p["acc"], "acc. (ours)": _acc(run),
-                     "run": run["name"] if run else None})
+        rows.append(
+            {
+                "text mask": p["text mask"],
+                "text len": p["text len"],
+                "text len (ours)": describe(run)["text_len"] if run else None,
+                "time": p["time"],
+                **_times(run, base),
+                "FLOPs (ours)": flops_ratio(run, base) if run and base else math.nan,
+                "acc.": p["acc"],
+                "acc. (ours)": _acc(run),
+                "run": run["name"] if run else None,
+            }
+        )
     return rows
 
 
@@ -343,11 +430,20 @@ def table1d(runs: list[dict]) -> list[dict]:
                 case = "w/ mask, ensemble" if record["masked_views"] == "ensemble" else "w/ mask"
                 cells[(case, mask)] = eval_top1(record)
         cells.setdefault(("w/o mask", mask), _acc(run))
-    return [{"case": p["case"],
-             **{k: v for mask in (0.5, 0.75) for k, v in
-                ((f"mask {mask:.0%}", p[f"mask {mask:.0%}"]),
-                 (f"mask {mask:.0%} (ours)", cells.get((p["case"], mask), math.nan)))}}
-            for p in PAPER["table1d"]["rows"]]
+    return [
+        {
+            "case": p["case"],
+            **{
+                k: v
+                for mask in (0.5, 0.75)
+                for k, v in (
+                    (f"mask {mask:.0%}", p[f"mask {mask:.0%}"]),
+                    (f"mask {mask:.0%} (ours)", cells.get((p["case"], mask), math.nan)),
+                )
+            },
+        }
+        for p in PAPER["table1d"]["rows"]
+    ]
 
 
 def _mask_columns(table: str, find) -> list[dict]:
@@ -360,21 +456,28 @@ def _mask_columns(table: str, find) -> list[dict]:
             col = f"mask {mask:.0%}"
             run, base = find(p["case"], mask), find(paper[0]["case"], mask)
             t = _times(run, base)
-            row |= {col: p[col], f"{col} (ours)": _acc(run),
-                    f"{col} time CPU (ours)": t.get("time CPU (ours)", math.nan),
-                    f"{col} time wall (ours)": t.get("time wall (ours)", math.nan)}
+            row |= {
+                col: p[col],
+                f"{col} (ours)": _acc(run),
+                f"{col} time CPU (ours)": t.get("time CPU (ours)", math.nan),
+                f"{col} time wall (ours)": t.get("time wall (ours)", math.nan),
+            }
         rows.append(row)
     return rows
 
 
 def table1e(runs: list[dict]) -> list[dict]:
-    return _mask_columns("table1e", lambda case, mask: _pick(
-        runs, mask=mask, tuned=case != "baseline", reconstruction=False))
+    return _mask_columns(
+        "table1e",
+        lambda case, mask: _pick(runs, mask=mask, tuned=case != "baseline", reconstruction=False),
+    )
 
 
 def table1f(runs: list[dict]) -> list[dict]:
-    return _mask_columns("table1f", lambda case, mask: _pick(
-        runs, mask=mask, tuned=False, reconstruction=case != "baseline"))
+    return _mask_columns(
+        "table1f",
+        lambda case, mask: _pick(runs, mask=mask, tuned=False, reconstruction=case != "baseline"),
+    )
 
 
 def fig3(runs: list[dict]) -> list[dict]:
@@ -382,14 +485,23 @@ def fig3(runs: list[dict]) -> list[dict]:
     times, with the time ratio to the mask-0 untuned run of the same schedule."""
     shortest = min(describe(r)["samples"] for r in runs)
     rows = []
-    for run in sorted(runs, key=lambda r: (describe(r)["mask"], describe(r)["tuned"],
-                                           describe(r)["samples"])):
+    for run in sorted(
+        runs, key=lambda r: (describe(r)["mask"], describe(r)["tuned"], describe(r)["samples"])
+    ):
         d = describe(run)
         base = _pick(runs, mask=0.0, tuned=False, samples=d["samples"])
-        rows.append({"mask": f"{d['mask']:.0%}", "tuned": d["tuned"], "epochs": d["epochs"],
-                     "schedule (x shortest)": d["samples"] / shortest,
-                     "samples seen": d["samples_seen"], **_times(run, base),
-                     "acc. (ours)": d["acc"], "run": run["name"]})
+        rows.append(
+            {
+                "mask": f"{d['mask']:.0%}",
+                "tuned": d["tuned"],
+                "epochs": d["epochs"],
+                "schedule (x shortest)": d["samples"] / shortest,
+                "samples seen": d["samples_seen"],
+                **_times(run, base),
+                "acc. (ours)": d["acc"],
+                "run": run["name"],
+            }
+        )
     return rows
 
 
@@ -405,18 +517,32 @@ def table2(runs: list[dict]) -> list[dict]:
         ours[d["model"]] = run
         if d["model"] not in cols:
             cols.append(d["model"])
-    rows = [{"case": p["case"], "data": p["data"], "epochs": p["epochs"],
-             **{c: p.get(c) for c in cols}} for p in PAPER["table2"]["rows"]]
-    rows.append({"case": "FLIP (ours)", "data": "", "epochs": "",
-                 **{c: _acc(ours.get(c)) for c in cols}})
-    rows.append({"case": "train CPU s (ours)", "data": "", "epochs": "",
-                 **{c: describe(ours[c])["cpu"] if c in ours else math.nan for c in cols}})
+    rows = [
+        {"case": p["case"], "data": p["data"], "epochs": p["epochs"], **{c: p.get(c) for c in cols}}
+        for p in PAPER["table2"]["rows"]
+    ]
+    rows.append(
+        {"case": "FLIP (ours)", "data": "", "epochs": "", **{c: _acc(ours.get(c)) for c in cols}}
+    )
+    rows.append(
+        {
+            "case": "train CPU s (ours)",
+            "data": "",
+            "epochs": "",
+            **{c: describe(ours[c])["cpu"] if c in ours else math.nan for c in cols},
+        }
+    )
     return rows
 
 
-TABLE8_CASES = {(False, False, False): "baseline", (True, False, False): "model scaling",
-                (False, True, False): "data scaling", (False, False, True): "schedule scaling",
-                (True, True, False): "model+data scaling", (True, True, True): "joint scaling"}
+TABLE8_CASES = {
+    (False, False, False): "baseline",
+    (True, False, False): "model scaling",
+    (False, True, False): "data scaling",
+    (False, False, True): "schedule scaling",
+    (True, True, False): "model+data scaling",
+    (True, True, True): "joint scaling",
+}
 
 
 def table8_case(run: dict, runs: list[dict]) -> str | None:
@@ -440,19 +566,35 @@ def table8(runs: list[dict]) -> list[dict]:
         run = cases.get(p["case"])
         d = describe(run) if run else {}
         base = cases.get("baseline")
-        rows.append({"case": p["case"], "model": p["model"], "data": p["data"],
-                     "sampled": p["sampled"], "model (ours)": d.get("model"),
-                     "sampled (ours)": d.get("samples_seen"),
-                     names[0]: p["values"][0], f"{names[0]} (ours)": d.get("acc", math.nan),
-                     **_times(run, base),
-                     **dict(zip(names[1:], p["values"][1:])),
-                     "run": run["name"] if run else None})
+        rows.append(
+            {
+                "case": p["case"],
+                "model": p["model"],
+                "data": p["data"],
+                "sampled": p["sampled"],
+                "model (ours)": d.get("model"),
+                "sampled (ours)": d.get("samples_seen"),
+                names[0]: p["values"][0],
+                f"{names[0]} (ours)": d.get("acc", math.nan),
+                **_times(run, base),
+                **dict(zip(names[1:], p["values"][1:])),
+                "run": run["name"] if run else None,
+            }
+        )
     return rows
 
 
-BUILDERS = {"table1a": table1a, "table1b": table1b, "table1c": table1c, "table1d": table1d,
-            "table1e": table1e, "table1f": table1f, "fig3": fig3, "table2": table2,
-            "table8": table8}
+BUILDERS = {
+    "table1a": table1a,
+    "table1b": table1b,
+    "table1c": table1c,
+    "table1d": table1d,
+    "table1e": table1e,
+    "table1f": table1f,
+    "fig3": fig3,
+    "table2": table2,
+    "table8": table8,
+}
 
 
 def collect(table: str, runs: list[dict]) -> list[dict]:
@@ -499,10 +641,19 @@ def speedups(runs: list[dict], clock: str = "cpu") -> list[dict]:
         offset = describe(run["pretrain"])[clock] if run["pretrain"] is not None else 0.0
         curve = run["curve"]
         t = time_to_accuracy([offset + p[clock] for p in curve], [p["acc"] for p in curve], target)
-        rows.append({"clock": clock, "mask": f"{d['mask']:.0%}", "tuned": d["tuned"],
-                     "schedule samples": d["samples"], "target acc. (mask 0)": target,
-                     "mask-0 time s": base_time, "time to target s": t,
-                     "speed-up": base_time / t if t else math.nan, "run": run["name"]})
+        rows.append(
+            {
+                "clock": clock,
+                "mask": f"{d['mask']:.0%}",
+                "tuned": d["tuned"],
+                "schedule samples": d["samples"],
+                "target acc. (mask 0)": target,
+                "mask-0 time s": base_time,
+                "time to target s": t,
+                "speed-up": base_time / t if t else math.nan,
+                "run": run["name"],
+            }
+        )
     return rows
 
 
@@ -531,8 +682,13 @@ def write_csv(rows: list[dict], path: Path) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=cols)
         writer.writeheader()
-        writer.writerows({k: "" if v is None or (isinstance(v, float) and math.isnan(v)) else v
-                          for k, v in r.items()} for r in rows)
+        writer.writerows(
+            {
+                k: "" if v is None or (isinstance(v, float) and math.isnan(v)) else v
+                for k, v in r.items()
+            }
+            for r in rows
+        )
 
 
 def plot_accuracy_vs_time(runs: list[dict], path: Path | str, clock: str = "cpu") -> Path:
@@ -540,6 +696,7 @@ def plot_accuracy_vs_time(runs: list[dict], path: Path | str, clock: str = "cpu"
     validation curve (thin) and the final points of its schedules (markers, joined);
     tuned runs dashed, their time counted after pre-training's."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -548,18 +705,31 @@ def plot_accuracy_vs_time(runs: list[dict], path: Path | str, clock: str = "cpu"
     colours = dict(zip(masks, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for tuned in (False, True):
         for mask in masks:
-            group = sorted((r for r in runs if describe(r)["mask"] == mask
-                            and describe(r)["tuned"] == tuned), key=lambda r: describe(r)["samples"])
+            group = sorted(
+                (r for r in runs if describe(r)["mask"] == mask and describe(r)["tuned"] == tuned),
+                key=lambda r: describe(r)["samples"],
+            )
             if not group:
                 continue
             style = "--" if tuned else "-"
             for run in group:
                 offset = describe(run["pretrain"])[clock] if run["pretrain"] is not None else 0.0
-                ax.plot([offset + p[clock] for p in run["curve"]], [p["acc"] for p in run["curve"]],
-                        style, color=colours[mask], alpha=0.35, lw=1)
-            ax.plot([describe(r)[clock] for r in group], [describe(r)["acc"] for r in group],
-                    style, marker="o", color=colours[mask],
-                    label=f"mask {mask:.0%}" + (" + tuning" if tuned else ""))
+                ax.plot(
+                    [offset + p[clock] for p in run["curve"]],
+                    [p["acc"] for p in run["curve"]],
+                    style,
+                    color=colours[mask],
+                    alpha=0.35,
+                    lw=1,
+                )
+            ax.plot(
+                [describe(r)[clock] for r in group],
+                [describe(r)["acc"] for r in group],
+                style,
+                marker="o",
+                color=colours[mask],
+                label=f"mask {mask:.0%}" + (" + tuning" if tuned else ""),
+            )
     ax.set_xlabel(f"training time ({'process CPU' if clock == 'cpu' else 'wall-clock'} s)")
     ax.set_ylabel("held-out zero-shot top-1 (%)")
     ax.grid(alpha=0.3)
@@ -574,6 +744,7 @@ def plot_scaling(runs: list[dict], path: Path | str) -> Path:
     """Fig. 4: held-out accuracy vs samples seen, one curve per run (labelled by its
     Table 8 case when it has one)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -582,8 +753,12 @@ def plot_scaling(runs: list[dict], path: Path | str) -> Path:
         label = table8_case(run, runs) or run["name"]
         d = describe(run)
         label += f" ({d['model']}, mask {d['mask']:.0%})"
-        ax.plot([p["samples"] for p in run["curve"]], [p["acc"] for p in run["curve"]],
-                marker=".", label=label)
+        ax.plot(
+            [p["samples"] for p in run["curve"]],
+            [p["acc"] for p in run["curve"]],
+            marker=".",
+            label=label,
+        )
     ax.set_xlabel("samples seen")
     ax.set_ylabel("held-out zero-shot top-1 (%)")
     ax.grid(alpha=0.3)
@@ -606,14 +781,17 @@ def write_outputs(table: str, runs: list[dict], out: Path | str) -> dict[str, Pa
         text += f"\n{PAPER[table]['note']}\n"
     ups = speedups(runs, "cpu") + speedups(runs, "wall") if table in ("table1a", "fig3") else []
     if ups:
-        text += ("\n## Time-to-accuracy speed-up\n\nTime each masked run needs to first reach "
-                 "the mask-0 run's final held-out accuracy (linear interpolation between "
-                 "validation points), against the mask-0 run's total training time.\n\n"
-                 + to_markdown(ups))
+        text += (
+            "\n## Time-to-accuracy speed-up\n\nTime each masked run needs to first reach "
+            "the mask-0 run's final held-out accuracy (linear interpolation between "
+            "validation points), against the mask-0 run's total training time.\n\n"
+            + to_markdown(ups)
+        )
         write_csv(ups, out / f"{table}_speedup.csv")
         paths["speedup"] = out / f"{table}_speedup.csv"
     text += f"\nPaper values: {PAPER['source']}\n\nRuns:\n" + "".join(
-        f"- {r['name']}\n" for r in runs)
+        f"- {r['name']}\n" for r in runs
+    )
     paths["md"].write_text(text)
     write_csv(rows, paths["csv"])
     paths["cpu_png"] = plot_accuracy_vs_time(runs, out / "accuracy_vs_cpu.png", "cpu")
@@ -626,8 +804,12 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("table", choices=TABLES)
     parser.add_argument("dirs", nargs="*", type=Path, help="run or sweep directories")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output directory (default experiments/results/<table>)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output directory (default experiments/results/<table>)",
+    )
     parser.add_argument("--wandb", default=None, help="also read this W&B project (entity/project)")
     args = parser.parse_args(argv)
     runs = load_runs(*args.dirs) + (load_wandb_runs(args.wandb) if args.wandb else [])

@@ -20,6 +20,7 @@ does; or, like for like, the same implementation and values for both.
 ``experiments/benchmark.py`` is the command line; :func:`to_markdown` renders the table.
 This is tooling beside the library (it imports open-clip-torch), not part of ``flip``.
 """
+
 import ctypes
 import json
 import math
@@ -27,7 +28,6 @@ import os
 import platform
 import resource
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -60,8 +60,13 @@ MEMORY_GOAL = 0.35  # step memory at mask 0.75 / mask 0 (activations scale with 
 
 def model_config(arch: str, image_size: int) -> dict:
     """``conf/model/<arch>.yaml`` resolved at ``image_size`` (mask ratio 0)."""
-    root = OmegaConf.create({"data": {"image_size": image_size}, "mask": 0.0,
-                             "model": OmegaConf.create((MODEL_CONF / f"{arch}.yaml").read_text())})
+    root = OmegaConf.create(
+        {
+            "data": {"image_size": image_size},
+            "mask": 0.0,
+            "model": OmegaConf.create((MODEL_CONF / f"{arch}.yaml").read_text()),
+        }
+    )
     return OmegaConf.to_container(root.model, resolve=True)
 
 
@@ -91,10 +96,14 @@ def analytic_flops(cfg: dict, ratio: float, batch: int) -> dict[str, int]:
     patches = (im["image_size"] // im["patch_size"]) ** 2
     tokens = num_visible(patches, ratio) + int(im.get("class_token", True))
     patch_embed = 2 * patches * im["width"] * 3 * im["patch_size"] ** 2
-    image = (patch_embed + 2 * im["width"] * embed
-             + im["depth"] * block_flops(tokens, im["width"], im.get("mlp_ratio", 4.0)))
-    text = (2 * tx["width"] * embed + tx["depth"]
-            * block_flops(tx["context_length"], tx["width"], tx.get("mlp_ratio", 4.0)))
+    image = (
+        patch_embed
+        + 2 * im["width"] * embed
+        + im["depth"] * block_flops(tokens, im["width"], im.get("mlp_ratio", 4.0))
+    )
+    text = 2 * tx["width"] * embed + tx["depth"] * block_flops(
+        tx["context_length"], tx["width"], tx.get("mlp_ratio", 4.0)
+    )
     forward = image + text + 2 * 2 * batch * embed
     return {"image": image, "text": text, "forward": forward, "train": 3 * forward - patch_embed}
 
@@ -127,18 +136,22 @@ class Trainee:
         return self.model.encode_text(tokens)
 
 
-def adamw(model: nn.Module, no_decay: Callable[[str, torch.Tensor], bool], impl: str,
-          lr: float = 1e-4) -> torch.optim.AdamW:
+def adamw(
+    model: nn.Module, no_decay: Callable[[str, torch.Tensor], bool], impl: str, lr: float = 1e-4
+) -> torch.optim.AdamW:
     """AdamW with FLIP's values; ``impl``: ``fused``, ``foreach`` or ``for_loop``."""
     decay, rest = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (rest if no_decay(name, p) else decay).append(p)
-    kind = {"fused": {"fused": True}, "foreach": {"foreach": True},
-            "for_loop": {"foreach": False}}
-    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.2},
-                              {"params": rest, "weight_decay": 0.0}],
-                             lr=lr, betas=(0.9, 0.95), eps=1e-8, **kind[impl])
+    kind = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.2}, {"params": rest, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        **kind[impl],
+    )
 
 
 def flip_shipped_adamw(model: nn.Module) -> torch.optim.AdamW:
@@ -163,10 +176,17 @@ def openclip_shipped_adamw(model: nn.Module) -> torch.optim.AdamW:
     args = parse_args(["--model", "ViT-B-16"])  # only "vit" in the name picks the values
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return torch.optim.AdamW(
-        [{"params": [p for n, p in named if openclip_no_decay(n, p)], "weight_decay": 0.0},
-         {"params": [p for n, p in named if not openclip_no_decay(n, p)],
-          "weight_decay": args.wd}],
-        lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
+        [
+            {"params": [p for n, p in named if openclip_no_decay(n, p)], "weight_decay": 0.0},
+            {
+                "params": [p for n, p in named if not openclip_no_decay(n, p)],
+                "weight_decay": args.wd,
+            },
+        ],
+        lr=args.lr,
+        betas=(args.beta1, args.beta2),
+        eps=args.eps,
+    )
 
 
 def build_flip(cfg: dict, adamw_impl: str) -> Trainee:
@@ -181,8 +201,11 @@ def build_flip(cfg: dict, adamw_impl: str) -> Trainee:
     def loss(images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return contrastive_loss(*model(images, tokens))
 
-    opt = (flip_shipped_adamw(model) if adamw_impl == "shipped"
-           else adamw(model, lambda n, p: n in no_decay, adamw_impl))
+    opt = (
+        flip_shipped_adamw(model)
+        if adamw_impl == "shipped"
+        else adamw(model, lambda n, p: n in no_decay, adamw_impl)
+    )
     return Trainee("flip", model, set_mask, loss, opt, model.clamp_logit_scale_)
 
 
@@ -195,13 +218,27 @@ def openclip_config(cfg: dict) -> dict:
     BERT vocabulary. Its patch embedding has no bias; ours has one.
     """
     im, tx = cfg["image"], cfg["text"]
-    vision = dict(image_size=im["image_size"], patch_size=im["patch_size"], width=im["width"],
-                  layers=im["depth"], head_width=im["width"] // im["heads"],
-                  mlp_ratio=im.get("mlp_ratio", 4.0), no_ln_pre=True,
-                  pos_embed_type="sin_cos_2d", pool_type="avg")
-    text = dict(context_length=tx["context_length"], vocab_size=tx.get("vocab_size", 30522),
-                width=tx["width"], heads=tx["heads"], layers=tx["depth"],
-                mlp_ratio=tx.get("mlp_ratio", 4.0), no_causal_mask=True, pool_type="first")
+    vision = dict(
+        image_size=im["image_size"],
+        patch_size=im["patch_size"],
+        width=im["width"],
+        layers=im["depth"],
+        head_width=im["width"] // im["heads"],
+        mlp_ratio=im.get("mlp_ratio", 4.0),
+        no_ln_pre=True,
+        pos_embed_type="sin_cos_2d",
+        pool_type="avg",
+    )
+    text = dict(
+        context_length=tx["context_length"],
+        vocab_size=tx.get("vocab_size", 30522),
+        width=tx["width"],
+        heads=tx["heads"],
+        layers=tx["depth"],
+        mlp_ratio=tx.get("mlp_ratio", 4.0),
+        no_causal_mask=True,
+        pool_type="first",
+    )
     return dict(embed_dim=cfg["embed_dim"], vision_cfg=vision, text_cfg=text)
 
 
@@ -222,16 +259,20 @@ def build_openclip(cfg: dict, adamw_impl: str) -> Trainee:
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
 
-    opt = (openclip_shipped_adamw(model) if adamw_impl == "shipped"
-           else adamw(model, openclip_no_decay, adamw_impl))
+    opt = (
+        openclip_shipped_adamw(model)
+        if adamw_impl == "shipped"
+        else adamw(model, openclip_no_decay, adamw_impl)
+    )
     return Trainee("openclip", model, set_mask, loss, opt, after_step)
 
 
 BUILDERS = {"flip": build_flip, "openclip": build_openclip}
 
 
-def measured_flops(cfg: dict, impl: str, ratios: tuple[float, ...], batch: int,
-                   device: str = "meta") -> dict[float, dict[str, float]]:
+def measured_flops(
+    cfg: dict, impl: str, ratios: tuple[float, ...], batch: int, device: str = "meta"
+) -> dict[float, dict[str, float]]:
     """FLOPs per sample counted on implementation ``impl`` at each mask ratio.
 
     image/text: ``encode_image``/``encode_text``; forward: model and loss; train:
@@ -254,8 +295,12 @@ def measured_flops(cfg: dict, impl: str, ratios: tuple[float, ...], batch: int,
                 forward = count_flops(lambda: t.loss(images, tokens))
             train = count_flops(lambda: t.loss(images, tokens).backward())
             t.optimizer.zero_grad(set_to_none=True)
-            out[r] = {"image": image / batch, "text": text / batch,
-                      "forward": forward / batch, "train": train / batch}
+            out[r] = {
+                "image": image / batch,
+                "text": text / batch,
+                "forward": forward / batch,
+                "train": train / batch,
+            }
     return out
 
 
@@ -342,8 +387,12 @@ class Settings:
 
 
 def _stats(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "n": len(values)}
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
 
 
 def top_ops(fn: Callable[[], object], device: torch.device, rows: int = 15) -> list[dict]:
@@ -357,8 +406,15 @@ def top_ops(fn: Callable[[], object], device: torch.device, rows: int = 15) -> l
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
     total = sum(getattr(e, attr) for e in events) or 1
-    return [{"op": e.key, "self_ms": getattr(e, attr) / 1e3,
-             "share": getattr(e, attr) / total, "calls": e.count} for e in events[:rows]]
+    return [
+        {
+            "op": e.key,
+            "self_ms": getattr(e, attr) / 1e3,
+            "share": getattr(e, attr) / total,
+            "calls": e.count,
+        }
+        for e in events[:rows]
+    ]
 
 
 def run_benchmark(s: Settings, log: Callable[[str], None] = lambda msg: None) -> dict:
@@ -392,31 +448,41 @@ def run_benchmark(s: Settings, log: Callable[[str], None] = lambda msg: None) ->
         steps = time_steps(s, cfg, device, log)
         steps["memory"] = memory_in_fresh_processes(s, log)
     meta = {
-        "settings": {**s.__dict__, "image_size": cfg["image"]["image_size"],
-                     "channels_last": _channels_last(s, device),
-                     "ratios": list(s.ratios), "impls": list(s.impls)},
+        "settings": {
+            **s.__dict__,
+            "image_size": cfg["image"]["image_size"],
+            "channels_last": _channels_last(s, device),
+            "ratios": list(s.ratios),
+            "impls": list(s.impls),
+        },
         "threads": torch.get_num_threads(),
-        "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg(),
         "torch": torch.__version__,
         "machine": f"{platform.machine()} {_cpu_name()}, {os.cpu_count()} CPUs"
-                   + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
+        + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
         "python": platform.python_version(),
     }
     try:
         import open_clip
+
         meta["open_clip"] = open_clip.__version__
     except ImportError:
         pass
-    return {"meta": meta, "rows": _rows(s, cfg, flops, steps),
-            "profile": steps["profile"] if steps else {}}
+    return {
+        "meta": meta,
+        "rows": _rows(s, cfg, flops, steps),
+        "profile": steps["profile"] if steps else {},
+    }
 
 
 def _channels_last(s: Settings, device: torch.device) -> bool:
     return device.type == "cuda" if s.channels_last is None else s.channels_last
 
 
-def trainees_and_step(s: Settings, cfg: dict, device: torch.device, impls: tuple[str, ...]
-                      ) -> tuple[dict[str, Trainee], Callable[[str], None]]:
+def trainees_and_step(
+    s: Settings, cfg: dict, device: torch.device, impls: tuple[str, ...]
+) -> tuple[dict[str, Trainee], Callable[[str], None]]:
     """The trainees of ``impls`` on ``device`` and ``step(name)``, one training step of one
     of them on a fixed random batch."""
     channels_last = _channels_last(s, device)
@@ -440,10 +506,16 @@ def trainees_and_step(s: Settings, cfg: dict, device: torch.device, impls: tuple
     images = torch.randn(s.batch, 3, size, size, generator=g).to(device)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    tokens = torch.randint(1, cfg["text"].get("vocab_size", 30522),
-                           (s.batch, cfg["text"]["context_length"]), generator=g).to(device)
-    losses = {name: (torch.compile(t.loss, dynamic=False) if s.compile else t.loss)
-              for name, t in trainees.items()}
+    tokens = torch.randint(
+        1,
+        cfg["text"].get("vocab_size", 30522),
+        (s.batch, cfg["text"]["context_length"]),
+        generator=g,
+    ).to(device)
+    losses = {
+        name: (torch.compile(t.loss, dynamic=False) if s.compile else t.loss)
+        for name, t in trainees.items()
+    }
 
     def step(name: str) -> None:
         t = trainees[name]
@@ -458,8 +530,9 @@ def trainees_and_step(s: Settings, cfg: dict, device: torch.device, impls: tuple
     return trainees, step
 
 
-def time_steps(s: Settings, cfg: dict, device: torch.device,
-               log: Callable[[str], None]) -> dict[str, dict]:
+def time_steps(
+    s: Settings, cfg: dict, device: torch.device, log: Callable[[str], None]
+) -> dict[str, dict]:
     """Time training steps of every (implementation, ratio), interleaved, then profile one
     step per implementation.
 
@@ -482,21 +555,24 @@ def time_steps(s: Settings, cfg: dict, device: torch.device,
                 if rep >= s.warmup:
                     wall[name, r].append(w)
                     cpu[name, r].append(c)
-                log(f"{'warm-up' if rep < s.warmup else f'repeat {rep - s.warmup + 1}'} "
-                    f"{name} mask {r}: {w:.3f} s wall, {c:.3f} s CPU")
+                log(
+                    f"{'warm-up' if rep < s.warmup else f'repeat {rep - s.warmup + 1}'} "
+                    f"{name} mask {r}: {w:.3f} s wall, {c:.3f} s CPU"
+                )
 
     profile = {}
     if s.profile is not None:
         for name, t in trainees.items():
             t.set_mask(s.profile)
             step(name)  # warm at this ratio
-            profile[name] = top_ops(lambda: step(name), device)
+            profile[name] = top_ops(lambda name=name: step(name), device)
 
     return {"wall": wall, "cpu": cpu, "profile": profile}
 
 
-def memory_in_fresh_processes(s: Settings, log: Callable[[str], None] = lambda msg: None
-                              ) -> dict[tuple[str, float], dict]:
+def memory_in_fresh_processes(
+    s: Settings, log: Callable[[str], None] = lambda msg: None
+) -> dict[tuple[str, float], dict]:
     """:func:`step_memory` of every (implementation, ratio), each in a fresh process of
     this script: in one process, a step at mask 0.75 after one at mask 0 reuses the heap
     pages that step left resident, and its resident-set growth would read too low."""
@@ -508,8 +584,10 @@ def memory_in_fresh_processes(s: Settings, log: Callable[[str], None] = lambda m
     for name in s.impls:
         for r in s.ratios:
             out[name, r] = runs[f"{name}/{r}"][0]
-            log(f"{name} mask {r}: a step adds {_mb(out[name, r]['step_peak'])} MB "
-                f"(own process, peak resident {_mb(out[name, r]['process_peak'])} MB)")
+            log(
+                f"{name} mask {r}: a step adds {_mb(out[name, r]['step_peak'])} MB "
+                f"(own process, peak resident {_mb(out[name, r]['process_peak'])} MB)"
+            )
     return out
 
 
@@ -552,31 +630,45 @@ def _rows(s: Settings, cfg: dict, flops: dict, steps: dict | None) -> list[dict]
             f, f0 = flops[name, r], flops[name, base]
             a, a0 = analytic_flops(cfg, r, s.batch), analytic_flops(cfg, base, s.batch)
             row = {
-                "impl": name, "mask": r, "visible_patches": num_visible(patches, r),
-                "flops": f, "analytic_flops": a,
+                "impl": name,
+                "mask": r,
+                "visible_patches": num_visible(patches, r),
+                "flops": f,
+                "analytic_flops": a,
                 "flops_ratio": f["train"] / f0["train"],
                 "analytic_ratio": a["train"] / a0["train"],
                 "text_share": f0["text"] / f0["image"],
-                "visible_token_ratio": ((num_visible(patches, r) + cls)
-                                        / (num_visible(patches, base) + cls)),
-                "wall_s": None, "cpu_s": None, "samples_per_s": None, "time_ratio": None,
-                "cpu_time_ratio": None, "peak_mb": None, "peak_mb_per_sample": None,
-                "memory_ratio": None, "process_peak_mb": None,
+                "visible_token_ratio": (
+                    (num_visible(patches, r) + cls) / (num_visible(patches, base) + cls)
+                ),
+                "wall_s": None,
+                "cpu_s": None,
+                "samples_per_s": None,
+                "time_ratio": None,
+                "cpu_time_ratio": None,
+                "peak_mb": None,
+                "peak_mb_per_sample": None,
+                "memory_ratio": None,
+                "process_peak_mb": None,
             }
             if steps:
                 wall = {k: _stats(v) for k, v in steps["wall"].items()}
                 cpu = {k: _stats(v) for k, v in steps["cpu"].items()}
                 w, c = wall[name, r], cpu[name, r]
                 mem, mem0 = (steps["memory"][name, x]["step_peak"] for x in (r, base))
-                row.update({
-                    "wall_s": w, "cpu_s": c, "samples_per_s": s.batch / w["median"],
-                    "time_ratio": w["median"] / wall[name, base]["median"],
-                    "cpu_time_ratio": c["median"] / cpu[name, base]["median"],
-                    "peak_mb": None if mem is None else mem / 2**20,
-                    "peak_mb_per_sample": None if mem is None else mem / 2**20 / s.batch,
-                    "memory_ratio": None if mem is None else mem / mem0,
-                    "process_peak_mb": steps["memory"][name, r]["process_peak"] / 2**20,
-                })
+                row.update(
+                    {
+                        "wall_s": w,
+                        "cpu_s": c,
+                        "samples_per_s": s.batch / w["median"],
+                        "time_ratio": w["median"] / wall[name, base]["median"],
+                        "cpu_time_ratio": c["median"] / cpu[name, base]["median"],
+                        "peak_mb": None if mem is None else mem / 2**20,
+                        "peak_mb_per_sample": None if mem is None else mem / 2**20 / s.batch,
+                        "memory_ratio": None if mem is None else mem / mem0,
+                        "process_peak_mb": steps["memory"][name, r]["process_peak"] / 2**20,
+                    }
+                )
                 if name == "flip" and "openclip" in s.impls:
                     row["speedup_vs_openclip"] = wall["openclip", r]["median"] / w["median"]
                     row["cpu_speedup_vs_openclip"] = cpu["openclip", r]["median"] / c["median"]
@@ -614,18 +706,26 @@ def to_markdown(result: dict) -> str:
     """The measured table, the performance goals and the profiles as markdown."""
     meta, rows = result["meta"], result["rows"]
     st = meta["settings"]
-    timing = ("FLOPs only (counted on the meta device)" if st.get("flops_only") else
-              f"{st['warmup']} warm-up and {st['repeats']} timed steps per row, interleaved; "
-              "times are median [min–max]; peak memory of one step after warm-up, each row "
-              "in its own process")
-    adamw = ("each project's shipped AdamW (ours: PretrainModule's, fused; OpenCLIP: "
-             "open_clip_train's, torch's default implementation)" if st["adamw"] == "shipped"
-             else f"AdamW {st['adamw']} with FLIP's values for both")
+    timing = (
+        "FLOPs only (counted on the meta device)"
+        if st.get("flops_only")
+        else f"{st['warmup']} warm-up and {st['repeats']} timed steps per row, interleaved; "
+        "times are median [min–max]; peak memory of one step after warm-up, each row "
+        "in its own process"
+    )
+    adamw = (
+        "each project's shipped AdamW (ours: PretrainModule's, fused; OpenCLIP: "
+        "open_clip_train's, torch's default implementation)"
+        if st["adamw"] == "shipped"
+        else f"AdamW {st['adamw']} with FLIP's values for both"
+    )
     load = ""
     if "loadavg_start" in meta:
-        load = (f"; load average (1/5/15 min) "
-                f"{'/'.join(f'{x:.2f}' for x in meta['loadavg_start'])} at start, "
-                f"{'/'.join(f'{x:.2f}' for x in meta['loadavg_end'])} at end")
+        load = (
+            f"; load average (1/5/15 min) "
+            f"{'/'.join(f'{x:.2f}' for x in meta['loadavg_start'])} at start, "
+            f"{'/'.join(f'{x:.2f}' for x in meta['loadavg_end'])} at end"
+        )
     out = [
         f"{st['arch']}, {st['image_size']} px, micro-batch {st['batch']}, {st['dtype']}, "
         f"{st['device']} ({meta['machine']}), {meta['threads']} threads, attention "
@@ -639,21 +739,31 @@ def to_markdown(result: dict) -> str:
     ]
     for r in rows:
         f = r["flops"]
-        vs = (f"{r['speedup_vs_openclip']:.2f}× ({r['cpu_speedup_vs_openclip']:.2f}×)"
-              if "speedup_vs_openclip" in r else "")
+        vs = (
+            f"{r['speedup_vs_openclip']:.2f}× ({r['cpu_speedup_vs_openclip']:.2f}×)"
+            if "speedup_vs_openclip" in r
+            else ""
+        )
         out.append(
             f"| {r['impl']} | {r['mask']:g} | {r['visible_patches']} | {f['image'] / 1e9:.3f} "
             f"| {f['text'] / 1e9:.3f} | {f['train'] / 1e9:.3f} | {r['flops_ratio']:.3f} "
             f"({r['analytic_ratio']:.3f}) | {_range(r['wall_s'])} | {_range(r['cpu_s'])} "
             f"| {_fmt(r['samples_per_s'], '.2f')} | {_fmt(r['time_ratio'])} "
             f"({_fmt(r['cpu_time_ratio'])}) | {_fmt(r['peak_mb_per_sample'], '.1f')} "
-            f"| {_fmt(r['memory_ratio'])} ({r['visible_token_ratio']:.3f}) | {vs} |")
+            f"| {_fmt(r['memory_ratio'])} ({r['visible_token_ratio']:.3f}) | {vs} |"
+        )
     out += ["", *goals(result)]
     for name, ops in result.get("profile", {}).items():
-        out += ["", f"Top ops of one {name} step at mask {st['profile']:g} (torch.profiler, "
-                "self time):", "", "| op | self ms | share | calls |", "|---|---|---|---|"]
-        out += [f"| `{o['op']}` | {o['self_ms']:.1f} | {o['share']:.1%} | {o['calls']} |"
-                for o in ops]
+        out += [
+            "",
+            f"Top ops of one {name} step at mask {st['profile']:g} (torch.profiler, self time):",
+            "",
+            "| op | self ms | share | calls |",
+            "|---|---|---|---|",
+        ]
+        out += [
+            f"| `{o['op']}` | {o['self_ms']:.1f} | {o['share']:.1%} | {o['calls']} |" for o in ops
+        ]
     return "\n".join(out)
 
 
@@ -665,24 +775,36 @@ def goals(result: dict) -> list[str]:
     if not ours:
         return []
     from_zero = ours[0]["mask"] == 0.0  # the paper's ratios and the text share are to mask 0
-    lines = [f"- text encoder FLOPs = {ours[0]['text_share']:.1%} of the image encoder's "
-             f"(paper, L/16: {PAPER_TEXT_SHARE:.1%})"] if from_zero else []
+    lines = (
+        [
+            f"- text encoder FLOPs = {ours[0]['text_share']:.1%} of the image encoder's "
+            f"(paper, L/16: {PAPER_TEXT_SHARE:.1%})"
+        ]
+        if from_zero
+        else []
+    )
     for r in ours[1:]:
         d = r["flops_ratio"] - r["analytic_ratio"]
-        line = (f"- mask {r['mask']:g}: FLOPs ratio {r['flops_ratio']:.3f} vs analytic "
-                f"{r['analytic_ratio']:.3f} (diff {d:+.4f}: {_met(abs(d) <= 0.01)})")
+        line = (
+            f"- mask {r['mask']:g}: FLOPs ratio {r['flops_ratio']:.3f} vs analytic "
+            f"{r['analytic_ratio']:.3f} (diff {d:+.4f}: {_met(abs(d) <= 0.01)})"
+        )
         if r["mask"] in PAPER_FLOPS and from_zero:
             line += f", paper {PAPER_FLOPS[r['mask']]:.2f}"
         if r["time_ratio"] is not None:
             limit = 1.05 * r["flops_ratio"]
-            line += (f"; time ratio {r['time_ratio']:.3f} wall / {r['cpu_time_ratio']:.3f} CPU "
-                     f"vs limit 1.05 × FLOPs = {limit:.3f} ({_met(r['time_ratio'] <= limit)} "
-                     f"wall, {_met(r['cpu_time_ratio'] <= limit)} CPU)")
+            line += (
+                f"; time ratio {r['time_ratio']:.3f} wall / {r['cpu_time_ratio']:.3f} CPU "
+                f"vs limit 1.05 × FLOPs = {limit:.3f} ({_met(r['time_ratio'] <= limit)} "
+                f"wall, {_met(r['cpu_time_ratio'] <= limit)} CPU)"
+            )
             if r["mask"] in PAPER_TIME and from_zero:
                 line += f", paper {PAPER_TIME[r['mask']]:.2f}"
         if r["memory_ratio"] is not None:
-            line += (f"; memory ratio {r['memory_ratio']:.3f} vs image tokens "
-                     f"{r['visible_token_ratio']:.3f}")
+            line += (
+                f"; memory ratio {r['memory_ratio']:.3f} vs image tokens "
+                f"{r['visible_token_ratio']:.3f}"
+            )
             if r["mask"] == 0.75 and from_zero:
                 line += f" (goal ≤ {MEMORY_GOAL:.2f}: {_met(r['memory_ratio'] <= MEMORY_GOAL)})"
         lines.append(line)
@@ -692,7 +814,8 @@ def goals(result: dict) -> list[str]:
                 f"- mask {r['mask']:g}: throughput vs OpenCLIP {r['speedup_vs_openclip']:.2f}× "
                 f"wall, {r['cpu_speedup_vs_openclip']:.2f}× CPU (goal ≥ 1.10×: "
                 f"{_met(r['speedup_vs_openclip'] >= 1.1)} wall, "
-                f"{_met(r['cpu_speedup_vs_openclip'] >= 1.1)} CPU)")
+                f"{_met(r['cpu_speedup_vs_openclip'] >= 1.1)} CPU)"
+            )
     return lines
 
 

@@ -11,6 +11,7 @@ Files are read with ``torch.load(weights_only=True)``: tensors, containers and t
 types Lightning writes (allow-listed below). A file that needs anything else — arbitrary
 pickled Python, which could run code — is refused with one sentence.
 """
+
 from __future__ import annotations
 
 import logging
@@ -45,12 +46,15 @@ def load_checkpoint(path) -> dict:
         with torch.serialization.safe_globals(SAFE_TYPES):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        detail = next((line.strip() for line in str(err).splitlines()
-                       if "Unsupported global" in line), str(err).splitlines()[0])
+        detail = next(
+            (line.strip() for line in str(err).splitlines() if "Unsupported global" in line),
+            str(err).splitlines()[0],
+        )
         raise CheckpointError(
             f"{path} is refused: it holds pickled Python objects that weights-only loading "
             f"does not allow ({detail}); convert it in a trusted environment to a plain "
-            "state dict") from None
+            "state dict"
+        ) from None
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"{path} is not a checkpoint (a dictionary of weights)")
     return dict(ckpt)
@@ -87,8 +91,12 @@ def _is_runtime(key: str) -> bool:
     return key.rsplit(".", 1)[-1] in RUNTIME_KEYS
 
 
-def merge_model_config(stored: Mapping, requested: Mapping | None,
-                       explicit: Iterable[str] | None = None, source: str = "the checkpoint") -> dict:
+def merge_model_config(
+    stored: Mapping,
+    requested: Mapping | None,
+    explicit: Iterable[str] | None = None,
+    source: str = "the checkpoint",
+) -> dict:
     """The stored architecture with the requested run-time settings.
 
     requested: the model config of the current run (or None: the stored one as is).
@@ -106,7 +114,8 @@ def merge_model_config(stored: Mapping, requested: Mapping | None,
             raise ConfigError(
                 f"model.{key}={want[key]!r} contradicts {source}, which was trained with "
                 f"model.{key}={have.get(key, '<absent>')!r}; drop the override (the "
-                "architecture is read from the checkpoint)")
+                "architecture is read from the checkpoint)"
+            )
     for key, value in want.items():  # run-time settings come from the current run
         if _is_runtime(key):
             node = merged
@@ -139,11 +148,16 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: st
     if missing:
         raise CheckpointError(
             f"{source} lacks {len(missing)} weights of the model ({', '.join(missing[:4])}"
-            f"{', …' if len(missing) > 4 else ''}): it was trained with another architecture")
+            f"{', …' if len(missing) > 4 else ''}): it was trained with another architecture"
+        )
     if unexpected:
         modules = sorted({k.split(".")[0] for k in unexpected})
-        log.warning("%s: %d tensors not used by this model (modules: %s)", source,
-                    len(unexpected), ", ".join(modules))
+        log.warning(
+            "%s: %d tensors not used by this model (modules: %s)",
+            source,
+            len(unexpected),
+            ", ".join(modules),
+        )
     return list(unexpected)
 
 
@@ -156,9 +170,13 @@ def build_model(ckpt_path, override: Mapping | None = None) -> nn.Module:
     if stored is None and override is None:
         raise CheckpointError(
             f"{ckpt_path} stores no model config (not written by this version of flip); "
-            "name the architecture it was trained with, e.g. model=vit_b16 data.image_size=224")
-    cfg = dict(override) if stored is None else merge_model_config(
-        stored, override, source=str(ckpt_path))
+            "name the architecture it was trained with, e.g. model=vit_b16 data.image_size=224"
+        )
+    cfg = (
+        dict(override)
+        if stored is None
+        else merge_model_config(stored, override, source=str(ckpt_path))
+    )
     model = hydra.utils.instantiate(cfg)
     load_weights(model, model_state(ckpt), str(ckpt_path))
     return model.eval()
@@ -167,5 +185,10 @@ def build_model(ckpt_path, override: Mapping | None = None) -> nn.Module:
 def save_flip_checkpoint(path, model: nn.Module, model_cfg: Mapping) -> None:
     """A weights-only checkpoint of ``model`` that ``build_model`` and ``eval.py`` read:
     ``state_dict`` (``model.`` prefix) and the model config."""
-    torch.save({"state_dict": {f"model.{k}": t for k, t in model.state_dict().items()},
-                "hyper_parameters": {CONFIG_KEY: dict(model_cfg)}}, path)
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": t for k, t in model.state_dict().items()},
+            "hyper_parameters": {CONFIG_KEY: dict(model_cfg)},
+        },
+        path,
+    )

@@ -1,5 +1,7 @@
 """Start-up checks of a composed run config: fail early, naming the key and what is allowed."""
-from typing import Callable, TypeVar
+
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from omegaconf import DictConfig
@@ -33,7 +35,8 @@ def check_mask(cfg: DictConfig) -> None:
     if not _is_ratio(mask):
         raise ConfigError(
             f"mask={mask!r} is invalid: the image masking ratio must be a number in [0, 1) "
-            "(e.g. mask=0, mask=0.5, mask=0.75)")
+            "(e.g. mask=0, mask=0.5, mask=0.75)"
+        )
 
 
 def check_text_mask(cfg: DictConfig) -> None:
@@ -43,10 +46,12 @@ def check_text_mask(cfg: DictConfig) -> None:
     if not _is_ratio(ratio):
         raise ConfigError(
             f"model.text.mask_ratio={ratio!r} is invalid: the text masking ratio must be a "
-            "number in [0, 1) (e.g. model.text.mask_ratio=0.5 keeps 16 of 32 tokens)")
+            "number in [0, 1) (e.g. model.text.mask_ratio=0.5 keeps 16 of 32 tokens)"
+        )
     if kind not in KINDS:
-        raise ConfigError(f"model.text.mask_kind={kind!r} is invalid: use one of "
-                          f"{', '.join(KINDS)}")
+        raise ConfigError(
+            f"model.text.mask_kind={kind!r} is invalid: use one of {', '.join(KINDS)}"
+        )
 
 
 def check_reconstruction(cfg: DictConfig) -> None:
@@ -55,18 +60,23 @@ def check_reconstruction(cfg: DictConfig) -> None:
         if term.get("_target_") == "flip.reconstruction.PixelReconstruction" and cfg.mask == 0:
             raise ConfigError(
                 f"objective.auxiliary.{name} reconstructs the masked patches, but mask=0 masks "
-                "none; use mask=0.5 or mask=0.75, or objective=contrastive")
+                "none; use mask=0.5 or mask=0.75, or objective=contrastive"
+            )
 
 
 def check_tuning(cfg: DictConfig) -> None:
     """Runs that tune need weights to tune: ``needs_init_from`` (tuning experiments) needs
     ``init_from``; a chained ``unmasked_tuning`` needs the checkpoint it tunes."""
     if cfg.get("needs_init_from") and not cfg.init_from:
-        raise ConfigError("this run tunes a pre-trained model: set init_from=<checkpoint>, e.g. "
-                          "init_from=outputs/…/checkpoints/last.ckpt")
+        raise ConfigError(
+            "this run tunes a pre-trained model: set init_from=<checkpoint>, e.g. "
+            "init_from=outputs/…/checkpoints/last.ckpt"
+        )
     if cfg.get("unmasked_tuning") and not (cfg.get("callbacks") or {}).get("checkpoint"):
-        raise ConfigError("unmasked_tuning tunes the pre-trained last.ckpt: it needs the "
-                          "checkpoint callback (callbacks.checkpoint)")
+        raise ConfigError(
+            "unmasked_tuning tunes the pre-trained last.ckpt: it needs the "
+            "checkpoint callback (callbacks.checkpoint)"
+        )
 
 
 def per_device_batch(cfg: DictConfig, world_size: int) -> int:
@@ -79,14 +89,16 @@ def per_device_batch(cfg: DictConfig, world_size: int) -> int:
     if total % world_size:
         raise ConfigError(
             f"batch.global={total} is not divisible by the {world_size} devices "
-            "(trainer.devices x trainer.num_nodes)")
+            "(trainer.devices x trainer.num_nodes)"
+        )
     per_device = total // world_size
     if micro is None:
         return per_device
     if not isinstance(micro, int) or micro < 1 or per_device % micro:
         raise ConfigError(
             f"batch.micro={micro!r} must divide the per-device batch "
-            f"batch.global / devices = {total} / {world_size} = {per_device}")
+            f"batch.global / devices = {total} / {world_size} = {per_device}"
+        )
     return per_device
 
 
@@ -95,11 +107,13 @@ def check_hardware(accelerator: str) -> None:
     if accelerator == "gpu" and not torch.cuda.is_available():
         raise ConfigError(
             "accelerator=gpu needs a CUDA GPU, but none is visible on this machine "
-            "(torch.cuda.is_available() is False); use accelerator=cpu")
+            "(torch.cuda.is_available() is False); use accelerator=cpu"
+        )
     if accelerator == "tpu":
         from lightning.pytorch.accelerators import XLAAccelerator
 
         if not XLAAccelerator.is_available():
             raise ConfigError(
                 "accelerator=tpu needs a TPU host with torch-xla[tpu], but no TPU is "
-                "visible on this machine; use accelerator=cpu or accelerator=gpu")
+                "visible on this machine; use accelerator=cpu or accelerator=gpu"
+            )

@@ -11,19 +11,24 @@ built) silences, unless ``verbose=true``:
   *after* the optimiser step: that is what our checkpoints should hold (global step N =
   N optimiser steps done), so the warning is always silenced.
 """
+
 import logging
 import os
 import warnings
 
 from lightning.pytorch.callbacks import RichProgressBar
 
-LIGHTNING_INFO = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed",
-                  "lightning.fabric.utilities.rank_zero")
+LIGHTNING_INFO = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.seed",
+    "lightning.fabric.utilities.rank_zero",
+)
 
 
 def quiet_console(accelerator: str, verbose: bool = False) -> None:
     warnings.filterwarnings(
-        "ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
+        "ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps"
+    )
     if verbose:
         return
     for name in LIGHTNING_INFO:

@@ -31,8 +31,9 @@ for when memory is short (measured in docs/performance.md).
 Loss and gradients equal the one-shot full batch (tests/test_grad_cache.py). OpenCLIP's
 ``accum_freq`` re-draws the patch mask in step 3; this does not.
 """
+
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Callable
 
 import torch
 
@@ -97,12 +98,14 @@ def cached_backward(
 
     # 2. global contrastive loss, gradients w.r.t. the embeddings and the scale only
     image_all = torch.cat([*image_features, last.image.detach()]).requires_grad_()
-    text_all = torch.cat([*(t["text"].detach() for t in texts), last.text.detach()]
-                         ).requires_grad_()
+    text_all = torch.cat(
+        [*(t["text"].detach() for t in texts), last.text.detach()]
+    ).requires_grad_()
     scale = model.scale()
     contrastive = objective.contrastive(image_all, text_all, scale)
     grad_image, grad_text, grad_scale = torch.autograd.grad(
-        contrastive, [image_all, text_all, scale])
+        contrastive, [image_all, text_all, scale]
+    )
 
     # 3. backpropagate through the kept graph first (freeing it), then replay the others
     # with their first-pass mask and RNG state; the final backward syncs and carries the
@@ -116,12 +119,15 @@ def cached_backward(
                 features, terms = last, last_terms
             else:
                 _set_rng_state(state, device)
-                features = Features(**model.forward_image(images[c], image_mask[c]), **text) \
-                    if keep_text_graph else \
-                    model.forward_features(images[c], tokens[c], image_mask[c], text_mask[c])
+                features = (
+                    Features(**model.forward_image(images[c], image_mask[c]), **text)
+                    if keep_text_graph
+                    else model.forward_features(images[c], tokens[c], image_mask[c], text_mask[c])
+                )
                 terms = objective.per_sample(features, images[c], tokens[c], B)
-            surrogate = (features.image * grad_image[c]).sum() + \
-                (features.text * grad_text[c]).sum()
+            surrogate = (features.image * grad_image[c]).sum() + (
+                features.text * grad_text[c]
+            ).sum()
             for name, term in terms.items():
                 surrogate = surrogate + term
                 parts[name] = parts.get(name, 0.0) + term.detach()

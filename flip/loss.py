@@ -7,6 +7,7 @@ with all ``global_batch`` negatives. Each rank computes the loss of its own rows
 (global, global). DDP averages gradients over ranks, which makes both the loss and
 the gradients equal to those of the one-process full-batch loss.
 """
+
 from contextlib import AbstractContextManager, nullcontext
 
 import torch

@@ -16,12 +16,12 @@ Kinds (paper Table 1c; images use ``random`` only):
   encoder gives padding tokens +1, so they are dropped before any real token;
 - ``truncate``: the first k tokens (no noise).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-
 
 KINDS = ("random", "prioritized", "truncate")
 
@@ -62,8 +62,9 @@ class Mask:
             return self
         return Mask(self.ratio, torch.rand(batch, num_tokens, device=device), self.kind)
 
-    def apply(self, x: torch.Tensor, bias: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def apply(
+        self, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (B, N, D) -> the kept tokens (B, k, D) and their indices (B, k) into N;
         (x, None) at ratio 0.
 
@@ -78,8 +79,10 @@ class Mask:
             keep = torch.arange(k, device=x.device).expand(B, k)  # (B, k) the prefix
             return x[:, :k], keep
         if self.kind == "prioritized" and bias is None:
-            raise ValueError("prioritized masking needs the padding bias of the tokens "
-                             "(the text encoder gives it)")
+            raise ValueError(
+                "prioritized masking needs the padding bias of the tokens "
+                "(the text encoder gives it)"
+            )
         noise = self.noise
         if bias is not None:
             if noise is None:

@@ -9,6 +9,7 @@ An auxiliary term is an ``nn.Module`` (its parameters train with the model and a
 saved under ``objective.auxiliary.<name>``) with a ``weight`` attribute and
 ``forward(features, images, tokens) -> (B,)`` per-sample losses.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -25,20 +26,25 @@ class Objective(nn.Module):
         super().__init__()
         self.auxiliary = nn.ModuleDict(dict(auxiliary or {}))
 
-    def contrastive(self, image: torch.Tensor, text: torch.Tensor,
-                    scale: torch.Tensor) -> torch.Tensor:
+    def contrastive(
+        self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
+    ) -> torch.Tensor:
         """This rank's share of the global-batch InfoNCE (fp32)."""
         return global_contrastive_loss(image, text, scale)
 
-    def per_sample(self, features: Features, images: torch.Tensor, tokens: torch.Tensor,
-                   batch: int) -> dict[str, torch.Tensor]:
+    def per_sample(
+        self, features: Features, images: torch.Tensor, tokens: torch.Tensor, batch: int
+    ) -> dict[str, torch.Tensor]:
         """Each auxiliary term, weighted, summed over these samples and divided by
         ``batch`` (this rank's batch size): micro-batch parts add up to the batch mean."""
-        return {name: term.weight * term(features, images, tokens).float().sum() / batch
-                for name, term in self.auxiliary.items()}
+        return {
+            name: term.weight * term(features, images, tokens).float().sum() / batch
+            for name, term in self.auxiliary.items()
+        }
 
-    def forward(self, features: Features, scale: torch.Tensor, images: torch.Tensor,
-                tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, features: Features, scale: torch.Tensor, images: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The total loss of a whole batch and its parts (``contrastive`` and each term)."""
         parts = {"contrastive": self.contrastive(features.image, features.text, scale)}
         parts.update(self.per_sample(features, images, tokens, images.shape[0]))

@@ -18,6 +18,7 @@ It lives in the objective (``objective.auxiliary.reconstruction``), not in the m
 evaluation and export never build it, and loading a checkpoint into the model reports
 its tensors as unused.
 """
+
 from __future__ import annotations
 
 import torch
@@ -45,8 +46,9 @@ def normalized_pixels(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (patches - mean) / (var + eps) ** 0.5
 
 
-def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor,
-                      masked: torch.Tensor) -> torch.Tensor:
+def masked_patch_loss(
+    pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor
+) -> torch.Tensor:
     """pred, target (B, N, P); masked (B, N) 1 where the patch was dropped -> (B,) the mean
     squared error per patch averaged over each sample's masked patches (0 if none)."""
     per_patch = ((pred - target) ** 2).mean(dim=-1)  # (B, N)
@@ -96,15 +98,19 @@ class PixelReconstruction(nn.Module):
         if keep is None:
             patches = x[:, -k:]
         else:  # unshuffle: kept tokens to their patch positions, the mask token elsewhere
-            patches = self.mask_token.to(x.dtype).expand(B, N, -1).scatter(
-                1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x[:, -k:])  # (B, N, Dd)
+            patches = (
+                self.mask_token.to(x.dtype)
+                .expand(B, N, -1)
+                .scatter(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x[:, -k:])
+            )  # (B, N, Dd)
         pos = self.pos_embed if cls.shape[1] else self.pos_embed[:, 1:]
         x = torch.cat([cls, patches], dim=1) + pos
         x = self.pred(self.norm(self.blocks(x)))
-        return x[:, cls.shape[1]:]  # (B, N, p·p·3), class token dropped
+        return x[:, cls.shape[1] :]  # (B, N, p·p·3), class token dropped
 
-    def forward(self, features: Features, images: torch.Tensor,
-                tokens: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, features: Features, images: torch.Tensor, tokens: torch.Tensor
+    ) -> torch.Tensor:
         """(B,) per-sample loss on the masked patches of ``images`` (B, 3, H, W)."""
         pred = self.decode(features.image_tokens, features.image_keep)
         dtype = torch.promote_types(pred.dtype, torch.float32)  # the loss in fp32 at least

@@ -1,4 +1,5 @@
 """Learning-rate schedule counted in samples seen: linear warm-up, then cosine to 0."""
+
 import math
 
 

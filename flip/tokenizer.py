@@ -43,7 +43,11 @@ class Tokenizer:
     """Map captions to a ``(B, context_length)`` ``torch.long`` tensor of WordPiece ids."""
 
     def __init__(self, context_length: int = 32, vocab_path: str | os.PathLike = VOCAB_PATH):
-        if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 1:
+        if (
+            isinstance(context_length, bool)
+            or not isinstance(context_length, int)
+            or context_length < 1
+        ):
             raise ValueError(f"context_length must be an integer >= 1, got {context_length!r}")
         vocab_path = Path(vocab_path)
         if not vocab_path.is_file():
@@ -60,7 +64,9 @@ class Tokenizer:
         self._tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         self._tok.decoder = decoders.WordPiece(prefix="##")
         if self._tok.token_to_id("[PAD]") != PAD_ID or self._tok.token_to_id("[UNK]") != UNK_ID:
-            raise ValueError(f"{vocab_path}: expected '[PAD]' at id {PAD_ID} and '[UNK]' at id {UNK_ID}")
+            raise ValueError(
+                f"{vocab_path}: expected '[PAD]' at id {PAD_ID} and '[UNK]' at id {UNK_ID}"
+            )
         self._tok.enable_truncation(max_length=context_length)
         self._tok.enable_padding(length=context_length, pad_id=PAD_ID, pad_token="[PAD]")
 
@@ -89,7 +95,9 @@ class Tokenizer:
             if ids.dim() == 2 and ids.shape[0] == 1:
                 ids = ids[0]
             if ids.dim() != 1:
-                raise ValueError(f"decode expects a single 1-D sequence of ids, got shape {tuple(ids.shape)}")
+                raise ValueError(
+                    f"decode expects a single 1-D sequence of ids, got shape {tuple(ids.shape)}"
+                )
             ids = ids.tolist()
         return self._tok.decode([int(i) for i in ids if int(i) != PAD_ID])
 

@@ -1,4 +1,5 @@
 """Build everything from a composed Hydra config and run pre-training."""
+
 import json
 import logging
 from pathlib import Path
@@ -8,10 +9,22 @@ import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from flip.checkpoint import (load_checkpoint, load_weights, merge_model_config, model_config,
-                             model_state, resample_patch_embedding)
-from flip.config import (check_hardware, check_mask, check_reconstruction, check_text_mask,
-                         check_tuning, per_device_batch)
+from flip.checkpoint import (
+    load_checkpoint,
+    load_weights,
+    merge_model_config,
+    model_config,
+    model_state,
+    resample_patch_embedding,
+)
+from flip.config import (
+    check_hardware,
+    check_mask,
+    check_reconstruction,
+    check_text_mask,
+    check_tuning,
+    per_device_batch,
+)
 from flip.console import StepProgressBar, quiet_console
 from flip.eval.zeroshot import format_zero_shot
 from flip.tasks.transfer import is_transfer_task, train_transfer
@@ -33,7 +46,7 @@ def command_line_model_keys() -> set[str] | None:
         if key == "model":
             return None
         if key.startswith("model."):
-            keys.add(key[len("model."):])
+            keys.add(key[len("model.") :])
         elif key == "data.image_size":
             keys.add("image.image_size")
     return keys
@@ -49,10 +62,13 @@ def resolve_model_config(cfg: DictConfig, ckpt: dict | None) -> dict:
     if stored is None:
         return requested
     if cfg.get("init_resample_patch"):
-        stored = {**stored, "image": {**stored["image"],
-                                      "patch_size": requested["image"]["patch_size"]}}
-    merged = merge_model_config(stored, requested, command_line_model_keys(),
-                                source=f"init_from={cfg.init_from}")
+        stored = {
+            **stored,
+            "image": {**stored["image"], "patch_size": requested["image"]["patch_size"]},
+        }
+    merged = merge_model_config(
+        stored, requested, command_line_model_keys(), source=f"init_from={cfg.init_from}"
+    )
     size = merged["image"]["image_size"]
     if cfg.data.image_size != size:
         log.info("data.image_size=%s from the init_from checkpoint", size)
@@ -84,7 +100,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks.append(StepProgressBar())
     module = hydra.utils.instantiate(cfg.task, _partial_=True)(
         model=hydra.utils.instantiate(model_cfg),
-        objective=hydra.utils.instantiate(cfg.objective), model_config=model_cfg)
+        objective=hydra.utils.instantiate(cfg.objective),
+        model_config=model_cfg,
+    )
     if ckpt is not None:
         state = model_state(ckpt)
         if cfg.get("init_resample_patch"):
@@ -92,13 +110,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         load_weights(module.model, state, f"init_from={cfg.init_from}")
         log.info("initialised weights from %s", cfg.init_from)
     trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, max_steps=module.total_steps, logger=logger, callbacks=callbacks)
+        cfg.trainer, max_steps=module.total_steps, logger=logger, callbacks=callbacks
+    )
     data = hydra.utils.instantiate(cfg.data, batch_size=per_device_batch(cfg, trainer.world_size))
 
     trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
     if trainer.checkpoint_callback is not None:  # the final weights, whatever the interval
-        trainer.save_checkpoint(Path(trainer.checkpoint_callback.dirpath) / "last.ckpt",
-                                weights_only=False)  # resumable: optimiser and loop state too
+        trainer.save_checkpoint(
+            Path(trainer.checkpoint_callback.dirpath) / "last.ckpt", weights_only=False
+        )  # resumable: optimiser and loop state too
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if data.classnames:
         top1 = trainer.validate(module, datamodule=data, verbose=False)[0]["val/zeroshot_top1"]

@@ -3,6 +3,7 @@ this process's CPU time), without validation, checkpointing or start-up. Logged 
 as ``time/train_wall_s`` and ``time/train_cpu_s`` next to ``train/samples_seen``, so an
 accuracy-vs-time curve (paper Fig. 1/3) reads both from one metrics file; carried in
 checkpoints, so a resumed run keeps counting."""
+
 import time
 
 import lightning as L
@@ -22,8 +23,9 @@ class TrainingTime(L.Callback):
         self.wall += time.perf_counter() - self._start[0]
         self.cpu += time.process_time() - self._start[1]
         self._start = None
-        pl_module.log_dict({"time/train_wall_s": self.wall, "time/train_cpu_s": self.cpu},
-                           rank_zero_only=True)
+        pl_module.log_dict(
+            {"time/train_wall_s": self.wall, "time/train_cpu_s": self.cpu}, rank_zero_only=True
+        )
 
     def state_dict(self) -> dict:
         return {"wall": self.wall, "cpu": self.cpu}

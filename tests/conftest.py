@@ -1,4 +1,5 @@
 """Shared fixtures: compose the real `conf/` as `python train.py` would."""
+
 from pathlib import Path
 
 import pytest
@@ -9,11 +10,20 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 # A seconds-long CPU run of the real pipeline: a very small model and schedule.
 FAST = [
-    "model.image.width=32", "model.image.depth=1", "model.image.heads=1",
-    "model.text.width=32", "model.text.depth=1", "model.text.heads=1", "model.embed_dim=16",
-    "batch.global=16", "schedule.total_samples=64", "schedule.warmup_samples=16",
-    "data.num_workers=0", "logger=none",
-    "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+    "model.image.width=32",
+    "model.image.depth=1",
+    "model.image.heads=1",
+    "model.text.width=32",
+    "model.text.depth=1",
+    "model.text.heads=1",
+    "model.embed_dim=16",
+    "batch.global=16",
+    "schedule.total_samples=64",
+    "schedule.warmup_samples=16",
+    "data.num_workers=0",
+    "logger=none",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
 ]
 
 

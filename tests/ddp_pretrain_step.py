@@ -3,6 +3,7 @@ its synchronised gradients and how many gradient all-reduces DDP ran (a counting
 hook around DDP's own all-reduce). Run by tests/test_grad_cache.py:
     python tests/ddp_pretrain_step.py OUT_DIR MICRO_BATCH
 """
+
 import json
 import sys
 from pathlib import Path
@@ -56,19 +57,37 @@ class Capture(L.Callback):
         module.captured["loss"] = outputs["loss"].detach() if isinstance(outputs, dict) else outputs
         torch.save(module.captured, self.out / f"rank{trainer.global_rank}.pt")
         if trainer.global_rank == 0:
-            meta = {"world_size": trainer.world_size, "all_reduces": len(ALL_REDUCES),
-                    "micro_batches": float(trainer.callback_metrics["train/micro_batches"])}
+            meta = {
+                "world_size": trainer.world_size,
+                "all_reduces": len(ALL_REDUCES),
+                "micro_batches": float(trainer.callback_metrics["train/micro_batches"]),
+            }
             (self.out / "meta.json").write_text(json.dumps(meta))
 
 
 def main(out: Path, micro: int) -> None:
-    module = PretrainModule(build_model(), global_batch=8, total_samples=8, warmup_samples=0,
-                            micro_batch=micro, base_lr=1e-3, seed=NOISE_SEED)
+    module = PretrainModule(
+        build_model(),
+        global_batch=8,
+        total_samples=8,
+        warmup_samples=0,
+        micro_batch=micro,
+        base_lr=1e-3,
+        seed=NOISE_SEED,
+    )
     loader = DataLoader(TensorDataset(*dataset()), batch_size=4, shuffle=False)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=1,
-                        precision="64-true", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[Capture(out)])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=1,
+        precision="64-true",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Capture(out)],
+    )
     trainer.fit(module, loader)
 
 

@@ -5,6 +5,7 @@ Called by tests/test_data_shards.py (strategy="ddp_fork"), or on its own:
 Each rank writes the (shard:sample) ids of the captions its LightningModule received to
 OUT_DIR/rank<r>.txt; rank 0 writes the DataQualityCallback totals (summed over ranks).
 """
+
 import re
 import sys
 from pathlib import Path
@@ -60,12 +61,26 @@ class Totals(L.Callback):
 
 
 def main(shards: str, out: Path, strategy: str = "ddp") -> None:
-    data = OnePass(shards, batch_size=4, image_size=16, num_workers=2, shuffle_buffer=0,
-                   skip_rate_min_samples=10**6)
+    data = OnePass(
+        shards,
+        batch_size=4,
+        image_size=16,
+        num_workers=2,
+        shuffle_buffer=0,
+        skip_rate_min_samples=10**6,
+    )
     quality = DataQualityCallback(every=1)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=1,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[quality, Totals(quality, out)])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[quality, Totals(quality, out)],
+    )
     trainer.fit(Recorder(out), datamodule=data)
 
 

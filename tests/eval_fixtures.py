@@ -1,13 +1,14 @@
 """Writers of tiny evaluation sets in the real on-disk layouts (``flip.eval.readers.LAYOUTS``):
 every function writes files exactly where CLIP_benchmark's builders or our readers look."""
+
 from __future__ import annotations
 
 import io
 import json
 import struct
 import tarfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -33,16 +34,22 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_wds(root, split: str, samples: Sequence[tuple[Image.Image, object]],
-              classnames: Sequence[str] | None = None, templates: Sequence[str] | None = None,
-              per_shard: int = 3, image_format: str = "webp") -> Path:
+def write_wds(
+    root,
+    split: str,
+    samples: Sequence[tuple[Image.Image, object]],
+    classnames: Sequence[str] | None = None,
+    templates: Sequence[str] | None = None,
+    per_shard: int = 3,
+    image_format: str = "webp",
+) -> Path:
     """CLIP_benchmark export: {root}/{split}/{i}.tar with <key>.<image_format> and <key>.cls
     (int label), <key>.npy (multi-hot array) or <key>.txt (list of captions, one per line);
     nshards.txt; classnames.txt, zeroshot_classification_templates.txt and dataset_type.txt
     (retrieval | multilabel, as its exporter writes them) at the root."""
     root = Path(root)
     (root / split).mkdir(parents=True, exist_ok=True)
-    shards = [samples[i:i + per_shard] for i in range(0, len(samples), per_shard)]
+    shards = [samples[i : i + per_shard] for i in range(0, len(samples), per_shard)]
     for s, shard in enumerate(shards):
         with tarfile.open(root / split / f"{s}.tar", "w") as tar:
             for j, (img, target) in enumerate(shard):
@@ -78,25 +85,40 @@ def write_folders(folder, images: dict[str, Sequence[Image.Image]], ext: str = "
     return folder
 
 
-def write_karpathy(root, ann_file: str, image_dir: str, items: Sequence[tuple[Image.Image, list[str]]],
-                   split: str = "test", filepath: str = "", other_split: int = 1) -> Path:
+def write_karpathy(
+    root,
+    ann_file: str,
+    image_dir: str,
+    items: Sequence[tuple[Image.Image, list[str]]],
+    split: str = "test",
+    filepath: str = "",
+    other_split: int = 1,
+) -> Path:
     """Karpathy JSON {"images": [{filepath, filename, split, sentences: [{raw}]}]} with
     ``other_split`` extra images in split "train" (which the test reader must skip)."""
     root = Path(root)
     records = []
-    for i, (img, caps) in enumerate(list(items) + [(items[0][0], ["a training caption"])] * other_split):
+    for i, (img, caps) in enumerate(
+        list(items) + [(items[0][0], ["a training caption"])] * other_split
+    ):
         name = f"{i:06d}.jpg"
         (root / image_dir / filepath).mkdir(parents=True, exist_ok=True)
         img.save(root / image_dir / filepath / name)
-        records.append({"filepath": filepath, "filename": name,
-                        "split": split if i < len(items) else "train",
-                        "sentences": [{"raw": c, "tokens": c.split()} for c in caps]})
+        records.append(
+            {
+                "filepath": filepath,
+                "filename": name,
+                "split": split if i < len(items) else "train",
+                "sentences": [{"raw": c, "tokens": c.split()} for c in caps],
+            }
+        )
     (root / ann_file).write_text(json.dumps({"images": records, "dataset": "fixture"}))
     return root
 
 
-def write_caption_list(root, ann_file: str, items: Sequence[tuple[Image.Image, list[str]]],
-                       image_dir: str = "images") -> Path:
+def write_caption_list(
+    root, ann_file: str, items: Sequence[tuple[Image.Image, list[str]]], image_dir: str = "images"
+) -> Path:
     """BLIP-style annotation list [{"image": <relative path>, "caption": [...]}]."""
     root = Path(root)
     (root / image_dir).mkdir(parents=True, exist_ok=True)
@@ -108,8 +130,13 @@ def write_caption_list(root, ann_file: str, items: Sequence[tuple[Image.Image, l
     return root
 
 
-def write_video_pm(root, videos: dict[str, list[tuple[Image.Image, list[int]]]],
-                   groups: Sequence[Sequence[int]], radius: int = 10, class_map: str = "idx") -> Path:
+def write_video_pm(
+    root,
+    videos: dict[str, list[tuple[Image.Image, list[int]]]],
+    groups: Sequence[Sequence[int]],
+    radius: int = 10,
+    class_map: str = "idx",
+) -> Path:
     """ImageNet-Vid-Robust layout: frames {root}/val/<video>/<n:06d>.JPEG; labels.json
     {frame: [class ids]}; pmsets.json {anchor (the middle frame): [frames within radius]}.
     class_map "idx": metadata/rev_class_idx_map.json {class id: [ImageNet label ids]} (the
@@ -132,7 +159,8 @@ def write_video_pm(root, videos: dict[str, list[tuple[Image.Image, list[int]]]],
     (root / "metadata" / "pmsets.json").write_text(json.dumps(pmsets))
     if class_map == "idx":
         (root / "metadata" / "rev_class_idx_map.json").write_text(
-            json.dumps({str(k): list(g) for k, g in enumerate(groups)}))
+            json.dumps({str(k): list(g) for k, g in enumerate(groups)})
+        )
     else:
         from flip.eval.metadata import imagenet_classnames, imagenet_wnids
 
@@ -140,10 +168,14 @@ def write_video_pm(root, videos: dict[str, list[tuple[Image.Image, list[int]]]],
         (root / "misc").mkdir(exist_ok=True)
         vid = {str(k): [f"n9{k:07d}", f"video class {k}"] for k in range(len(groups))}
         (root / "misc" / "imagenet_vid_class_index.json").write_text(json.dumps(vid))
-        (root / "misc" / "rev_wnid_map.json").write_text(json.dumps(
-            {vid[str(k)][0]: [wnids[i] for i in g] for k, g in enumerate(groups)}))
-        (root / "misc" / "imagenet_class_index.json").write_text(json.dumps(
-            {str(i): [w, n] for i, (w, n) in enumerate(zip(wnids, imagenet_classnames()))}))
+        (root / "misc" / "rev_wnid_map.json").write_text(
+            json.dumps({vid[str(k)][0]: [wnids[i] for i in g] for k, g in enumerate(groups)})
+        )
+        (root / "misc" / "imagenet_class_index.json").write_text(
+            json.dumps(
+                {str(i): [w, n] for i, (w, n) in enumerate(zip(wnids, imagenet_classnames()))}
+            )
+        )
     return root
 
 
@@ -164,18 +196,25 @@ def write_objectnet(root, classes: dict[str, tuple[str, list[int], list[Image.Im
         lines[id2012] = f"inet{label}"
     (maps / "imagenet_to_label_2012_v2").write_text("\n".join(lines) + "\n")
     (maps / "pytorch_to_imagenet_2012_id.json").write_text(
-        json.dumps({str(label): int(i) for label, i in enumerate(perm)}))
+        json.dumps({str(label): int(i) for label, i in enumerate(perm)})
+    )
     (maps / "folder_to_objectnet_label.json").write_text(
-        json.dumps({f: name for f, (name, _, _) in classes.items()}))
+        json.dumps({f: name for f, (name, _, _) in classes.items()})
+    )
     (maps / "objectnet_to_imagenet_1k.json").write_text(
-        json.dumps({name: "; ".join(f"inet{i}" for i in ids) for name, ids, _ in classes.values()}))
+        json.dumps({name: "; ".join(f"inet{i}" for i in ids) for name, ids, _ in classes.values()})
+    )
     write_folders(base / "images", {f: imgs for f, (_, _, imgs) in classes.items()})
     assert len(imagenet_classnames()) == 1000
     return root
 
 
-def write_voc(root, images: Sequence[tuple[Image.Image, list[int]]], classes: Sequence[str],
-              split: str = "test") -> Path:
+def write_voc(
+    root,
+    images: Sequence[tuple[Image.Image, list[int]]],
+    classes: Sequence[str],
+    split: str = "test",
+) -> Path:
     """VOCdevkit/VOC2007 with JPEGImages, Annotations/<id>.xml (one object per class
     present), ImageSets/Main/{split}.txt and <class>_{split}.txt (1 present, -1 absent)."""
     base = Path(root) / "VOCdevkit" / "VOC2007"
@@ -186,9 +225,12 @@ def write_voc(root, images: Sequence[tuple[Image.Image, list[int]]], classes: Se
         img.save(base / "JPEGImages" / f"{i}.jpg")
         objects = "".join(
             f"<object><name>{classes[c]}</name><bndbox><xmin>1</xmin><ymin>1</ymin>"
-            f"<xmax>{img.width}</xmax><ymax>{img.height}</ymax></bndbox></object>" for c in present)
+            f"<xmax>{img.width}</xmax><ymax>{img.height}</ymax></bndbox></object>"
+            for c in present
+        )
         (base / "Annotations" / f"{i}.xml").write_text(
-            f"<annotation><filename>{i}.jpg</filename>{objects}</annotation>")
+            f"<annotation><filename>{i}.jpg</filename>{objects}</annotation>"
+        )
     (base / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
     for c, cls in enumerate(classes):
         rows = [f"{i} {1 if c in present else -1:2d}" for i, (_, present) in zip(ids, images)]
@@ -216,7 +258,9 @@ def write_mnist(root, images: Sequence[tuple[np.ndarray, int]]) -> Path:
     labels = np.array([y for _, y in images], dtype=np.uint8)
     for prefix in ("train", "t10k"):
         (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
-            struct.pack(">IIII", 2051, len(pixels), 28, 28) + pixels.tobytes())
+            struct.pack(">IIII", 2051, len(pixels), 28, 28) + pixels.tobytes()
+        )
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
-            struct.pack(">II", 2049, len(labels)) + labels.tobytes())
+            struct.pack(">II", 2049, len(labels)) + labels.tobytes()
+        )
     return Path(root)

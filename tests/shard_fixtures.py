@@ -15,6 +15,7 @@
 One pass in shard order therefore reads EXPECTED_GOOD good samples and skips
 EXPECTED_SKIPPED; the shard failures are EXPECTED_SHARD_FAILURES.
 """
+
 import io
 import json
 import os
@@ -28,8 +29,14 @@ from PIL import Image
 
 MAX_PIXELS = 50_000  # the decompression-bomb guard the tests use (300 x 300 = 90,000)
 EXPECTED_GOOD = 10 + 5 + 4 + 3
-EXPECTED_SKIPPED = Counter(empty_image=1, corrupt_image=2, missing_caption=1, empty_caption=1,
-                           large_image=1, missing_image=1)
+EXPECTED_SKIPPED = Counter(
+    empty_image=1,
+    corrupt_image=2,
+    missing_caption=1,
+    empty_caption=1,
+    large_image=1,
+    missing_image=1,
+)
 EXPECTED_SHARD_FAILURES = Counter(unreadable_shard=1, corrupt_shard=3)
 EXPECTED_CONVERTED = Counter(CMYK=1, L=1, RGBA=1, P=1)
 SHARDS = "{00000..00005}.tar"
@@ -127,9 +134,11 @@ def write_reader_shards(root: Path, n_shards: int = 4, good_per_shard: int = 8) 
     root.mkdir(parents=True, exist_ok=True)
     for s in range(n_shards):
         items = [good(s, i) for i in range(good_per_shard)]
-        items[1:1] = [sample(f"{s:05d}9001", os.urandom(300), "corrupt"),
-                      sample(f"{s:05d}9002", encode(noise_image(s)), ""),
-                      sample(f"{s:05d}9003", encode(noise_image(s + 50)), None)]
+        items[1:1] = [
+            sample(f"{s:05d}9001", os.urandom(300), "corrupt"),
+            sample(f"{s:05d}9002", encode(noise_image(s)), ""),
+            sample(f"{s:05d}9003", encode(noise_image(s + 50)), None),
+        ]
         write(root / f"{s:05d}.tar", items)
     return str(root / f"{{00000..{n_shards - 1:05d}}}.tar")
 

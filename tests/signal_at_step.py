@@ -1,4 +1,5 @@
 """Test-only callback: send this process a signal after a given training step."""
+
 import os
 import signal
 

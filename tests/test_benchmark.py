@@ -2,6 +2,7 @@
 experiments/ is on pytest's path): FLOPs counts against formulas and hand counts, and every
 derived number of a run (ratios, throughput, the markdown table) recomputed from the raw
 measurements. No timings are asserted."""
+
 import importlib.util
 import json
 import re
@@ -12,8 +13,17 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from step_benchmark import (
-    BUILDERS, Settings, analytic_flops, block_flops, count_flops, measured_flops, model_config,
-    openclip_config, run_benchmark, to_markdown, top_ops,
+    BUILDERS,
+    Settings,
+    analytic_flops,
+    block_flops,
+    count_flops,
+    measured_flops,
+    model_config,
+    openclip_config,
+    run_benchmark,
+    to_markdown,
+    top_ops,
 )
 from timm.models.vision_transformer import Block
 
@@ -134,12 +144,19 @@ def table_rows(markdown: str) -> dict[tuple[str, float], dict[str, float | None]
         memory, tokens = cells[12].replace("(", "").replace(")", "").split()
         vs = cells[13].replace("(", "").replace(")", "").split()
         out[cells[0], float(cells[1])] = {
-            "visible": int(cells[2]), "image": float(cells[3]), "text": float(cells[4]),
-            "train": float(cells[5]), "ratio": float(ratio), "analytic": float(analytic),
+            "visible": int(cells[2]),
+            "image": float(cells[3]),
+            "text": float(cells[4]),
+            "train": float(cells[5]),
+            "ratio": float(ratio),
+            "analytic": float(analytic),
             "wall": tuple(map(float, wall)) if wall != ["–"] else None,
-            "samples_per_s": _number(cells[9]), "time_ratio": _number(time),
-            "cpu_time_ratio": _number(cpu_time), "mb_per_sample": _number(cells[11]),
-            "memory_ratio": _number(memory), "token_ratio": float(tokens),
+            "samples_per_s": _number(cells[9]),
+            "time_ratio": _number(time),
+            "cpu_time_ratio": _number(cpu_time),
+            "mb_per_sample": _number(cells[11]),
+            "memory_ratio": _number(memory),
+            "token_ratio": float(tokens),
             "vs": tuple(map(_number, vs)) if vs else None,
         }
     return out
@@ -169,7 +186,8 @@ def assert_table_equals_json(markdown: str, result: dict) -> None:
         assert t["memory_ratio"] == pytest.approx(r["memory_ratio"], abs=5e-4)
         if "speedup_vs_openclip" in r:
             assert t["vs"] == pytest.approx(
-                (r["speedup_vs_openclip"], r["cpu_speedup_vs_openclip"]), abs=5e-3)
+                (r["speedup_vs_openclip"], r["cpu_speedup_vs_openclip"]), abs=5e-3
+            )
 
 
 @pytest.mark.slow  # memory: a fresh process per row
@@ -187,8 +205,10 @@ def test_harness_run_on_tiny_derives_every_number_from_its_measurements():
         base = rows[impl, 0.0]
         # ratios: one raw measurement over another, recomputed here
         assert r["flops_ratio"] == r["flops"]["train"] / base["flops"]["train"]
-        assert r["analytic_ratio"] == (analytic_flops(model_config("tiny", 32), mask, batch)["train"]
-                                       / analytic_flops(model_config("tiny", 32), 0.0, batch)["train"])
+        assert r["analytic_ratio"] == (
+            analytic_flops(model_config("tiny", 32), mask, batch)["train"]
+            / analytic_flops(model_config("tiny", 32), 0.0, batch)["train"]
+        )
         assert r["text_share"] == base["flops"]["text"] / base["flops"]["image"]
         w, c = r["wall_s"], r["cpu_s"]
         assert w["n"] == c["n"] == 2
@@ -206,9 +226,11 @@ def test_harness_run_on_tiny_derives_every_number_from_its_measurements():
     for mask in (0.0, 0.5, 0.75):
         ours, theirs = rows["flip", mask], rows["openclip", mask]
         assert ours["speedup_vs_openclip"] == pytest.approx(
-            theirs["wall_s"]["median"] / ours["wall_s"]["median"])
+            theirs["wall_s"]["median"] / ours["wall_s"]["median"]
+        )
         assert ours["cpu_speedup_vs_openclip"] == pytest.approx(
-            theirs["cpu_s"]["median"] / ours["cpu_s"]["median"])
+            theirs["cpu_s"]["median"] / ours["cpu_s"]["median"]
+        )
         assert "speedup_vs_openclip" not in theirs
     # the profile of one step at mask 0.75: ranked by self time, one entry per op
     for impl in ("flip", "openclip"):
@@ -220,8 +242,10 @@ def test_harness_run_on_tiny_derives_every_number_from_its_measurements():
     speedup = rows["flip", 0.5]["speedup_vs_openclip"]
     assert f"- mask 0.5: throughput vs OpenCLIP {speedup:.2f}× wall" in markdown
     memory = rows["flip", 0.75]["memory_ratio"]
-    assert (f"memory ratio {memory:.3f} vs image tokens {5 / 17:.3f} (goal ≤ 0.35: "
-            f"{'met' if memory <= 0.35 else 'MISSED'})") in markdown
+    assert (
+        f"memory ratio {memory:.3f} vs image tokens {5 / 17:.3f} (goal ≤ 0.35: "
+        f"{'met' if memory <= 0.35 else 'MISSED'})"
+    ) in markdown
     assert "each project's shipped AdamW" in markdown
 
 
@@ -238,9 +262,27 @@ def test_flops_only_run_of_vit_l16_gives_table_1a():
 @pytest.mark.slow  # memory: a fresh process per row
 def test_command_line_writes_json_and_markdown(tmp_path, capsys):
     out = tmp_path / "bench"
-    benchmark_cli.main(["--arch", "tiny", "--image-size", "32", "--batch", "2",
-                        "--ratios", "0", "0.75", "--impls", "flip", "--warmup", "0",
-                        "--repeats", "1", "--out", str(out)])
+    benchmark_cli.main(
+        [
+            "--arch",
+            "tiny",
+            "--image-size",
+            "32",
+            "--batch",
+            "2",
+            "--ratios",
+            "0",
+            "0.75",
+            "--impls",
+            "flip",
+            "--warmup",
+            "0",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     data = json.loads(out.with_suffix(".json").read_text())
     assert [r["mask"] for r in data["rows"]] == [0.0, 0.75]
     assert data["meta"]["command"].startswith("python experiments/benchmark.py --arch tiny")
@@ -274,20 +316,29 @@ def test_shipped_openclip_adamw_is_open_clip_trains():
     assert len(named) < len(list(t.model.parameters()))  # the fixed sin-cos table is left out
     # main.py: gains and biases (no decay) first, then the rest with args.wd
     assert _group_names(t.model, t.optimizer) == [
-        {n for n, p in named if exclude(n, p)}, {n for n, p in named if not exclude(n, p)}]
+        {n for n, p in named if exclude(n, p)},
+        {n for n, p in named if not exclude(n, p)},
+    ]
     assert "logit_scale" in _group_names(t.model, t.optimizer)[0]
     args = parse_args(["--model", "ViT-B-16"])  # its defaults for a ViT
     assert [g["weight_decay"] for g in t.optimizer.param_groups] == [0.0, args.wd] == [0.0, 0.2]
     d = t.optimizer.defaults
-    assert (d["lr"], d["betas"], d["eps"]) == (args.lr, (args.beta1, args.beta2), args.eps) \
+    assert (
+        (d["lr"], d["betas"], d["eps"])
+        == (args.lr, (args.beta1, args.beta2), args.eps)
         == (5e-4, (0.9, 0.98), 1e-6)
+    )
     assert d["fused"] is None and d["foreach"] is None  # torch's default implementation
 
 
 def test_shipped_flip_adamw_is_pretrain_modules():
     t = BUILDERS["flip"](model_config("tiny", 32), "shipped")
-    module = PretrainModule(instantiate(model_config("tiny", 32)), global_batch=256,
-                            total_samples=10**9, warmup_samples=0)
+    module = PretrainModule(
+        instantiate(model_config("tiny", 32)),
+        global_batch=256,
+        total_samples=10**9,
+        warmup_samples=0,
+    )
     reference = module.configure_optimizers()["optimizer"]
     ours = [{f"model.{n}" for n in g} for g in _group_names(t.model, t.optimizer)]
     assert ours == _group_names(module, reference)
@@ -302,7 +353,10 @@ def test_like_for_like_gives_both_the_same_adamw(impl):
     ours, theirs = (BUILDERS[name](cfg, impl).optimizer.defaults for name in ("flip", "openclip"))
     assert ours == theirs
     assert (ours["fused"], ours["foreach"]) == {
-        "fused": (True, None), "foreach": (None, True), "for_loop": (None, False)}[impl]
+        "fused": (True, None),
+        "foreach": (None, True),
+        "for_loop": (None, False),
+    }[impl]
     assert ours["betas"] == (0.9, 0.95) and ours["eps"] == 1e-8
 
 

@@ -2,6 +2,7 @@
 values, SPICE reported unavailable without a download, greedy and beam decoding (beam 1 =
 greedy, full-width beam = exhaustive search), a tiny captioner that memorises its captions,
 real-format COCO/Karpathy and nocaps fixtures, the configs, and `train.py task=captioning`."""
+
 import itertools
 import json
 import logging
@@ -19,8 +20,14 @@ from torch.utils.data import Dataset
 
 import flip.eval.caption_metrics as cm
 from flip.checkpoint import save_flip_checkpoint
-from flip.data.captions import (BOS_ID, EOS_ID, CaptionDataModule, ShapesReferences,
-                                ShapesTrainCaptions, coco_format_images)
+from flip.data.captions import (
+    BOS_ID,
+    EOS_ID,
+    CaptionDataModule,
+    ShapesReferences,
+    ShapesTrainCaptions,
+    coco_format_images,
+)
 from flip.eval.readers import DatasetNotFound
 from flip.models.caption_decoder import CaptionDecoder
 from flip.tasks.captioning import CaptioningModule
@@ -47,8 +54,11 @@ REFS = {
     3: ["A plate of food with broccoli and rice.", "A dinner plate with vegetables."],
 }
 CANDIDATES = {
-    "exact": {1: ["A man is riding a brown horse."], 2: ["Two dogs play with a red ball in the grass."],
-              3: ["A plate of food with broccoli and rice."]},
+    "exact": {
+        1: ["A man is riding a brown horse."],
+        2: ["Two dogs play with a red ball in the grass."],
+        3: ["A plate of food with broccoli and rice."],
+    },
     "partial": {1: ["a man riding a horse"], 2: ["a dog with a ball"], 3: ["a plate with food"]},
     "unrelated": {1: ["zebra"], 2: ["umbrella"], 3: ["kite"]},
 }
@@ -87,8 +97,13 @@ def test_metrics_equal_pycocoevalcap_called_directly(scored):
     gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in REFS.items()})
     res = tok.tokenize({k: [{"caption": c} for c in v] for k, v in CANDIDATES["partial"].items()})
     bleu, _ = Bleu(4).compute_score(gts, res)
-    expected = {"BLEU-1": bleu[0], "BLEU-4": bleu[3], "METEOR": Meteor().compute_score(gts, res)[0],
-                "ROUGE-L": Rouge().compute_score(gts, res)[0], "CIDEr": Cider().compute_score(gts, res)[0]}
+    expected = {
+        "BLEU-1": bleu[0],
+        "BLEU-4": bleu[3],
+        "METEOR": Meteor().compute_score(gts, res)[0],
+        "ROUGE-L": Rouge().compute_score(gts, res)[0],
+        "CIDEr": Cider().compute_score(gts, res)[0],
+    }
     got = scored[0]["partial"]
     for name, value in expected.items():
         assert got[name] == pytest.approx(100 * value, abs=1e-9), name
@@ -107,7 +122,7 @@ def test_metrics_by_hand(scored):
     # ROUGE-L of "a man riding a horse" vs image 1: LCS 5 with the first reference
     # (7 words): P = 1, R = 5/7; with the second ("a person rides a horse on the beach",
     # LCS "a a horse" = 3): P = 3/5, R = 3/8. pycocoevalcap takes max P and max R, beta 1.2.
-    p, r, b2 = 1.0, 5 / 7, 1.2 ** 2
+    p, r, b2 = 1.0, 5 / 7, 1.2**2
     rouge1 = (1 + b2) * p * r / (r + b2 * p)
     # image 2 "a dog with a ball" vs "two dogs play with a red ball in the grass" (LCS "with
     # a ball" = 3: P 3/5, R 3/10) and "dogs playing on a lawn" (LCS "a" = 1: P 1/5, R 1/5)
@@ -156,8 +171,18 @@ def test_metric_inputs_are_checked():
 # -- decoding --------------------------------------------------------------------------------
 def _decoder(vocab=40, max_length=8, seed=0):
     torch.manual_seed(seed)
-    dec = CaptionDecoder(vocab, memory_width=12, width=16, depth=2, heads=2, max_length=max_length,
-                         dropout=0.0, bos_id=1, eos_id=2, pad_id=0).eval()
+    dec = CaptionDecoder(
+        vocab,
+        memory_width=12,
+        width=16,
+        depth=2,
+        heads=2,
+        max_length=max_length,
+        dropout=0.0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=0,
+    ).eval()
     with torch.no_grad():  # sharper, more varied distributions than the 0.02 init
         for p in dec.parameters():
             p.mul_(30.0 if p.dim() > 1 else 1.0)
@@ -231,22 +256,38 @@ class Refs(Pairs):
 def _tiny_model_config(image_size=16):
     cfg = compose_train(*TINY_TOWERS, f"data.image_size={image_size}", "model.image.patch_size=8")
     from omegaconf import OmegaConf
+
     return OmegaConf.to_container(cfg.model, resolve=True)
 
 
 def test_tokens_start_with_cls_end_with_sep_in_decoder_ids():
     caps = ["a red circle", "two blue squares on the left and a star"]
     images = torch.zeros(2, 3, 16, 16)
-    dm = CaptionDataModule(Pairs(images, caps), Refs(images, caps), image_size=16, batch_size=2,
-                           max_length=6)
+    dm = CaptionDataModule(
+        Pairs(images, caps), Refs(images, caps), image_size=16, batch_size=2, max_length=6
+    )
     tokens = dm.tokens(caps)
     vocab = torch.tensor(dm.vocab)
     words = vocab[tokens]  # back to WordPiece ids
-    assert words[0].tolist() == [BOS_ID, *dm.tokenizer(["a red circle"])[0, :3].tolist(), EOS_ID, PAD_ID, PAD_ID]
-    assert words[1, 0] == BOS_ID and words[1, -1] == EOS_ID and tokens.shape == (2, 7)  # cut to 5 + [SEP]
+    assert words[0].tolist() == [
+        BOS_ID,
+        *dm.tokenizer(["a red circle"])[0, :3].tolist(),
+        EOS_ID,
+        PAD_ID,
+        PAD_ID,
+    ]
+    assert (
+        words[1, 0] == BOS_ID and words[1, -1] == EOS_ID and tokens.shape == (2, 7)
+    )  # cut to 5 + [SEP]
     assert dm.vocab == sorted(set(dm.tokenizer(caps).flatten().tolist()) | {0, 100, 101, 102})
-    assert len(CaptionDataModule(Pairs(images, caps), Refs(images, caps), image_size=16,
-                                 output_vocab="full").vocab) == VOCAB_SIZE
+    assert (
+        len(
+            CaptionDataModule(
+                Pairs(images, caps), Refs(images, caps), image_size=16, output_vocab="full"
+            ).vocab
+        )
+        == VOCAB_SIZE
+    )
     args = dm.task_args
     assert dm.vocab[args["bos_id"]] == BOS_ID and dm.vocab[args["eos_id"]] == EOS_ID
     assert args["pad_id"] == 0 and args["constant_caption"] == "a red circle"
@@ -256,14 +297,28 @@ def test_tiny_captioner_memorises_eight_captions():
     """8 images, 8 different captions: after training, greedy decoding returns each caption
     verbatim (teacher forcing and free-running decoding agree)."""
     torch.manual_seed(0)
-    caps = ["a red circle", "a blue square on the left", "two green stars", "a small pink cross",
-            "three yellow triangles at the top", "a large cyan circle", "an orange star",
-            "a purple square and a red cross"]
+    caps = [
+        "a red circle",
+        "a blue square on the left",
+        "two green stars",
+        "a small pink cross",
+        "three yellow triangles at the top",
+        "a large cyan circle",
+        "an orange star",
+        "a purple square and a red cross",
+    ]
     images = torch.randn(8, 3, 16, 16)
-    dm = CaptionDataModule(Pairs(images, caps), Refs(images, caps), image_size=16, batch_size=8,
-                           max_length=12)
-    module = CaptioningModule(_tiny_model_config(), **dm.task_args, decoder_width=64,
-                              decoder_depth=2, decoder_heads=2, decoder_dropout=0.0)
+    dm = CaptionDataModule(
+        Pairs(images, caps), Refs(images, caps), image_size=16, batch_size=8, max_length=12
+    )
+    module = CaptioningModule(
+        _tiny_model_config(),
+        **dm.task_args,
+        decoder_width=64,
+        decoder_depth=2,
+        decoder_heads=2,
+        decoder_dropout=0.0,
+    )
     batch_images, tokens = dm._train_collate([dm.train_set[i] for i in range(8)])
     opt = torch.optim.AdamW(module.parameters(), lr=3e-3, weight_decay=0.0)
     module.train()
@@ -284,11 +339,23 @@ def test_label_smoothing_changes_the_loss_as_its_formula():
     caps = ["a red circle", "two blue squares"]
     images = torch.randn(2, 3, 16, 16)
     dm = CaptionDataModule(Pairs(images, caps), Refs(images, caps), image_size=16, max_length=8)
-    plain = CaptioningModule(_tiny_model_config(), **dm.task_args, decoder_width=32,
-                             decoder_depth=1, decoder_heads=2, decoder_dropout=0.0).eval()
-    smooth = CaptioningModule(_tiny_model_config(), **dm.task_args, decoder_width=32,
-                              decoder_depth=1, decoder_heads=2, decoder_dropout=0.0,
-                              label_smoothing=0.1).eval()
+    plain = CaptioningModule(
+        _tiny_model_config(),
+        **dm.task_args,
+        decoder_width=32,
+        decoder_depth=1,
+        decoder_heads=2,
+        decoder_dropout=0.0,
+    ).eval()
+    smooth = CaptioningModule(
+        _tiny_model_config(),
+        **dm.task_args,
+        decoder_width=32,
+        decoder_depth=1,
+        decoder_heads=2,
+        decoder_dropout=0.0,
+        label_smoothing=0.1,
+    ).eval()
     smooth.load_state_dict(plain.state_dict())
     _, tokens = dm._train_collate([dm.train_set[i] for i in range(2)])
     with torch.no_grad():
@@ -299,15 +366,23 @@ def test_label_smoothing_changes_the_loss_as_its_formula():
         uniform = -logp.mean(-1)[keep].mean()
         assert plain.loss(plain.image_tokens(images), tokens) == pytest.approx(float(nll), rel=1e-5)
         assert smooth.loss(smooth.image_tokens(images), tokens) == pytest.approx(
-            float(0.9 * nll + 0.1 * uniform), rel=1e-5)
+            float(0.9 * nll + 0.1 * uniform), rel=1e-5
+        )
 
 
 def test_frozen_encoder_has_no_gradients_and_no_drop_path():
     caps = ["a red circle", "two blue squares"]
     images = torch.randn(2, 3, 16, 16)
     dm = CaptionDataModule(Pairs(images, caps), Refs(images, caps), image_size=16, max_length=8)
-    module = CaptioningModule(_tiny_model_config(), **dm.task_args, decoder_width=32,
-                              decoder_depth=1, decoder_heads=2, freeze_encoder=True, drop_path=0.5)
+    module = CaptioningModule(
+        _tiny_model_config(),
+        **dm.task_args,
+        decoder_width=32,
+        decoder_depth=1,
+        decoder_heads=2,
+        freeze_encoder=True,
+        drop_path=0.5,
+    )
     module.train()
     assert not module.visual.training and module.decoder.training
     _, tokens = dm._train_collate([dm.train_set[i] for i in range(2)])
@@ -335,11 +410,21 @@ def write_karpathy(root):
         name = f"COCO_{folder}_{i:012d}.jpg"
         _jpeg(root / folder / name, i)
         raws = [f"A {WORDS[i]} number {k} in the picture." for k in range(5)]
-        sentences = [{"tokens": r.lower().strip(".").split(), "raw": r, "imgid": i, "sentid": sentid + k}
-                     for k, r in enumerate(raws)]
-        images.append({"filepath": folder, "sentids": [s["sentid"] for s in sentences],
-                       "filename": name, "imgid": i, "split": split, "sentences": sentences,
-                       "cocoid": 1000 + i})
+        sentences = [
+            {"tokens": r.lower().strip(".").split(), "raw": r, "imgid": i, "sentid": sentid + k}
+            for k, r in enumerate(raws)
+        ]
+        images.append(
+            {
+                "filepath": folder,
+                "sentids": [s["sentid"] for s in sentences],
+                "filename": name,
+                "imgid": i,
+                "split": split,
+                "sentences": sentences,
+                "cocoid": 1000 + i,
+            }
+        )
         sentid += 5
     (root / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
 
@@ -349,14 +434,25 @@ def write_nocaps(root, n_images=3):
     for i in range(n_images):
         name = f"{i:016x}.jpg"
         _jpeg(root / "val" / name, 100 + i)
-        images.append({"id": i, "open_images_id": f"{i:016x}", "height": 20, "width": 24,
-                       "coco_url": f"https://s3.amazonaws.com/nocaps/val/{name}", "file_name": name,
-                       "license": 0, "date_captured": "2018-11-06 11:04:33",
-                       "domain": ["in-domain", "near-domain", "out-domain"][i % 3]})
-        annotations += [{"image_id": i, "id": 10 * i + k, "caption": f"{WORDS[i]} seen {k}"}
-                        for k in range(10)]
-    (root / "nocaps_val_4500_captions.json").write_text(json.dumps(
-        {"licenses": [], "info": {}, "images": images, "annotations": annotations}))
+        images.append(
+            {
+                "id": i,
+                "open_images_id": f"{i:016x}",
+                "height": 20,
+                "width": 24,
+                "coco_url": f"https://s3.amazonaws.com/nocaps/val/{name}",
+                "file_name": name,
+                "license": 0,
+                "date_captured": "2018-11-06 11:04:33",
+                "domain": ["in-domain", "near-domain", "out-domain"][i % 3],
+            }
+        )
+        annotations += [
+            {"image_id": i, "id": 10 * i + k, "caption": f"{WORDS[i]} seen {k}"} for k in range(10)
+        ]
+    (root / "nocaps_val_4500_captions.json").write_text(
+        json.dumps({"licenses": [], "info": {}, "images": images, "annotations": annotations})
+    )
 
 
 def _data(*overrides, batch_size=4):
@@ -372,8 +468,14 @@ def test_karpathy_coco_fixture_trains_and_its_loss_falls(tmp_path):
     assert data.constant_caption == "A dog number 0 in the picture."  # all count 1: the first
     data.setup("fit")
     torch.manual_seed(0)
-    module = CaptioningModule(_tiny_model_config(), **data.task_args, decoder_width=32,
-                              decoder_depth=1, decoder_heads=2, decoder_dropout=0.0)
+    module = CaptioningModule(
+        _tiny_model_config(),
+        **data.task_args,
+        decoder_width=32,
+        decoder_depth=1,
+        decoder_heads=2,
+        decoder_dropout=0.0,
+    )
     opt = torch.optim.AdamW(module.parameters(), lr=3e-3)
     losses = []
     for _ in range(8):
@@ -386,15 +488,18 @@ def test_karpathy_coco_fixture_trains_and_its_loss_falls(tmp_path):
             losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
     images, tokens, refs, indices = next(iter(data.val_dataloader()))
-    assert refs == [[f"A {w} number {k} in the picture." for k in range(5)] for w in ("kite", "boat")]
+    assert refs == [
+        [f"A {w} number {k} in the picture." for k in range(5)] for w in ("kite", "boat")
+    ]
     assert images.shape == (2, 3, 16, 16) and indices.tolist() == [0, 1]
     assert torch.tensor(data.vocab)[tokens[0]].tolist()[:2] == [BOS_ID, data.tokenizer("a")[0, 0]]
 
 
 def test_karpathy_split_selection(tmp_path):
     write_karpathy(tmp_path / "coco")
-    data = _data("data=coco_captions", f"data_root={tmp_path}", "data.image_size=16",
-                 "data.val.splits=[val]")
+    data = _data(
+        "data=coco_captions", f"data_root={tmp_path}", "data.image_size=16", "data.val.splits=[val]"
+    )
     assert [refs[0] for _, refs in data.val_set.items] == ["A pizza number 0 in the picture."]
 
 
@@ -408,7 +513,9 @@ def test_nocaps_reader_and_datamodule(tmp_path):
     assert image.shape == (3, 16, 16) and refs == [f"cat seen {k}" for k in range(10)]
     (tmp_path / "nocaps" / "val" / f"{2:016x}.jpg").unlink()
     with pytest.raises(DatasetNotFound, match="1 images missing"):
-        coco_format_images(tmp_path / "nocaps", lambda im: im, "nocaps_val_4500_captions.json", "val")
+        coco_format_images(
+            tmp_path / "nocaps", lambda im: im, "nocaps_val_4500_captions.json", "val"
+        )
     with pytest.raises(DatasetNotFound, match="COCO-format captions"):
         coco_format_images(tmp_path, lambda im: im, "nope.json")
 
@@ -445,20 +552,42 @@ def test_train_py_captioning_prints_the_summary_line(tmp_path):
     cfg = compose_fast(output_dir=tmp_path)
     model = instantiate(cfg.model)
     from omegaconf import OmegaConf
+
     ckpt = tmp_path / "tiny.ckpt"
     save_flip_checkpoint(ckpt, model, OmegaConf.to_container(cfg.model, resolve=True))
     out = subprocess.run(
-        [sys.executable, "train.py", "task=captioning", f"init_from={ckpt}", "batch.global=16",
-         "data.train.size=32", "data.val.size=6", "data.val_batch_size=6", "data.num_workers=0",
-         "task.epochs=1", "task.decoder_width=32", "task.decoder_depth=1", "task.decoder_heads=2",
-         "logger=none", "trainer.enable_progress_bar=false", f"output_dir={tmp_path / 'run'}"],
-        capture_output=True, text=True, timeout=600, cwd=CONF.parent,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})  # see one_thread
+        [
+            sys.executable,
+            "train.py",
+            "task=captioning",
+            f"init_from={ckpt}",
+            "batch.global=16",
+            "data.train.size=32",
+            "data.val.size=6",
+            "data.val_batch_size=6",
+            "data.num_workers=0",
+            "task.epochs=1",
+            "task.decoder_width=32",
+            "task.decoder_depth=1",
+            "task.decoder_heads=2",
+            "logger=none",
+            "trainer.enable_progress_bar=false",
+            f"output_dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=CONF.parent,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # see one_thread
     assert out.returncode == 0, out.stderr[-3000:]
     line = out.stdout.strip().splitlines()[-1]
-    assert re.fullmatch(r"captioning CIDEr [\d.]+ BLEU-4 [\d.]+ METEOR [\d.]+ ROUGE-L [\d.]+ "
-                        r"\(SPICE unavailable offline\); constant caption baseline \('.+'\): "
-                        r"CIDEr [\d.]+ BLEU-4 [\d.]+ METEOR [\d.]+ ROUGE-L [\d.]+", line), line
+    assert re.fullmatch(
+        r"captioning CIDEr [\d.]+ BLEU-4 [\d.]+ METEOR [\d.]+ ROUGE-L [\d.]+ "
+        r"\(SPICE unavailable offline\); constant caption baseline \('.+'\): "
+        r"CIDEr [\d.]+ BLEU-4 [\d.]+ METEOR [\d.]+ ROUGE-L [\d.]+",
+        line,
+    ), line
     record = json.loads((tmp_path / "run" / "result.json").read_text())
     assert "val/baseline_CIDEr" in record["metrics"] and "val/CIDEr" in record["metrics"]
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
@@ -472,9 +601,18 @@ def test_optimizer_groups_and_schedule():
     caps = ["a red circle", "two blue squares"]
     images = torch.randn(2, 3, 16, 16)
     dm = CaptionDataModule(Pairs(images, caps), Refs(images, caps), image_size=16, max_length=8)
-    module = CaptioningModule(_tiny_model_config(), **dm.task_args, decoder_width=32,
-                              decoder_depth=1, decoder_heads=2, lr=1e-3, encoder_lr_scale=0.1,
-                              weight_decay=0.05, epochs=4, warmup_epochs=1.0)
+    module = CaptioningModule(
+        _tiny_model_config(),
+        **dm.task_args,
+        decoder_width=32,
+        decoder_depth=1,
+        decoder_heads=2,
+        lr=1e-3,
+        encoder_lr_scale=0.1,
+        weight_decay=0.05,
+        epochs=4,
+        warmup_epochs=1.0,
+    )
     module.trainer = SimpleNamespace(estimated_stepping_batches=40)
     config = module.configure_optimizers()
     opt, schedule = config["optimizer"], config["lr_scheduler"]["scheduler"]
@@ -485,7 +623,10 @@ def test_optimizer_groups_and_schedule():
     assert id(module.visual.blocks[0].attn.qkv.weight) in ids["visual/decay"]
     assert id(module.visual.norm.weight) in ids["visual/no_decay"]
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(module.parameters()))
-    assert groups["decoder/no_decay"]["weight_decay"] == 0 and groups["visual/decay"]["weight_decay"] == 0.05
+    assert (
+        groups["decoder/no_decay"]["weight_decay"] == 0
+        and groups["visual/decay"]["weight_decay"] == 0.05
+    )
     lrs = []
     for _ in range(40):
         lrs.append((groups["decoder/decay"]["lr"], groups["visual/decay"]["lr"]))
@@ -514,14 +655,26 @@ def test_two_process_validation_scores_every_image_once():
     images = torch.randn(5, 3, 16, 16)
 
     def run(devices):
-        dm = CaptionDataModule(Pairs(images, caps), Refs(images, caps), image_size=16,
-                               batch_size=2, max_length=8)
+        dm = CaptionDataModule(
+            Pairs(images, caps), Refs(images, caps), image_size=16, batch_size=2, max_length=8
+        )
         torch.manual_seed(0)
-        module = CaptioningModule(_tiny_model_config(), **dm.task_args, decoder_width=32,
-                                  decoder_depth=1, decoder_heads=2, spice=False)
-        trainer = L.Trainer(accelerator="cpu", devices=devices, logger=False,
-                            strategy="ddp_spawn" if devices > 1 else "auto",
-                            enable_progress_bar=False, enable_model_summary=False)
+        module = CaptioningModule(
+            _tiny_model_config(),
+            **dm.task_args,
+            decoder_width=32,
+            decoder_depth=1,
+            decoder_heads=2,
+            spice=False,
+        )
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=devices,
+            logger=False,
+            strategy="ddp_spawn" if devices > 1 else "auto",
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         return trainer.validate(module, datamodule=dm, verbose=False)[0]
 
     one, two = run(1), run(2)

@@ -1,6 +1,7 @@
 """flip.checkpoint: a checkpoint rebuilds its model from the stored config; tensors the
 model has no place for (a training-only auxiliary module) are reported, not dropped
 silently; missing weights and contradicting architectures are errors."""
+
 import logging
 
 import hydra
@@ -8,8 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from flip.checkpoint import (CheckpointError, build_model, merge_model_config,
-                             save_flip_checkpoint)
+from flip.checkpoint import CheckpointError, build_model, merge_model_config, save_flip_checkpoint
 from flip.config import ConfigError
 from flip.objective import Objective
 from flip.tasks.pretrain import PretrainModule
@@ -23,12 +23,18 @@ def model_cfg(tmp_path) -> dict:
 
 
 def test_extra_modules_load_into_evaluation_and_are_reported(model_cfg, tmp_path, caplog):
-    module = PretrainModule(hydra.utils.instantiate(model_cfg),
-                            objective=Objective({"penalty": TokenPenalty(width=32)}),
-                            model_config=model_cfg, global_batch=8, total_samples=8,
-                            warmup_samples=0)
-    torch.save({"state_dict": module.state_dict(),
-                "hyper_parameters": {"model_config": model_cfg}}, tmp_path / "run.ckpt")
+    module = PretrainModule(
+        hydra.utils.instantiate(model_cfg),
+        objective=Objective({"penalty": TokenPenalty(width=32)}),
+        model_config=model_cfg,
+        global_batch=8,
+        total_samples=8,
+        warmup_samples=0,
+    )
+    torch.save(
+        {"state_dict": module.state_dict(), "hyper_parameters": {"model_config": model_cfg}},
+        tmp_path / "run.ckpt",
+    )
     with caplog.at_level(logging.WARNING, logger="flip.checkpoint"):
         model = build_model(tmp_path / "run.ckpt")
     assert "2 tensors not used by this model (modules: objective)" in caplog.text
@@ -43,23 +49,32 @@ def test_missing_weights_are_an_error(model_cfg, tmp_path):
     state = torch.load(tmp_path / "m.ckpt", weights_only=True)
     del state["state_dict"]["model.text_proj.weight"]
     torch.save(state, tmp_path / "m.ckpt")
-    with pytest.raises(CheckpointError, match="lacks 1 weights of the model \\(text_proj.weight\\)"):
+    with pytest.raises(
+        CheckpointError, match="lacks 1 weights of the model \\(text_proj.weight\\)"
+    ):
         build_model(tmp_path / "m.ckpt")
 
 
 def test_merge_keeps_the_architecture_and_takes_run_time_settings(model_cfg):
-    requested = {**model_cfg, "image": {**model_cfg["image"], "mask_ratio": 0.0,
-                                        "grad_checkpointing": True},
-                 "text": {**model_cfg["text"], "mask_kind": "prioritized"}}
-    stored = {**model_cfg, "text": {k: v for k, v in model_cfg["text"].items()
-                                    if k != "mask_kind"}}  # a checkpoint from before text masking
+    requested = {
+        **model_cfg,
+        "image": {**model_cfg["image"], "mask_ratio": 0.0, "grad_checkpointing": True},
+        "text": {**model_cfg["text"], "mask_kind": "prioritized"},
+    }
+    stored = {
+        **model_cfg,
+        "text": {k: v for k, v in model_cfg["text"].items() if k != "mask_kind"},
+    }  # a checkpoint from before text masking
     merged = merge_model_config(stored, requested)
     assert merged["image"]["mask_ratio"] == 0.0 and merged["image"]["grad_checkpointing"]
     assert merged["text"]["mask_kind"] == "prioritized"
     assert model_cfg["image"]["mask_ratio"] == 0.5  # the stored config is not modified
     wider = {**model_cfg, "image": {**model_cfg["image"], "width": 64}}
-    with pytest.raises(ConfigError, match="model.image.width=64 contradicts the checkpoint, which "
-                                          "was trained with model.image.width=32"):
+    with pytest.raises(
+        ConfigError,
+        match="model.image.width=64 contradicts the checkpoint, which "
+        "was trained with model.image.width=32",
+    ):
         merge_model_config(model_cfg, wider)
     # only the explicitly set keys are checked
     assert merge_model_config(model_cfg, wider, explicit={"text.width"})["image"]["width"] == 32

@@ -2,6 +2,7 @@
 an eval.py ensemble) -> the paper's tables with our numbers beside the paper's, the time
 ratios and speed-up recomputed here from the raw numbers, the figures; a 2-point Hydra
 multirun through train.py collected into both of its rows."""
+
 import csv
 import json
 import math
@@ -9,13 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import collect
 import pytest
 from hydra import compose, initialize_config_dir
+from step_benchmark import analytic_flops
 
-import collect
 from flip.eval.runner import evaluate
 from flip.train import train
-from step_benchmark import analytic_flops
 from tests.conftest import CONF, FAST, compose_fast
 
 CURVE = ["logger=csv", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1"]
@@ -31,10 +32,18 @@ def build_runs(root: Path) -> Path:
     ckpt = root / "m0.5" / "checkpoints" / "last.ckpt"
     train(compose_fast("mask=0", f"init_from={ckpt}", *CURVE, output_dir=root / "tuned"))
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("eval", overrides=[
-            f"output_dir={root / 'm0.5' / 'eval_ensemble'}", f"ckpt_path={ckpt}", "mask=0.5",
-            "masked_views=ensemble", "data.zeroshot.size=40", "data.num_workers=0",
-            "trainer.enable_progress_bar=false"])
+        cfg = compose(
+            "eval",
+            overrides=[
+                f"output_dir={root / 'm0.5' / 'eval_ensemble'}",
+                f"ckpt_path={ckpt}",
+                "mask=0.5",
+                "masked_views=ensemble",
+                "data.zeroshot.size=40",
+                "data.num_workers=0",
+                "trainer.enable_progress_bar=false",
+            ],
+        )
     evaluate(cfg)
     (root / "done").write_text("")
     return root
@@ -86,8 +95,12 @@ def test_table1a_ours_beside_the_paper(runs_root, tmp_path):
     assert rows["0%"]["acc. (ours)"] == pytest.approx(100 * m0["val/zeroshot_top1"])
     assert rows["50%"]["acc. (ours)"] == pytest.approx(100 * m5["val/zeroshot_top1"])
     assert rows["50%"]["train CPU s"] == m5["time/train_cpu_s"]
-    assert rows["50%"]["time CPU (ours)"] == pytest.approx(m5["time/train_cpu_s"] / m0["time/train_cpu_s"])
-    assert rows["50%"]["time wall (ours)"] == pytest.approx(m5["time/train_wall_s"] / m0["time/train_wall_s"])
+    assert rows["50%"]["time CPU (ours)"] == pytest.approx(
+        m5["time/train_cpu_s"] / m0["time/train_cpu_s"]
+    )
+    assert rows["50%"]["time wall (ours)"] == pytest.approx(
+        m5["time/train_wall_s"] / m0["time/train_wall_s"]
+    )
     assert rows["0%"]["time CPU (ours)"] == 1.0 and rows["50%"]["batch (ours)"] == 16
     assert math.isnan(rows["75%"]["acc. (ours)"])  # not run: the paper's row stays, ours empty
     model = json.loads((runs_root / "m0" / "result.json").read_text())["config"]["model"]
@@ -111,8 +124,10 @@ def test_speedup_against_the_mask0_total_time(runs_root):
     base = next(r for r in runs if r["dir"].name == "m0")
     masked = next(r for r in runs if r["dir"].name == "m0.5")
     base["metrics"] = {**base["metrics"], "val/zeroshot_top1": 0.4, "time/train_cpu_s": 100.0}
-    masked["curve"] = [{"samples": s, "wall": 1.0, "cpu": t, "acc": a}
-                       for s, t, a in [(16, 10, 10), (32, 20, 30), (48, 30, 50)]]
+    masked["curve"] = [
+        {"samples": s, "wall": 1.0, "cpu": t, "acc": a}
+        for s, t, a in [(16, 10, 10), (32, 20, 30), (48, 30, 50)]
+    ]
     (up,) = [u for u in collect.speedups(runs, "cpu") if not u["tuned"]]
     assert up["time to target s"] == pytest.approx(25.0)  # 40 % between 30 % and 50 %
     assert up["speed-up"] == pytest.approx(100.0 / 25.0)
@@ -126,7 +141,9 @@ def test_tuned_run_and_masked_views_find_their_rows(runs_root):
     assert rows["+ tuning"]["mask 50% (ours)"] == pytest.approx(100 * tuned["val/zeroshot_top1"])
     assert rows["baseline"]["mask 50% (ours)"] == pytest.approx(100 * pre["val/zeroshot_top1"])
     total = pre["time/train_cpu_s"] + tuned["time/train_cpu_s"]  # tuning adds to pre-training
-    assert rows["+ tuning"]["mask 50% time CPU (ours)"] == pytest.approx(total / pre["time/train_cpu_s"])
+    assert rows["+ tuning"]["mask 50% time CPU (ours)"] == pytest.approx(
+        total / pre["time/train_cpu_s"]
+    )
 
     record = json.loads((runs_root / "m0.5" / "eval_ensemble" / "results.json").read_text())
     held = next(r for r in record["results"] if r["dataset"] == "heldout")
@@ -156,21 +173,28 @@ def test_rows_identified_from_the_config(runs_root):
         "model scaling": _variant(base, **{"model.image.width": 64}),
         "data scaling": _variant(base, tags=["table8", "data", "LAION-2B"]),
         "schedule scaling": _variant(base, **{"schedule.total_samples": 128}),
-        "model+data scaling": _variant(base, tags=["table8", "x", "LAION-2B"],
-                                       **{"model.image.width": 64}),
-        "joint scaling": _variant(base, tags=["mini", "table8", "joint"], **{"model.image.width": 64,
-                                                                 "schedule.total_samples": 128}),
+        "model+data scaling": _variant(
+            base, tags=["table8", "x", "LAION-2B"], **{"model.image.width": 64}
+        ),
+        "joint scaling": _variant(
+            base,
+            tags=["mini", "table8", "joint"],
+            **{"model.image.width": 64, "schedule.total_samples": 128},
+        ),
     }
-    for i, (case, run) in enumerate(runs.items()):
+    for i, run in enumerate(runs.values()):
         run["metrics"]["val/zeroshot_top1"] = i / 100
     rows = collect.collect("table8", list(runs.values()))
     assert [r["case"] for r in rows] == list(runs)
     assert [r["zero-shot IN-1K (ours)"] for r in rows] == pytest.approx(list(range(6)))
     assert rows[5]["zero-shot IN-1K"] == 78.8 and rows[5]["vqa VQAv2"] == 77.3
 
-    text = {(kind, ratio): _variant(base, mask=0.75, **{"model.text.mask_ratio": ratio,
-                                                        "model.text.mask_kind": kind})
-            for kind, ratio in (("random", 0.0), ("random", 0.5), ("prioritized", 0.5))}
+    text = {
+        (kind, ratio): _variant(
+            base, mask=0.75, **{"model.text.mask_ratio": ratio, "model.text.mask_kind": kind}
+        )
+        for kind, ratio in (("random", 0.0), ("random", 0.5), ("prioritized", 0.5))
+    }
     for i, run in enumerate(text.values()):
         run["metrics"]["val/zeroshot_top1"] = i / 100
     rows = collect.collect("table1c", list(text.values()))
@@ -178,8 +202,9 @@ def test_rows_identified_from_the_config(runs_root):
     assert [r["acc. (ours)"] for r in rows] == pytest.approx([0, 1, 2])
     assert [r["acc."] for r in rows] == [68.2, 66.0, 67.8]
 
-    batches = [_variant(base, mask=m, **{"batch.global": b})
-               for m in (0.5, 0.75) for b in (8, 16, 32)]
+    batches = [
+        _variant(base, mask=m, **{"batch.global": b}) for m in (0.5, 0.75) for b in (8, 16, 32)
+    ]
     for i, run in enumerate(batches):
         run["metrics"]["val/zeroshot_top1"] = i / 100
     rows = collect.collect("table1b", batches)
@@ -189,15 +214,21 @@ def test_rows_identified_from_the_config(runs_root):
     assert [r["mask 75%"] for r in rows] == [65.8, 67.3, 68.2]
 
     # a tuned run whose pre-training run is not collected: its mask from a mask<r> tag
-    tuned = _variant(base, mask=0.0, init_from="/nowhere/checkpoints/last.ckpt",
-                     tags=["mini", "table1e", "mask0.75", "batch128"])
+    tuned = _variant(
+        base,
+        mask=0.0,
+        init_from="/nowhere/checkpoints/last.ckpt",
+        tags=["mini", "table1e", "mask0.75", "batch128"],
+    )
     assert collect.describe(tuned)["mask"] == 0.75 and collect.describe(tuned)["tuned"]
 
     recon = _variant(base, **{"objective.auxiliary": {"reconstruction": {"weight": 1.0}}})
     recon["metrics"]["val/zeroshot_top1"] = 0.07
     rows = {r["case"]: r for r in collect.collect("table1f", [_variant(base), recon])}
     assert rows["+ MAE"]["mask 50% (ours)"] == pytest.approx(7.0)
-    assert rows["baseline"]["mask 50% (ours)"] == pytest.approx(100 * base["metrics"]["val/zeroshot_top1"])
+    assert rows["baseline"]["mask 50% (ours)"] == pytest.approx(
+        100 * base["metrics"]["val/zeroshot_top1"]
+    )
 
 
 def test_wandb_runs_through_a_fake_api(runs_root):
@@ -232,8 +263,20 @@ def test_two_point_multirun_collects_both_rows(tmp_path):
     sweep = tmp_path / "sweep"
     fast = [o for o in FAST if not o.startswith("logger=")]
     out = subprocess.run(
-        [sys.executable, "train.py", "-m", "mask=0,0.5", *fast, "data.zeroshot.size=40", *CURVE,
-         f"hydra.sweep.dir={sweep}"], cwd=CONF.parent, capture_output=True, text=True)
+        [
+            sys.executable,
+            "train.py",
+            "-m",
+            "mask=0,0.5",
+            *fast,
+            "data.zeroshot.size=40",
+            *CURVE,
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=CONF.parent,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
     paths = collect.main(["table1a", str(sweep), "--out", str(tmp_path / "table")])

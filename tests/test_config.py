@@ -1,7 +1,7 @@
 """The real Hydra configs: every option of every group composes; bad values fail early."""
+
 import subprocess
 import sys
-from pathlib import Path
 
 import hydra
 import pytest
@@ -15,8 +15,11 @@ from tests.conftest import CONF, compose_train
 
 ROOT = CONF.parent
 # training groups (hydra/: launchers; eval_*: the groups of conf/eval.yaml)
-GROUPS = sorted(p.name for p in CONF.iterdir()
-                if p.is_dir() and p.name != "hydra" and not p.name.startswith(("eval_", "_")))
+GROUPS = sorted(
+    p.name
+    for p in CONF.iterdir()
+    if p.is_dir() and p.name != "hydra" and not p.name.startswith(("eval_", "_"))
+)
 
 
 def options(group: str) -> list[str]:
@@ -24,8 +27,19 @@ def options(group: str) -> list[str]:
 
 
 def test_groups_and_their_options_exist():
-    assert GROUPS == ["accelerator", "batch", "callbacks", "data", "experiment", "logger",
-                      "model", "objective", "schedule", "task", "trainer"]
+    assert GROUPS == [
+        "accelerator",
+        "batch",
+        "callbacks",
+        "data",
+        "experiment",
+        "logger",
+        "model",
+        "objective",
+        "schedule",
+        "task",
+        "trainer",
+    ]
     assert options("model") == ["mini", "tiny", "vit_b16", "vit_h14", "vit_l14", "vit_l16"]
     assert options("accelerator") == ["cpu", "gpu", "tpu"]
     assert {"16k", "32k", "64k", "1k", "tiny"} <= set(options("batch"))
@@ -60,8 +74,10 @@ def test_every_model_instantiates(name, tmp_path):
 
 
 def test_batch_names_mean_the_global_contrastive_batch(tmp_path):
-    sizes = {o: compose_train(f"batch={o}", output_dir=tmp_path).batch["global"]
-             for o in ("16k", "32k", "64k", "1k")}
+    sizes = {
+        o: compose_train(f"batch={o}", output_dir=tmp_path).batch["global"]
+        for o in ("16k", "32k", "64k", "1k")
+    }
     assert sizes == {"16k": 16384, "32k": 32768, "64k": 65536, "1k": 1024}
 
 
@@ -82,8 +98,9 @@ def test_unknown_architecture_names_the_group_and_the_choices(tmp_path):
 
 
 def test_cli_lists_allowed_architectures():
-    out = subprocess.run([sys.executable, "train.py", "model=vit_x99"], cwd=ROOT,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "train.py", "model=vit_x99"], cwd=ROOT, capture_output=True, text=True
+    )
     assert out.returncode != 0
     assert "model/vit_x99" in out.stderr and "vit_b16" in out.stderr and "tiny" in out.stderr
 
@@ -126,7 +143,10 @@ def test_missing_accelerators_fail_with_one_sentence():
 def test_tpu_request_on_a_cpu_machine_stops_with_one_sentence():
     out = subprocess.run(
         [sys.executable, "train.py", "mask=0.75", "batch=64k", "accelerator=tpu"],
-        cwd=ROOT, capture_output=True, text=True)
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 1
     assert "Traceback" not in out.stderr
     last = out.stderr.strip().splitlines()[-1]
@@ -134,8 +154,13 @@ def test_tpu_request_on_a_cpu_machine_stops_with_one_sentence():
 
 
 def test_cfg_job_shows_ratio_and_batch():
-    out = subprocess.run([sys.executable, "train.py", "--cfg", "job", "mask=0.75", "batch=64k"],
-                         cwd=ROOT, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "train.py", "--cfg", "job", "mask=0.75", "batch=64k"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     job = OmegaConf.create(out.stdout)
     assert job.mask == 0.75 and job.batch["global"] == 65536
     assert "mask: 0.75" in out.stdout and "global: 65536" in out.stdout
@@ -143,10 +168,12 @@ def test_cfg_job_shows_ratio_and_batch():
 
 def test_data_root_places_every_downstream_dataset(tmp_path):
     """data_root=/x: ImageNet, COCO, nocaps and VQAv2 are read under /x/<name>."""
-    roots = {"imagenet": lambda d: (d.train.root, d.val.root),
-             "coco_captions": lambda d: (d.train.images.root, d.val.root),
-             "nocaps": lambda d: (d.train.images.root, d.val.root),
-             "vqav2": lambda d: (d.train.images, d.val.questions)}
+    roots = {
+        "imagenet": lambda d: (d.train.root, d.val.root),
+        "coco_captions": lambda d: (d.train.images.root, d.val.root),
+        "nocaps": lambda d: (d.train.images.root, d.val.root),
+        "vqav2": lambda d: (d.train.images, d.val.questions),
+    }
     for option, paths in roots.items():
         cfg = compose_train(f"data={option}", "data_root=/x", output_dir=tmp_path)
         for path in paths(cfg.data):

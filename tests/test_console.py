@@ -1,20 +1,41 @@
 """What `python train.py` prints: progress, the data summary and the result line, not
 Lightning's start-up chatter or warnings that do not apply (`flip/console.py`)."""
+
 import subprocess
 import sys
 
 from tests.conftest import CONF, FAST
 
-NOISE = ("PJRT_DEVICE", "Tip:", "litlogger", "weights_only", "manual optimization",
-         "GPU available", "TPU available", "Seed set", "Total params")
+NOISE = (
+    "PJRT_DEVICE",
+    "Tip:",
+    "litlogger",
+    "weights_only",
+    "manual optimization",
+    "GPU available",
+    "TPU available",
+    "Seed set",
+    "Total params",
+)
 
 
 def test_the_default_run_prints_only_what_a_newcomer_needs(tmp_path):
     fast = [o for o in FAST if "progress_bar" not in o and "model_summary" not in o]
     out = subprocess.run(
-        [sys.executable, "train.py", *fast, "data.zeroshot.size=40", "logger=csv",
-         "callbacks.checkpoint.every_n_train_steps=2", f"output_dir={tmp_path}"],
-        capture_output=True, text=True, timeout=300, cwd=CONF.parent)
+        [
+            sys.executable,
+            "train.py",
+            *fast,
+            "data.zeroshot.size=40",
+            "logger=csv",
+            "callbacks.checkpoint.every_n_train_steps=2",
+            f"output_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=CONF.parent,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     console = out.stdout + out.stderr
     assert [n for n in NOISE if n in console] == []
@@ -24,9 +45,19 @@ def test_the_default_run_prints_only_what_a_newcomer_needs(tmp_path):
 
 def test_verbose_brings_lightnings_lines_back(tmp_path):
     out = subprocess.run(
-        [sys.executable, "train.py", *FAST, "data.zeroshot.size=40", "verbose=true",
-         f"output_dir={tmp_path}"],
-        capture_output=True, text=True, timeout=300, cwd=CONF.parent)
+        [
+            sys.executable,
+            "train.py",
+            *FAST,
+            "data.zeroshot.size=40",
+            "verbose=true",
+            f"output_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=CONF.parent,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "GPU available" in out.stdout + out.stderr
 

@@ -1,4 +1,5 @@
 """CSV image-caption dataset: loading, skipping bad images, clear errors; transforms."""
+
 import csv
 from collections import Counter
 
@@ -49,8 +50,13 @@ def test_good_and_skipped_counts(folder):
     assert len(ds) == 5
     captions = [ds[i][1] for i in range(len(ds))]
     # rows 2 (corrupt) and 3 (missing) are replaced by the next readable row (4)
-    assert captions == ["a red rectangle", "a grey square, with a comma",
-                        "a blue square", "a blue square", "a blue square"]
+    assert captions == [
+        "a red rectangle",
+        "a grey square, with a comma",
+        "a blue square",
+        "a blue square",
+        "a blue square",
+    ]
     # row 2 skips 2 and 3, row 3 skips 3: every skip is counted
     assert ds.skipped == Counter(missing=2, corrupt=1)
     for i in range(len(ds)):

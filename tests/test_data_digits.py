@@ -1,4 +1,5 @@
 """sklearn digits with captions: split, determinism, caption truth, zero-shot set."""
+
 import re
 from collections import Counter
 
@@ -56,7 +57,9 @@ def test_captions_name_the_right_digit_only():
         label = int(ds.labels[i])
         caption = ds[i][1]
         tokens = re.findall(r"[a-z]+|\d", caption)
-        named = {WORDS.index(t) for t in tokens if t in WORDS} | {int(t) for t in tokens if t.isdigit()}
+        named = {WORDS.index(t) for t in tokens if t in WORDS} | {
+            int(t) for t in tokens if t.isdigit()
+        }
         assert named == {label}, caption
         n_word += WORDS[label] in tokens
         n_numeral += str(label) in tokens
@@ -78,7 +81,18 @@ def test_augmentation_and_cycling():
 
 def test_zero_shot_over_heldout_digits():
     zs = DigitsZeroShot(image_size=32, seed=0)
-    assert zs.classnames == ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    assert zs.classnames == [
+        "zero",
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        "seven",
+        "eight",
+        "nine",
+    ]
     assert len(zs.templates) >= 3 and all(t.count("{}") == 1 for t in zs.templates)
     assert len(zs) == 360 and np.array_equal(zs.indices, digits_split(0)[1])
     labels = [zs[i][1] for i in range(len(zs))]

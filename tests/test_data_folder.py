@@ -1,6 +1,7 @@
 """Captioned image folders and CSVs: exact skip counts, reported by loader workers; the
 image-folder zero-shot set; non-RGB conversion, the same in training and evaluation; a
 folder run end to end."""
+
 import math
 from collections import Counter
 
@@ -42,11 +43,11 @@ def folder(tmp_path):
     put("b_grey.jpg", encode(noise_image(11, mode="L")), "grey")
     put("a_sub/b_rgba.png", encode(Image.new("RGBA", (20, 20), (0, 0, 0, 0)), "PNG"), "clear")
     put("b_palette.png", encode(Image.new("P", (20, 20), 1), "PNG"), "palette")
-    put("c_empty.jpg", b"")                                   # empty_image
-    put("c_corrupt.jpg", b"\xff\xd8 not really a jpeg")      # corrupt
+    put("c_empty.jpg", b"")  # empty_image
+    put("c_corrupt.jpg", b"\xff\xd8 not really a jpeg")  # corrupt
     put("c_huge.png", encode(Image.new("RGB", (400, 300)), "PNG"))  # large_image
-    put("c_nocaption.jpg", encode(noise_image(12)), None)    # missing_caption
-    put("c_blank.jpg", encode(noise_image(13)), " \n")       # empty_caption
+    put("c_nocaption.jpg", encode(noise_image(12)), None)  # missing_caption
+    put("c_blank.jpg", encode(noise_image(13)), " \n")  # empty_caption
     put("c_truncated.jpg", encode(noise_image(14, (64, 64)))[:300])  # corrupt
     return root
 
@@ -80,8 +81,9 @@ def test_csv_skips_empty_captions_and_huge_images(tmp_path):
     encode_to = lambda name, img: (tmp_path / name).write_bytes(encode(img, "PNG"))  # noqa
     encode_to("ok.png", Image.new("RGB", (10, 10)))
     encode_to("huge.png", Image.new("RGB", (200, 200)))
-    (tmp_path / "pairs.csv").write_text("image_path,caption\nok.png,fine\nok.png,  \n"
-                                        "huge.png,too big\n")
+    (tmp_path / "pairs.csv").write_text(
+        "image_path,caption\nok.png,fine\nok.png,  \nhuge.png,too big\n"
+    )
     ds = CsvCaptions(tmp_path / "pairs.csv", image_size=8, max_pixels=10_000)
     assert ds.check() == Counter(ok=1, empty_caption=1, large_image=1)
 
@@ -101,8 +103,9 @@ def test_loader_workers_report_exact_skip_counts_beside_plain_batches(folder, wo
     assert total.samples == 14 and sum(total.skipped.values()) == 21
     # sorted: c_blank c_corrupt c_empty c_huge c_nocaption c_truncated; the j-th of them is
     # skipped j times (by itself and by each bad item before it)
-    assert total.skipped == Counter(empty_caption=1, corrupt_image=2 + 6, empty_image=3,
-                                    large_image=4, missing_caption=5)
+    assert total.skipped == Counter(
+        empty_caption=1, corrupt_image=2 + 6, empty_image=3, large_image=4, missing_caption=5
+    )
     # each non-RGB image is loaded once (bad items wrap around to item 0, an RGB jpg)
     assert total.converted == Counter(CMYK=1, L=1, RGBA=1, P=1)
 
@@ -138,15 +141,19 @@ def test_non_rgb_modes_convert_to_the_right_colours():
     assert to_normalized_tensor()(white_clear).shape == (3, 2, 2)
 
 
-@pytest.mark.parametrize("rgba, over_white", [
-    ((0, 0, 0, 0), (255, 255, 255)),  # fully transparent black: white, not black
-    ((255, 0, 0, 128), (255, 127, 127)),  # half-transparent red: 127 = 255 * (1 - 128/255)
-])
+@pytest.mark.parametrize(
+    "rgba, over_white",
+    [
+        ((0, 0, 0, 0), (255, 255, 255)),  # fully transparent black: white, not black
+        ((255, 0, 0, 128), (255, 127, 127)),  # half-transparent red: 127 = 255 * (1 - 128/255)
+    ],
+)
 def test_transparency_is_white_in_training_evaluation_and_to_rgb(rgba, over_white):
     image = Image.new("RGBA", (40, 30), rgba)  # uniform: any crop, flip or resize keeps it
     assert to_rgb(image).getpixel((0, 0)) == over_white
     want = (torch.tensor(over_white) / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(
-        IMAGENET_STD)
+        IMAGENET_STD
+    )
     for transform in (train_transform(16), eval_transform(16), to_normalized_tensor()):
         x = transform(image)
         assert torch.allclose(x, want[:, None, None].expand_as(x), atol=1e-5)
@@ -154,6 +161,13 @@ def test_transparency_is_white_in_training_evaluation_and_to_rgb(rgba, over_whit
 
 @pytest.mark.slow
 def test_folder_pipeline_trains(folder, fast_cfg):
-    metrics = train(fast_cfg("data=folder", f"data.train.root={folder}", "data.image_size=32",
-                             "data.train.max_pixels=100000", "batch.global=8"))
+    metrics = train(
+        fast_cfg(
+            "data=folder",
+            f"data.train.root={folder}",
+            "data.image_size=32",
+            "data.train.max_pixels=100000",
+            "batch.global=8",
+        )
+    )
     assert math.isfinite(metrics["train/loss"]) and "val/zeroshot_top1" not in metrics

@@ -1,4 +1,5 @@
 """Synthetic shape scenes: determinism, hold-out guarantees and caption truthfulness."""
+
 import random
 import re
 from collections import Counter

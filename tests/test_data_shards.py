@@ -1,4 +1,5 @@
 """webdataset shards: the real pipeline over real-format shards with every kind of bad input."""
+
 import csv
 import re
 from collections import Counter
@@ -23,7 +24,8 @@ from flip.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, to_norm
 from flip.tokenizer import Tokenizer
 from flip.train import train
 from tests.conftest import compose_fast
-from tests.ddp_shards_run import OnePass, main as run_ddp
+from tests.ddp_shards_run import OnePass
+from tests.ddp_shards_run import main as run_ddp
 from tests.shard_fixtures import (
     EXPECTED_CONVERTED,
     EXPECTED_GOOD,
@@ -66,10 +68,12 @@ def test_one_pass_reads_every_good_sample_and_counts_every_bad_one(fixture_shard
     stream = one_pass(fixture_shards, transform=lambda img: img)
     items = list(stream.samples())
     keys = [key for _, _, key, _ in items]
-    assert keys == ([f"00000{i:04d}" for i in range(10)]
-                    + [f"00001{i:04d}" for i in (0, 1, 2, 3, 11)]
-                    + [f"00002{i:04d}" for i in range(4)]     # cut inside sample 4's jpg
-                    + [f"00003{i:04d}" for i in range(3)])    # cut before sample 3's header
+    assert keys == (
+        [f"00000{i:04d}" for i in range(10)]
+        + [f"00001{i:04d}" for i in (0, 1, 2, 3, 11)]
+        + [f"00002{i:04d}" for i in range(4)]  # cut inside sample 4's jpg
+        + [f"00003{i:04d}" for i in range(3)]
+    )  # cut before sample 3's header
     stats = stream.state.stats
     assert len(items) == stats.samples == EXPECTED_GOOD == 22
     assert stats.skipped == EXPECTED_SKIPPED + EXPECTED_SHARD_FAILURES
@@ -82,7 +86,8 @@ def test_one_pass_reads_every_good_sample_and_counts_every_bad_one(fixture_shard
     assert "00005.tar" in examples["corrupt_shard"]  # the last corrupt shard read
     assert examples["large_image"].endswith("000010009: 300x300 > max_pixels=50000")
     assert examples["missing_image"].endswith(
-        "000010010: no jpg/jpeg/png/webp/bmp/gif/ppm/tif/tiff file")
+        "000010010: no jpg/jpeg/png/webp/bmp/gif/ppm/tif/tiff file"
+    )
     assert "data: 22 good samples, 7 skipped (24.14% of 29 read)" in stats.summary()
     assert "shards read: 6, failed: 4 (66.67%)" in stats.summary()
 
@@ -99,8 +104,15 @@ def test_truncation_at_a_member_boundary_is_not_silent(tmp_path):
 
 def test_batches_are_full_typed_and_normalised(fixture_shards):
     stats = SharedStats(1)
-    stream = ShardStream(fixture_shards, batch_size=5, image_size=32, passes=1,
-                         shuffle_buffer=0, max_pixels=MAX_PIXELS, stats=stats)
+    stream = ShardStream(
+        fixture_shards,
+        batch_size=5,
+        image_size=32,
+        passes=1,
+        shuffle_buffer=0,
+        max_pixels=MAX_PIXELS,
+        stats=stats,
+    )
     batches, read_before = [], []
     for batch in stream:
         read_before.append(stats.read().samples)  # what the reader had reported by then
@@ -138,22 +150,37 @@ def test_transparency_is_composited_over_white(fixture_shards):
 def test_readers_on_ranks_and_workers_read_disjoint_shards(tmp_path):
     urls = [f"{i}.tar" for i in range(6)]
     assert [assign_shards(urls, k, 4) for k in range(4)] == [
-        ["0.tar", "4.tar"], ["1.tar", "5.tar"], ["2.tar"], ["3.tar"]]
+        ["0.tar", "4.tar"],
+        ["1.tar", "5.tar"],
+        ["2.tar"],
+        ["3.tar"],
+    ]
     assert [assign_shards(urls[:2], k, 4) for k in range(4)] == [["0.tar"], ["1.tar"]] * 2
 
     pattern = write_reader_shards(tmp_path, n_shards=4, good_per_shard=8)
     seen, total = {}, LoaderStats()
     for rank in (0, 1):  # 2 ranks x 2 DataLoader worker processes, one pass each
         stats = SharedStats(2)  # a row per worker of this rank
-        stream = ShardStream(pattern, batch_size=4, image_size=16, rank=rank, world_size=2,
-                             passes=1, shuffle_buffer=0, stats=stats)
+        stream = ShardStream(
+            pattern,
+            batch_size=4,
+            image_size=16,
+            rank=rank,
+            world_size=2,
+            passes=1,
+            shuffle_buffer=0,
+            stats=stats,
+        )
         loader = DataLoader(stream, batch_size=None, num_workers=2, collate_fn=keep_batch)
         seen[rank] = []
         for batch in loader:
             assert type(batch) is tuple and batch[0].shape == (4, 3, 16, 16)
             seen[rank] += shard_of(batch[1])
         per_worker = [LoaderStats.from_tensor(row) for row in stats.counts]
-        assert [w.samples for w in per_worker] == [8, 8] and [w.shards for w in per_worker] == [1, 1]
+        assert [w.samples for w in per_worker] == [8, 8] and [w.shards for w in per_worker] == [
+            1,
+            1,
+        ]
         total += stats.read()
     # reader k = rank * 2 + worker owns shard k; every sample exactly once
     assert sorted(seen[0]) == [(s, i) for s in (0, 1) for i in range(8)]
@@ -167,8 +194,9 @@ def test_stream_is_infinite_reshuffled_and_seeded(tmp_path):
 
     def read(batches, **kwargs):
         stats = SharedStats(1)
-        stream = ShardStream(pattern, batch_size=4, image_size=16, shuffle_buffer=0,
-                             stats=stats, **kwargs)
+        stream = ShardStream(
+            pattern, batch_size=4, image_size=16, shuffle_buffer=0, stats=stats, **kwargs
+        )
         out = []
         for i, batch in enumerate(stream):
             out.append(shard_of(batch[1]))
@@ -177,7 +205,7 @@ def test_stream_is_infinite_reshuffled_and_seeded(tmp_path):
 
     passes, stats = read(3 * 8)  # one batch = one shard; 8 passes over 3 shards
     assert stats.samples == 96 and stats.shards == 24
-    orders = [tuple(b[0][0] for b in passes[3 * p:3 * p + 3]) for p in range(8)]
+    orders = [tuple(b[0][0] for b in passes[3 * p : 3 * p + 3]) for p in range(8)]
     assert all(sorted(o) == [0, 1, 2] for o in orders)  # every pass reads every shard once
     assert len(set(orders)) > 1  # in a new order
     assert read(6)[0] == read(6)[0]  # a function of the seed ...
@@ -187,15 +215,22 @@ def test_stream_is_infinite_reshuffled_and_seeded(tmp_path):
 def test_reader_with_only_bad_shards_stops_naming_them(fixture_shards):
     bad = fixture_shards.replace("{00000..00005}", "{00004..00005}")
     stream = ShardStream(bad, batch_size=2, max_consecutive_bad=20)
-    with pytest.raises(DataError, match=r"rank 0 worker 0 \(shards .*00004.tar, .*00005.tar\): "
-                                        r"20 shard reads gave no sample; no readable sample"):
+    with pytest.raises(
+        DataError,
+        match=r"rank 0 worker 0 \(shards .*00004.tar, .*00005.tar\): "
+        r"20 shard reads gave no sample; no readable sample",
+    ):
         next(iter(stream))
 
 
 def test_datamodule_errors_name_the_path(fixture_shards, tmp_path):
-    with pytest.raises(ConfigError, match=re.escape(
+    with pytest.raises(
+        ConfigError,
+        match=re.escape(
             "data.shards='/nonexistent/{00000..00003}.tar' matches 4 paths and none exists "
-            "(first: /nonexistent/00000.tar)")):  # a ConfigError: one line from train.py
+            "(first: /nonexistent/00000.tar)"
+        ),
+    ):  # a ConfigError: one line from train.py
         ShardDataModule("/nonexistent/{00000..00003}.tar", batch_size=2).setup("fit")
     with pytest.raises(DataError, match="data.shards='/data/laion' does not exist"):
         ShardDataModule("/data/laion", batch_size=2).setup("fit")
@@ -205,7 +240,8 @@ def test_datamodule_errors_name_the_path(fixture_shards, tmp_path):
     with pytest.raises(DataError, match="matches no shard files"):
         ShardDataModule(str(tmp_path), batch_size=2).setup("fit")  # a folder without .tar
     assert expand_shards(str(Path(fixture_shards).parent)) == [
-        str(Path(fixture_shards).parent / f"0000{i}.tar") for i in (0, 1, 2, 3, 5)]
+        str(Path(fixture_shards).parent / f"0000{i}.tar") for i in (0, 1, 2, 3, 5)
+    ]
 
 
 def test_datamodule_workers_report_counts_outside_plain_batches(tmp_path):
@@ -223,15 +259,17 @@ def test_datamodule_workers_report_counts_outside_plain_batches(tmp_path):
     assert stats.skipped == Counter({r: 2 * n for r, n in READER_SKIPS_PER_SHARD.items()})
     # the example of the last worker with one: worker 1, which reads shard 1
     assert stats.examples["corrupt_image"].endswith(
-        "00001.tar 000019001: not a recognised image format")
+        "00001.tar 000019001: not a recognised image format"
+    )
 
 
 @pytest.mark.filterwarnings("ignore:.*pin_memory.*:UserWarning")  # CPU-only torch: no pinning
 def test_pin_memory_is_a_datamodule_setting_and_batches_survive_pinning(tmp_path, monkeypatch):
     pattern = write_reader_shards(tmp_path, n_shards=2, good_per_shard=8)
     for pin in (False, True):
-        dm = ShardDataModule(pattern, batch_size=4, image_size=16, num_workers=0,
-                             shuffle_buffer=0, pin_memory=pin)
+        dm = ShardDataModule(
+            pattern, batch_size=4, image_size=16, num_workers=0, shuffle_buffer=0, pin_memory=pin
+        )
         assert dm.train_dataloader().pin_memory is pin
     images, tokens = batch = next(iter(dm.train_dataloader()))
     # what the loader's pin-memory step does to a batch, with Tensor.pin_memory standing in
@@ -247,10 +285,16 @@ def test_pin_memory_is_a_datamodule_setting_and_batches_survive_pinning(tmp_path
 def test_counts_reach_the_main_process_from_spawned_workers(tmp_path):
     pattern = write_reader_shards(tmp_path, n_shards=2, good_per_shard=8)
     stats = SharedStats(1)
-    stream = ShardStream(pattern, batch_size=4, image_size=16, passes=1, shuffle_buffer=0,
-                         stats=stats)
-    loader = DataLoader(stream, batch_size=None, num_workers=1, collate_fn=keep_batch,
-                        multiprocessing_context="spawn")
+    stream = ShardStream(
+        pattern, batch_size=4, image_size=16, passes=1, shuffle_buffer=0, stats=stats
+    )
+    loader = DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=1,
+        collate_fn=keep_batch,
+        multiprocessing_context="spawn",
+    )
     assert len(list(loader)) == 4
     total = stats.read()
     assert total.samples == 16 and total.shards == 2
@@ -258,8 +302,12 @@ def test_counts_reach_the_main_process_from_spawned_workers(tmp_path):
 
 
 def test_shared_stats_round_trip_every_field():
-    stats = LoaderStats(samples=7, shards=3, skipped=Counter(corrupt_shard=2, empty_caption=1),
-                        converted=Counter({"CMYK": 2, "P": 1, "RGBa": 4, "BGR;15": 3}))
+    stats = LoaderStats(
+        samples=7,
+        shards=3,
+        skipped=Counter(corrupt_shard=2, empty_caption=1),
+        converted=Counter({"CMYK": 2, "P": 1, "RGBa": 4, "BGR;15": 3}),
+    )
     stats.skip("large_image", "x.tar 0001: " + "é" * 400)  # cut at EXAMPLE_BYTES, UTF-8 safe
     table = SharedStats(2)
     table.add(stats)
@@ -280,9 +328,13 @@ def test_skip_rate_above_the_limit_stops_with_the_counts():
     stats = LoaderStats(samples=90, shards=3)
     for _ in range(10):
         stats.skip("corrupt_image", "a.tar 0001: not a recognised image format")
-    with pytest.raises(DataError, match=re.escape(
+    with pytest.raises(
+        DataError,
+        match=re.escape(
             "too much bad input: 10.0% of the 100 samples read failed, above "
-            "data.max_skip_rate=0.05")) as err:
+            "data.max_skip_rate=0.05"
+        ),
+    ) as err:
         DataQualityCallback().check(DM, stats)
     assert "skipped corrupt_image: 10  (e.g. a.tar 0001: not a recognised" in str(err.value)
     DataQualityCallback().check(DM, LoaderStats(samples=80, skipped=Counter(corrupt_image=10)))
@@ -301,22 +353,42 @@ def read_metrics(root) -> list[dict]:
 def test_train_on_shards_logs_exact_skip_counts_and_resumes_them(tmp_path, caplog):
     shards = tmp_path / "shards"
     write_reader_shards(shards, n_shards=2, good_per_shard=8)
-    common = ("data=laion", f"data.shards={shards}", "data.image_size=32",
-              "data.shuffle_buffer=0", "logger=csv", "trainer.log_every_n_steps=1",
-              "callbacks.checkpoint.every_n_train_steps=2", "callbacks.checkpoint.save_top_k=-1")
+    common = (
+        "data=laion",
+        f"data.shards={shards}",
+        "data.image_size=32",
+        "data.shuffle_buffer=0",
+        "logger=csv",
+        "trainer.log_every_n_steps=1",
+        "callbacks.checkpoint.every_n_train_steps=2",
+        "callbacks.checkpoint.save_top_k=-1",
+    )
 
     def expected(batches: int) -> dict:
         """The counts after ``batches`` batches of 16 read in this process: each batch is
         one pass over the 2 shards (8 good samples and 3 bad ones each)."""
-        skips = {f"data/skipped_{r}": 2.0 * batches * READER_SKIPS_PER_SHARD.get(r, 0)
-                 for r in ("unreadable_shard", "corrupt_shard", "missing_image", "empty_image",
-                           "corrupt_image", "large_image", "missing_caption", "empty_caption")}
+        skips = {
+            f"data/skipped_{r}": 2.0 * batches * READER_SKIPS_PER_SHARD.get(r, 0)
+            for r in (
+                "unreadable_shard",
+                "corrupt_shard",
+                "missing_image",
+                "empty_image",
+                "corrupt_image",
+                "large_image",
+                "missing_caption",
+                "empty_caption",
+            )
+        }
         return {**skips, "data/samples_read": 22.0 * batches, "data/shards_read": 2.0 * batches}
 
     def last_counts(root) -> dict:
         last = read_metrics(root)[-1]
-        return {k: float(v) for k, v in last.items()
-                if k.startswith("data/skipped_") or k in ("data/samples_read", "data/shards_read")}
+        return {
+            k: float(v)
+            for k, v in last.items()
+            if k.startswith("data/skipped_") or k in ("data/samples_read", "data/shards_read")
+        }
 
     metrics = train(compose_fast(*common, output_dir=tmp_path / "full"))
     assert metrics["train/samples_seen"] == 64.0  # 4 steps of 16
@@ -336,12 +408,22 @@ def test_train_on_shards_logs_exact_skip_counts_and_resumes_them(tmp_path, caplo
 
 @pytest.mark.slow
 def test_training_stops_when_too_much_input_is_bad(fixture_shards, tmp_path):
-    cfg = compose_fast("data=laion", f'data.shards="{fixture_shards}"', "data.image_size=32",
-                       "data.shuffle_buffer=0", f"data.max_pixels={MAX_PIXELS}",
-                       "data.max_skip_rate=0.1", "data.skip_rate_min_samples=16",
-                       "trainer.log_every_n_steps=1", output_dir=tmp_path)
-    with pytest.raises(DataError, match=r"too much bad input: .*% of the \d+ (samples read|"
-                                        r"shard reads) failed, above data.max_skip_rate=0.1"):
+    cfg = compose_fast(
+        "data=laion",
+        f'data.shards="{fixture_shards}"',
+        "data.image_size=32",
+        "data.shuffle_buffer=0",
+        f"data.max_pixels={MAX_PIXELS}",
+        "data.max_skip_rate=0.1",
+        "data.skip_rate_min_samples=16",
+        "trainer.log_every_n_steps=1",
+        output_dir=tmp_path,
+    )
+    with pytest.raises(
+        DataError,
+        match=r"too much bad input: .*% of the \d+ (samples read|"
+        r"shard reads) failed, above data.max_skip_rate=0.1",
+    ):
         train(cfg)
 
 
@@ -356,5 +438,10 @@ def test_ddp_ranks_and_workers_read_disjoint_shards_and_counts_add_up(tmp_path):
     assert samples[0] == [(s, i) for s in (0, 1) for i in range(8)]
     assert samples[1] == [(s, i) for s in (2, 3) for i in range(8)]
     totals = (tmp_path / "totals.txt").read_text().split()
-    assert totals == ["samples=32", "shards=4", "corrupt_image=4", "empty_caption=4",
-                      "missing_caption=4"]
+    assert totals == [
+        "samples=32",
+        "shards=4",
+        "corrupt_image=4",
+        "empty_caption=4",
+        "missing_caption=4",
+    ]

@@ -1,6 +1,7 @@
 """Evaluation metrics against independent computations: retrieval recall against a
 brute-force loop, top-k / mean per-class against numpy, PM-k and 11-point AP on hand-built
 cases, template averaging, and the class-subset / class-group projection."""
+
 import lightning as L
 import numpy as np
 import pytest
@@ -9,8 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from flip.eval.metrics import (average_precision_11pt, dedupe_by_index,
-                               mean_average_precision_11pt, pm_k, retrieval_recall)
+from flip.eval.metrics import (
+    average_precision_11pt,
+    dedupe_by_index,
+    mean_average_precision_11pt,
+    pm_k,
+    retrieval_recall,
+)
 from flip.eval.module import StridedSampler
 from flip.eval.retrieval import ZeroShotRetrieval
 from flip.eval.zeroshot import ZeroShotClassification, build_zero_shot_classifier, group_max
@@ -53,10 +59,14 @@ def test_retrieval_recall_matches_a_brute_force_loop(seed):
 def test_retrieval_recall_hand_built_case():
     # 3 images on the axes; texts 0,1 describe image 0, text 2 image 1, text 3 image 2.
     img = torch.eye(3)
-    txt = torch.tensor([[0.1, 0.9, 0.0],   # of image 0 but closest to image 1
-                        [0.6, 0.0, 0.8],   # of image 0, closest to image 2, then image 0
-                        [0.0, 1.0, 0.0],   # of image 1: exact
-                        [0.0, 0.2, 0.3]])  # of image 2: image 2 first
+    txt = torch.tensor(
+        [
+            [0.1, 0.9, 0.0],  # of image 0 but closest to image 1
+            [0.6, 0.0, 0.8],  # of image 0, closest to image 2, then image 0
+            [0.0, 1.0, 0.0],  # of image 1: exact
+            [0.0, 0.2, 0.3],
+        ]
+    )  # of image 2: image 2 first
     owner = torch.tensor([0, 0, 1, 2])
     r = retrieval_recall(img, txt, owner, ks=(1, 2))
     # image->text: img0's best caption is text1 (0.6), beaten by nothing? sims of img0:
@@ -93,7 +103,8 @@ def test_average_precision_11pt_hand_case():
     # the second column: positives at ranks 4 and 5 (of the reversed list: 0,0,1,0,1 reversed)
     ap2 = average_precision_11pt(scores, targets.flip(0))
     assert mean_average_precision_11pt(s2, both) == pytest.approx(
-        ((6 * 1 + 5 * 2 / 3) / 11 + ap2) / 2)
+        ((6 * 1 + 5 * 2 / 3) / 11 + ap2) / 2
+    )
 
 
 def test_dedupe_by_index_sorts_and_drops_repeats():
@@ -125,12 +136,13 @@ def test_class_embedding_is_normalised_mean_of_normalised_prompts():
     encode = lambda tok: raw[tok[:, 0]]  # noqa: E731 (unnormalised text features)
     W = build_zero_shot_classifier(encode, PromptTokenizer(prompts), classes, templates)
     for c in range(2):
-        p = raw[3 * c:3 * c + 3].numpy()
+        p = raw[3 * c : 3 * c + 3].numpy()
         p = p / np.linalg.norm(p, axis=1, keepdims=True)
         m = p.mean(0)
         np.testing.assert_allclose(W[c].numpy(), m / np.linalg.norm(m), rtol=1e-5, atol=1e-6)
-    batched = build_zero_shot_classifier(encode, PromptTokenizer(prompts), classes, templates,
-                                         classes_per_batch=2)
+    batched = build_zero_shot_classifier(
+        encode, PromptTokenizer(prompts), classes, templates, classes_per_batch=2
+    )
     torch.testing.assert_close(batched, W)
 
 
@@ -170,8 +182,14 @@ class Pairs(Dataset):
 
 
 def _run(module):
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, use_distributed_sampler=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
     trainer.test(module, verbose=False)
     return module.results
 
@@ -185,11 +203,13 @@ def test_zero_shot_module_metrics_match_numpy():
     table = torch.randn(len(prompts), D, generator=g)
     x = torch.randn(N, D, generator=g)
     y = torch.randint(0, C - 1, (N,), generator=g)  # class C-1 never occurs in the labels
-    module = ZeroShotClassification(StubModel(table), Pairs(x, y), classes, templates,
-                                    PromptTokenizer(prompts), batch_size=16)
+    module = ZeroShotClassification(
+        StubModel(table), Pairs(x, y), classes, templates, PromptTokenizer(prompts), batch_size=16
+    )
     r = _run(module)
-    W = build_zero_shot_classifier(StubModel(table).encode_text, PromptTokenizer(prompts),
-                                   classes, templates).numpy()
+    W = build_zero_shot_classifier(
+        StubModel(table).encode_text, PromptTokenizer(prompts), classes, templates
+    ).numpy()
     logits = F.normalize(x, dim=-1).numpy() @ W.T
     pred = logits.argmax(1)
     top5 = np.argsort(-logits, axis=1)[:, :5]
@@ -207,8 +227,14 @@ def test_zero_shot_module_roc_auc_and_groups():
     x = torch.randn(40, 3, generator=g)
     y = torch.randint(0, 2, (40,), generator=g)
     classes = ["a", "b", "c", "d"]
-    module = ZeroShotClassification(StubModel(table), Pairs(x, y), classes, ["{}"],
-                                    PromptTokenizer(classes), groups=[[0, 2], [1, 3]])
+    module = ZeroShotClassification(
+        StubModel(table),
+        Pairs(x, y),
+        classes,
+        ["{}"],
+        PromptTokenizer(classes),
+        groups=[[0, 2], [1, 3]],
+    )
     r = _run(module)
     W = F.normalize(table, dim=-1)
     logits = F.normalize(x, dim=-1) @ W.T
@@ -239,8 +265,9 @@ def test_retrieval_module_matches_brute_force():
     owner = [i for i, cs in enumerate(caps) for _ in cs]
     x = torch.randn(n, D, generator=g)
     table = F.normalize(x[owner] + torch.randn(len(flat), D, generator=g), dim=-1)
-    module = ZeroShotRetrieval(StubModel(table), Captions(x, caps), PromptTokenizer(flat),
-                               ks=(1, 5), batch_size=4)
+    module = ZeroShotRetrieval(
+        StubModel(table), Captions(x, caps), PromptTokenizer(flat), ks=(1, 5), batch_size=4
+    )
     r = _run(module)
     want = brute_force_recall(F.normalize(x, dim=-1), table, owner, (1, 5))
     assert {k: r[k] for k in want} == pytest.approx(want, abs=1e-6)

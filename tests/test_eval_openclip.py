@@ -1,6 +1,7 @@
 """OpenCLIP interoperability: an exported FLIP model, loaded by stock open-clip-torch from
 its folder, gives the same embeddings as FLIP (≤1e-5), and imports back unchanged; the
 command line reads the architecture from the files."""
+
 import json
 
 import hydra
@@ -9,19 +10,36 @@ import torch
 from omegaconf import OmegaConf
 
 from flip.checkpoint import load_checkpoint, model_config, model_state, save_flip_checkpoint
-from flip.interop.openclip import (NotExportable, export_openclip, import_openclip, main,
-                                   to_openclip_state_dict)
+from flip.interop.openclip import (
+    NotExportable,
+    export_openclip,
+    import_openclip,
+    main,
+    to_openclip_state_dict,
+)
 from flip.tokenizer import Tokenizer
 from tests.conftest import compose_train
 
 open_clip = pytest.importorskip("open_clip")
 
-TEXTS = ["a red circle", "two blue squares and a small yellow star", "the digit 7", "",
-         "a photo of a large dog on the left"]
+TEXTS = [
+    "a red circle",
+    "two blue squares and a small yellow star",
+    "the digit 7",
+    "",
+    "a photo of a large dog on the left",
+]
 
 
-SMALL = ["model.image.width=48", "model.image.depth=2", "model.image.heads=2",
-         "model.text.width=32", "model.text.depth=2", "model.text.heads=2", "model.embed_dim=24"]
+SMALL = [
+    "model.image.width=48",
+    "model.image.depth=2",
+    "model.image.heads=2",
+    "model.text.width=32",
+    "model.text.depth=2",
+    "model.text.heads=2",
+    "model.embed_dim=24",
+]
 
 
 def make_model(*overrides, seed=0):
@@ -61,7 +79,9 @@ def test_openclip_gives_the_same_embeddings(pool, tmp_path):
 
     back, _ = make_model(f"model.image.pool={pool}", seed=5)  # different weights, then import
     import_openclip(out, back)
-    for (k, a), (_, b) in zip(sorted(model.state_dict().items()), sorted(back.state_dict().items())):
+    for (k, a), (_, b) in zip(
+        sorted(model.state_dict().items()), sorted(back.state_dict().items())
+    ):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=k)
 
 
@@ -110,8 +130,9 @@ def test_command_line_refuses_an_override_that_contradicts_the_checkpoint(tmp_pa
         main(["export", str(ckpt), str(tmp_path / "oc"), *SMALL, "model.image.depth=3"])
     main(["export", str(ckpt), str(tmp_path / "oc"), *SMALL])  # agreeing overrides: fine
     with pytest.raises(SystemExit, match=r"model.embed_dim=32 .*model.embed_dim=24"):
-        main(["import", str(tmp_path / "oc"), str(tmp_path / "b.ckpt"), *SMALL,
-              "model.embed_dim=32"])
+        main(
+            ["import", str(tmp_path / "oc"), str(tmp_path / "b.ckpt"), *SMALL, "model.embed_dim=32"]
+        )
 
 
 def test_command_line_needs_the_architecture_only_for_files_without_one(tmp_path, capsys):

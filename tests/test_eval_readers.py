@@ -1,6 +1,7 @@
 """Evaluation datasets on tiny fixtures written in the real on-disk layouts: CLIP_benchmark's
 builders (its webdataset export, torchvision folders, VOCdevkit, ImageNet class folders) and
 our readers (ObjectNet, PM-k video sets, ImageNetV2, Karpathy captions, Hateful Memes)."""
+
 import hydra
 import numpy as np
 import pytest
@@ -11,8 +12,7 @@ from torchvision import transforms as T
 
 from flip.config import ConfigError
 from flip.eval import metadata, readers
-from flip.eval.datasets import (READ_ONLY_BUILDERS, class_names, clip_benchmark_set,
-                                prompt_templates)
+from flip.eval.datasets import READ_ONLY_BUILDERS, class_names, clip_benchmark_set, prompt_templates
 from flip.eval.module import IndexedStream
 from flip.eval.readers import DatasetNotFound
 from flip.eval.runner import build_split
@@ -34,7 +34,9 @@ def images(n, seed=0):
 
 
 def test_metadata_files():
-    assert len(metadata.imagenet_classnames()) == 1000 and metadata.imagenet_classnames()[0] == "tench"
+    assert (
+        len(metadata.imagenet_classnames()) == 1000 and metadata.imagenet_classnames()[0] == "tench"
+    )
     assert len(metadata.imagenet_wnids()) == 1000 and metadata.imagenet_wnids()[0] == "n01440764"
     assert len(metadata.imagenet_templates("simple7")) == 7
     assert len(metadata.imagenet_templates("openai80")) == 80
@@ -43,12 +45,33 @@ def test_metadata_files():
         wnids = metadata.label_space(space)
         assert len(wnids) == 200 and list(wnids) == sorted(wnids)
         assert set(wnids) <= set(metadata.imagenet_wnids())
-    sizes = {"Food101": 101, "CIFAR10": 10, "CIFAR100": 100, "Birdsnap": 500, "SUN397": 397,
-             "StanfordCars": 196, "FGVCAircraft": 100, "PascalVOC2007": 20,
-             "DescribableTextures": 47, "OxfordPets": 37, "Caltech101": 102, "Flowers102": 102,
-             "MNIST": 10, "STL10": 10, "EuroSAT": 10, "RESISC45": 45, "GTSRB": 43, "KITTI": 4,
-             "Country211": 211, "PatchCamelyon": 2, "UCF101": 101, "Kinetics700": 700,
-             "CLEVRCounts": 8, "HatefulMemes": 2, "SST2": 2}  # the 25 datasets of Table 4
+    sizes = {
+        "Food101": 101,
+        "CIFAR10": 10,
+        "CIFAR100": 100,
+        "Birdsnap": 500,
+        "SUN397": 397,
+        "StanfordCars": 196,
+        "FGVCAircraft": 100,
+        "PascalVOC2007": 20,
+        "DescribableTextures": 47,
+        "OxfordPets": 37,
+        "Caltech101": 102,
+        "Flowers102": 102,
+        "MNIST": 10,
+        "STL10": 10,
+        "EuroSAT": 10,
+        "RESISC45": 45,
+        "GTSRB": 43,
+        "KITTI": 4,
+        "Country211": 211,
+        "PatchCamelyon": 2,
+        "UCF101": 101,
+        "Kinetics700": 700,
+        "CLEVRCounts": 8,
+        "HatefulMemes": 2,
+        "SST2": 2,
+    }  # the 25 datasets of Table 4
     for name, n in sizes.items():
         assert len(metadata.classnames(f"clip:{name}")) == n, name
         assert all("{}" in t for t in metadata.templates(f"clip:{name}")), name
@@ -87,7 +110,10 @@ def test_wds_export_through_clip_benchmark(tmp_path):
     multi = [(img, np.array([i % 2, 1, 0], dtype=np.uint8)) for i, img in enumerate(images(3))]
     root = fx.write_wds(tmp_path / "voc", "test", multi, ["x", "y", "z"])
     assert [y.tolist() for _, y in clip_benchmark_set("fx", root, "test", TO_TENSOR)] == [
-        [0, 1, 0], [1, 1, 0], [0, 1, 0]]
+        [0, 1, 0],
+        [1, 1, 0],
+        [0, 1, 0],
+    ]
     with pytest.raises(DatasetNotFound, match="nshards.txt"):
         clip_benchmark_set("fx", tmp_path / "none", "test", TO_TENSOR)
 
@@ -124,8 +150,11 @@ def test_imagenet_class_folders_through_clip_benchmark_and_v2(tmp_path):
     assert ds.classes == [names[inet[w]] for w in a_wnids]  # the 200 of the 1000, label order
     assert [ds[i][1] for i in (0, 5, 199)] == [0, 5, 199]
     fx.write_folders(tmp_path / "part", {w: images(1) for w in a_wnids[:3]})
-    with pytest.raises(ConfigError, match=r"not the 200 WordNet ids of imagenet_a \(3 folders; "
-                                          f"first difference: {a_wnids[3]}"):  # labels would shift
+    with pytest.raises(
+        ConfigError,
+        match=r"not the 200 WordNet ids of imagenet_a \(3 folders; "
+        f"first difference: {a_wnids[3]}",
+    ):  # labels would shift
         clip_benchmark_set("imagenet_a", tmp_path / "part", "test", TO_TENSOR, builder="imagenet-a")
     fx.write_folders(tmp_path / "v2", {"0": images(1), "999": images(1), "12": images(2)})
     ds = readers.imagenet_v2("imagenet_v2", tmp_path / "v2", "test", TO_TENSOR)
@@ -144,10 +173,13 @@ def test_builders_never_download(tmp_path):
 
 
 def test_objectnet_mapping(tmp_path):
-    root = fx.write_objectnet(tmp_path, {
-        "alarm_clock": ("Alarm clock", [409, 530], images(2)),
-        "banana": ("Banana", [954], images(1)),
-    })
+    root = fx.write_objectnet(
+        tmp_path,
+        {
+            "alarm_clock": ("Alarm clock", [409, 530], images(2)),
+            "banana": ("Banana", [954], images(1)),
+        },
+    )
     ds = readers.objectnet("objectnet", root, "test", TO_TENSOR)
     assert ds.labelnames == ["Alarm clock", "Banana"]
     assert ds.groups == [[409, 530], [954]]  # ImageNet labels through the 2012-id mapping
@@ -155,27 +187,32 @@ def test_objectnet_mapping(tmp_path):
 
 
 def test_video_pm_sets(tmp_path):
-    videos = {"v1": [(img, [1]) for img in images(5)], "v2": [(img, [0, 2]) for img in images(3, 9)]}
+    videos = {
+        "v1": [(img, [1]) for img in images(5)],
+        "v2": [(img, [0, 2]) for img in images(3, 9)],
+    }
     root = fx.write_video_pm(tmp_path, videos, groups=[[3], [5, 6], [7]], radius=1)
     ds = readers.video_pm("imagenet_vid", root, "test", TO_TENSOR)
     assert ds.groups == [[3], [5, 6], [7]] and len(ds) == 3 + 3  # anchors and neighbours only
     anchors = {ds.frames[a]: [ds.frames[n] for n in ns] for a, ns in ds.pmsets.items()}
-    assert anchors == {"val/v1/000002.JPEG": ["val/v1/000001.JPEG", "val/v1/000003.JPEG"],
-                       "val/v2/000001.JPEG": ["val/v2/000000.JPEG", "val/v2/000002.JPEG"]}
+    assert anchors == {
+        "val/v1/000002.JPEG": ["val/v1/000001.JPEG", "val/v1/000003.JPEG"],
+        "val/v2/000001.JPEG": ["val/v2/000000.JPEG", "val/v2/000002.JPEG"],
+    }
     assert sorted(map(sorted, ds.pm_offsets.values())) == [[-1, 1], [-1, 1]]
     frame = ds.frames.index("val/v2/000000.JPEG")
     assert ds[frame][1].tolist() == [True, False, True]
     # the release's own class map files (misc/*_class_index.json + misc/rev_wnid_map.json)
-    root = fx.write_video_pm(tmp_path / "rel", videos, groups=[[3], [5, 6], [7]],
-                                  class_map="misc")
+    root = fx.write_video_pm(tmp_path / "rel", videos, groups=[[3], [5, 6], [7]], class_map="misc")
     assert readers.video_pm("imagenet_vid", root, "test", TO_TENSOR).groups == [[3], [5, 6], [7]]
 
 
 def test_karpathy_json_and_caption_list(tmp_path):
     items = [(img, [f"caption {i}.{j}" for j in range(5)]) for i, img in enumerate(images(3))]
     root = fx.write_karpathy(tmp_path / "f", "dataset_flickr30k.json", "flickr30k-images", items)
-    ds = readers.captions_json("flickr30k", root, "test", TO_TENSOR,
-                               "dataset_flickr30k.json", "flickr30k-images")
+    ds = readers.captions_json(
+        "flickr30k", root, "test", TO_TENSOR, "dataset_flickr30k.json", "flickr30k-images"
+    )
     assert len(ds) == 3 and ds[2][1] == items[2][1]  # the extra train image is skipped
     root = fx.write_caption_list(tmp_path / "c", "coco_test.json", items)
     ds = readers.captions_json("coco", root, "test", TO_TENSOR, "coco_test.json")
@@ -185,8 +222,9 @@ def test_karpathy_json_and_caption_list(tmp_path):
 def test_voc_mnist_through_clip_benchmark_and_jsonl(tmp_path):
     from clip_benchmark.datasets.voc2007 import object_categories
 
-    voc = fx.write_voc(tmp_path / "voc", [(images(1)[0], [0, 14]), (images(1, 5)[0], [3])],
-                       object_categories)
+    voc = fx.write_voc(
+        tmp_path / "voc", [(images(1)[0], [0, 14]), (images(1, 5)[0], [3])], object_categories
+    )
     ds = clip_benchmark_set("voc2007", voc, "test", TO_TENSOR, builder="voc2007_multilabel")
     assert ds[0][1].nonzero().flatten().tolist() == [0, 14] and ds[1][1].sum() == 1
     digits = [(np.full((28, 28), 20 * i, np.uint8), i) for i in range(10)]
@@ -194,7 +232,9 @@ def test_voc_mnist_through_clip_benchmark_and_jsonl(tmp_path):
     ds = clip_benchmark_set("mnist", tmp_path / "mnist", "test", TO_TENSOR, builder="mnist")
     assert len(ds) == 10 and ds[3][1] == 3 and ds.classes == metadata.classnames("cb:mnist")
     assert ds[3][0].mean() == pytest.approx(60 / 255, abs=1e-6)  # the pixels written
-    hm = fx.write_jsonl(tmp_path / "hm", "dev_seen", [(img, i % 2) for i, img in enumerate(images(4))])
+    hm = fx.write_jsonl(
+        tmp_path / "hm", "dev_seen", [(img, i % 2) for i, img in enumerate(images(4))]
+    )
     ds = readers.jsonl("hateful_memes", hm, "dev_seen", TO_TENSOR)
     assert [ds[i][1] for i in range(4)] == [0, 1, 0, 1]
 
@@ -215,11 +255,17 @@ def test_class_names_and_templates_from_data_or_config(tmp_path):
     ds = build_split("ucf101", cfg.eval_data.ucf101, "test")  # folders named by label: no names
     assert ds.classes is None and ds[0][0].shape == (3, 8, 8)  # the configured transform
     assert class_names(cfg.eval_data.ucf101, ds) == metadata.classnames("clip:UCF101")
-    assert prompt_templates(cfg.eval_data.ucf101, ds, "simple7") == metadata.templates("clip:UCF101")
+    assert prompt_templates(cfg.eval_data.ucf101, ds, "simple7") == metadata.templates(
+        "clip:UCF101"
+    )
     fx.write_wds(tmp_path / "imagenet", "test", [(images(1)[0], 0)], ["tench"] * 1000, ["x {}"])
     for kind, n in (("simple7", 7), ("openai80", 80)):
-        cfg = eval_cfg("eval_data=imagenet", f"data_root={tmp_path}",
-                       f"zeroshot.imagenet_templates={kind}", tmp_path=tmp_path)
+        cfg = eval_cfg(
+            "eval_data=imagenet",
+            f"data_root={tmp_path}",
+            f"zeroshot.imagenet_templates={kind}",
+            tmp_path=tmp_path,
+        )
         ds = build_split("imagenet", cfg.eval_data.imagenet, "test")
         assert len(prompt_templates(cfg.eval_data.imagenet, ds, kind)) == n
         assert class_names(cfg.eval_data.imagenet, ds) == ["tench"] * 1000  # the export's own

@@ -1,6 +1,7 @@
 """Paper experiments (`conf/experiment/`): every file composes and builds its model; the
 full-scale ones equal the official FLIP code's values; multirun globs give exactly a
 table's rows (coupled axes, never a Cartesian product)."""
+
 import pytest
 import torch
 from hydra import initialize_config_dir
@@ -34,30 +35,73 @@ OFFICIAL = {
     "table2_vit_l16": {**COMMON, "arch": "vit_l16"},
     "table2_vit_h14": {**COMMON, "arch": "vit_h14", "warmup": 200},
     # footnote 3: L/16 tuned at patch 14 like unmasked tuning (README "2. Unmasked tuning")
-    "table2_vit_l14": {**COMMON, "arch": "vit_l14", "mask": 0.0, "base_lr": 4e-8,
-                       "epochs": 100, "warmup": 20},
+    "table2_vit_l14": {
+        **COMMON,
+        "arch": "vit_l14",
+        "mask": 0.0,
+        "base_lr": 4e-8,
+        "epochs": 100,
+        "warmup": 20,
+    },
     "table8_baseline": {**COMMON, "arch": "vit_l16"},
     "table8_model": {**COMMON, "arch": "vit_h14", "warmup": 200},
     "table8_data": {**COMMON, "arch": "vit_l16"},
     "table8_schedule": {**COMMON, "arch": "vit_l16", "epochs": 20000, "base_lr": 2e-6},
     "table8_model_data": {**COMMON, "arch": "vit_h14", "warmup": 200},
-    "table8_joint": {**COMMON, "arch": "vit_h14", "warmup": 200, "epochs": 20000,
-                     "base_lr": 2e-6},
-    **{f"table1a_mask{m}": {**COMMON, "arch": "vit_l16", "epochs": 2000, "mask": m / 100,
-                            "global": g} for m, g in ((0, 16384), (50, 32768), (75, 65536))},
-    **{f"table1b_m{m}_b{b}k": {**COMMON, "arch": "vit_l16", "epochs": 2000, "mask": m / 100,
-                               "global": b * 1024} for m in (50, 75) for b in (16, 32, 64)},
-    **{f"table1c_{row}": {**COMMON, "arch": "vit_l16", "epochs": 2000, "mask": 0.75,
-                          "text": text} for row, text in (("baseline", (0.0, "random")),
-                                                          ("random", (0.5, "random")),
-                                                          ("prioritized", (0.5, "prioritized")))},
-    **{f"table1{t}_mask{m}": {**COMMON, "arch": "vit_l16", "epochs": 2000, "mask": m / 100,
-                              "global": g, "tuned": t == "e", "reconstruction": t == "f"}
-       for t in "ef" for m, g in ((50, 32768), (75, 65536))},
-    **{f"fig3_mask{m}_ep{ep}": {**COMMON, "arch": "vit_l16", "epochs": virtual, "mask": m / 100,
-                                "global": g}
-       for m, g in ((0, 16384), (50, 32768), (75, 65536))
-       for ep, virtual in (("6.4", 2000), ("12.8", 4000), ("32", 10000))},
+    "table8_joint": {**COMMON, "arch": "vit_h14", "warmup": 200, "epochs": 20000, "base_lr": 2e-6},
+    **{
+        f"table1a_mask{m}": {
+            **COMMON,
+            "arch": "vit_l16",
+            "epochs": 2000,
+            "mask": m / 100,
+            "global": g,
+        }
+        for m, g in ((0, 16384), (50, 32768), (75, 65536))
+    },
+    **{
+        f"table1b_m{m}_b{b}k": {
+            **COMMON,
+            "arch": "vit_l16",
+            "epochs": 2000,
+            "mask": m / 100,
+            "global": b * 1024,
+        }
+        for m in (50, 75)
+        for b in (16, 32, 64)
+    },
+    **{
+        f"table1c_{row}": {**COMMON, "arch": "vit_l16", "epochs": 2000, "mask": 0.75, "text": text}
+        for row, text in (
+            ("baseline", (0.0, "random")),
+            ("random", (0.5, "random")),
+            ("prioritized", (0.5, "prioritized")),
+        )
+    },
+    **{
+        f"table1{t}_mask{m}": {
+            **COMMON,
+            "arch": "vit_l16",
+            "epochs": 2000,
+            "mask": m / 100,
+            "global": g,
+            "tuned": t == "e",
+            "reconstruction": t == "f",
+        }
+        for t in "ef"
+        for m, g in ((50, 32768), (75, 65536))
+    },
+    **{
+        f"fig3_mask{m}_ep{ep}": {
+            **COMMON,
+            "arch": "vit_l16",
+            "epochs": virtual,
+            "mask": m / 100,
+            "global": g,
+        }
+        for m, g in ((0, 16384), (50, 32768), (75, 65536))
+        for ep, virtual in (("6.4", 2000), ("12.8", 4000), ("32", 10000))
+    },
 }
 
 
@@ -73,7 +117,9 @@ def test_every_experiment_composes_and_builds_its_model(name, tmp_path):
 
 def test_every_full_scale_experiment_is_in_the_official_table():
     transfer = ("table3_", "table7_")  # downstream tasks: tests/test_{finetune,captioning,vqa}.py
-    pretraining = [n for n in EXPERIMENTS if n.startswith(("table", "fig")) and not n.startswith(transfer)]
+    pretraining = [
+        n for n in EXPERIMENTS if n.startswith(("table", "fig")) and not n.startswith(transfer)
+    ]
     assert sorted(pretraining) == sorted(OFFICIAL)
 
 
@@ -84,7 +130,12 @@ def test_full_scale_values_equal_the_official_code(name, tmp_path):
     (patch, width, depth, heads), (t_width, t_depth, t_heads), proj = ARCH[want["arch"]]
     image, text = cfg.model.image, cfg.model.text
     assert (image.patch_size, image.width, image.depth, image.heads) == (patch, width, depth, heads)
-    assert (text.width, text.depth, text.heads, cfg.model.embed_dim) == (t_width, t_depth, t_heads, proj)
+    assert (text.width, text.depth, text.heads, cfg.model.embed_dim) == (
+        t_width,
+        t_depth,
+        t_heads,
+        proj,
+    )
     assert (image.image_size, text.context_length, text.pool) == (224, 32, "first")
     assert (image.class_token, image.pool) == (True, "avg")
     assert cfg.mask == want["mask"] and image.mask_ratio == want["mask"]
@@ -101,7 +152,10 @@ def test_full_scale_values_equal_the_official_code(name, tmp_path):
     assert (tuning is not None) == want.get("tuned", False)
     if tuning is not None:
         assert (tuning.base_lr, tuning.total_samples, tuning.warmup_samples) == (
-            4e-8, 100 * EPOCH, 20 * EPOCH)
+            4e-8,
+            100 * EPOCH,
+            20 * EPOCH,
+        )
     auxiliary = set(cfg.objective.auxiliary)
     assert auxiliary == ({"reconstruction"} if want.get("reconstruction") else set())
 
@@ -128,20 +182,36 @@ def sweep(*arguments: str) -> list[list[str]]:
     return [job for batch in batches for job in batch]
 
 
-@pytest.mark.parametrize("table, rows", [("table1a", 3), ("table1b", 6), ("table1c", 3),
-                                         ("table1e", 2), ("table1f", 2), ("table2", 4),
-                                         ("table8", 6), ("fig3_mask50", 3), ("fig3", 9)])
+@pytest.mark.parametrize(
+    "table, rows",
+    [
+        ("table1a", 3),
+        ("table1b", 6),
+        ("table1c", 3),
+        ("table1e", 2),
+        ("table1f", 2),
+        ("table2", 4),
+        ("table8", 6),
+        ("fig3_mask50", 3),
+        ("fig3", 9),
+    ],
+)
 def test_one_glob_runs_exactly_the_tables_rows(table, rows):
     jobs = sweep(f"experiment=glob({table}_*)")
     assert len(jobs) == rows
     assert sorted(job[0].split("=")[1] for job in jobs) == sorted(
-        n for n in EXPERIMENTS if n.startswith(f"{table}_"))
+        n for n in EXPERIMENTS if n.startswith(f"{table}_")
+    )
 
 
 def test_table1a_couples_mask_and_batch(tmp_path):
-    pairs = {(compose_train(*job, output_dir=tmp_path).mask,
-              compose_train(*job, output_dir=tmp_path).batch["global"])
-             for job in sweep("experiment=glob(table1a_*)")}
+    pairs = {
+        (
+            compose_train(*job, output_dir=tmp_path).mask,
+            compose_train(*job, output_dir=tmp_path).batch["global"],
+        )
+        for job in sweep("experiment=glob(table1a_*)")
+    }
     assert pairs == {(0.0, 16384), (0.5, 32768), (0.75, 65536)}
 
 
@@ -149,24 +219,43 @@ def test_table1a_couples_mask_and_batch(tmp_path):
 # batch, text masking, reconstruction, length in epochs of the stream), the paper's batches
 # 16k/32k/64k scaled by 1/512 and lengths as epochs of the 1000-scene embedded stream.
 MINI_AXES = {
-    "table1a": {(0.0, 32, 0.0, "random", False, 6.4), (0.5, 64, 0.0, "random", False, 6.4),
-                (0.75, 128, 0.0, "random", False, 6.4)},
+    "table1a": {
+        (0.0, 32, 0.0, "random", False, 6.4),
+        (0.5, 64, 0.0, "random", False, 6.4),
+        (0.75, 128, 0.0, "random", False, 6.4),
+    },
     "table1b": {(m, b, 0.0, "random", False, 6.4) for m in (0.5, 0.75) for b in (32, 64, 128)},
-    "table1c": {(0.75, 128, r, k, False, 6.4)
-                for r, k in ((0.0, "random"), (0.5, "random"), (0.5, "prioritized"))},
+    "table1c": {
+        (0.75, 128, r, k, False, 6.4)
+        for r, k in ((0.0, "random"), (0.5, "random"), (0.5, "prioritized"))
+    },
     "table1e": {(0.0, 32, 0.0, "random", False, 0.32)},  # tunes 1a's mask-0.5/0.75 checkpoints
     "table1f": {(0.5, 64, 0.0, "random", True, 6.4), (0.75, 128, 0.0, "random", True, 6.4)},
-    "fig3": {(m, b, 0.0, "random", False, ep) for m, b in ((0.0, 32), (0.5, 64), (0.75, 128))
-             for ep in (6.4, 12.8, 32.0)},
+    "fig3": {
+        (m, b, 0.0, "random", False, ep)
+        for m, b in ((0.0, 32), (0.5, 64), (0.75, 128))
+        for ep in (6.4, 12.8, 32.0)
+    },
 }
-MINI_SMOKE = ["mini_table1a_mask50", "mini_table1b_m75_b32", "mini_table1c_prioritized",
-              "mini_table1f_mask75", "mini_fig3_mask75_ep6.4", "mini_table1e_mask50"]
+MINI_SMOKE = [
+    "mini_table1a_mask50",
+    "mini_table1b_m75_b32",
+    "mini_table1c_prioritized",
+    "mini_table1f_mask75",
+    "mini_fig3_mask75_ep6.4",
+    "mini_table1e_mask50",
+]
 
 
 def _axes(cfg, epoch_samples: float, batch_scale: int) -> tuple:
-    return (cfg.mask, cfg.batch["global"] // batch_scale, cfg.model.text.mask_ratio,
-            cfg.model.text.mask_kind, "reconstruction" in cfg.objective.get("auxiliary", {}),
-            round(cfg.schedule.total_samples / epoch_samples, 2))
+    return (
+        cfg.mask,
+        cfg.batch["global"] // batch_scale,
+        cfg.model.text.mask_ratio,
+        cfg.model.text.mask_kind,
+        "reconstruction" in cfg.objective.get("auxiliary", {}),
+        round(cfg.schedule.total_samples / epoch_samples, 2),
+    )
 
 
 @pytest.mark.parametrize("table", sorted(MINI_AXES))
@@ -182,15 +271,20 @@ def test_mini_experiments_have_their_tables_axes_on_the_compute_bound_miniature(
         assert cfg.schedule.total_samples <= 32_000  # a few CPU minutes
         steps = cfg.schedule.total_samples // cfg.batch["global"]
         assert steps // cfg.trainer.val_check_interval >= (5 if table == "fig3" else 1)
-        assert cfg.objective.get("auxiliary", {}).get("reconstruction", {"width": 0})["width"] \
-            < cfg.model.image.width  # the decoder scaled down with the encoder
+        assert (
+            cfg.objective.get("auxiliary", {}).get("reconstruction", {"width": 0})["width"]
+            < cfg.model.image.width
+        )  # the decoder scaled down with the encoder
     if table == "table1e":  # the pre-trained checkpoint comes from the command line
         assert all(c.needs_init_from and c.init_from is None for c in cfgs)  # start-up refuses
         assert {c.tags[2] for c in cfgs} == {"mask0.5", "mask0.75"} and len(cfgs) == 2
     full = [n for n in EXPERIMENTS if n.startswith(f"{table}_")]
     if full and table != "table1e":  # the full-scale table: same rows, batch / 512
-        want = {_axes(c, 312.5 * EPOCH, 512)[:5] + (round(c.schedule.total_samples / (312.5 * EPOCH), 2),)
-                for c in (compose_train(f"experiment={n}", output_dir=tmp_path) for n in full)}
+        want = {
+            _axes(c, 312.5 * EPOCH, 512)[:5]
+            + (round(c.schedule.total_samples / (312.5 * EPOCH), 2),)
+            for c in (compose_train(f"experiment={n}", output_dir=tmp_path) for n in full)
+        }
         assert want == MINI_AXES[table]
 
 
@@ -198,15 +292,22 @@ def test_one_mini_experiment_per_table_trains_and_writes_its_result(tmp_path):
     import json  # noqa: PLC0415
 
     from flip.train import train  # noqa: PLC0415
+
     ckpt = None
     for name in MINI_SMOKE:
         out = tmp_path / name
         batch = compose_train(f"experiment={name}", "init_from=/x", output_dir=out).batch["global"]
         extra = [f"init_from={ckpt}"] if name.startswith("mini_table1e") else []
-        cfg = compose_train(f"experiment={name}", f"schedule.total_samples={2 * batch}",
-                            "schedule.warmup_samples=1", "data.zeroshot.size=40",
-                            "data.num_workers=0", "trainer.enable_progress_bar=false", *extra,
-                            output_dir=out)
+        cfg = compose_train(
+            f"experiment={name}",
+            f"schedule.total_samples={2 * batch}",
+            "schedule.warmup_samples=1",
+            "data.zeroshot.size=40",
+            "data.num_workers=0",
+            "trainer.enable_progress_bar=false",
+            *extra,
+            output_dir=out,
+        )
         metrics = train(cfg)
         record = json.loads((out / "result.json").read_text())
         assert record["metrics"]["train/samples_seen"] == 2 * batch

@@ -1,6 +1,7 @@
 """Fine-tuning (paper Table 3, MAE's recipe): layer-decay groups, the mixup/soft-target loss,
 the head, the schedule, EMA, the ImageFolder and shapes data, `train.py task=finetune` and
 the full-scale experiment configs."""
+
 import json
 import math
 import re
@@ -27,8 +28,15 @@ from flip.tasks.finetune import FinetuneModule
 from tests.conftest import CONF, compose_train
 
 # a tiny tower: 32 px images on 8-px patches (16 patches), width 32
-TINY = ["model.image.width=32", "model.image.heads=1", "model.text.width=32",
-        "model.text.depth=1", "model.text.heads=1", "model.embed_dim=16", "data.image_size=32"]
+TINY = [
+    "model.image.width=32",
+    "model.image.heads=1",
+    "model.text.width=32",
+    "model.text.depth=1",
+    "model.text.heads=1",
+    "model.embed_dim=16",
+    "data.image_size=32",
+]
 QUIET = ["logger=none", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 
 
@@ -48,9 +56,15 @@ def checkpoint(tmp_path_factory):
 
 
 def trainer(**kwargs) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False,
-                     num_sanity_val_steps=0, **kwargs)
+    return L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kwargs,
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -61,33 +75,52 @@ def test_layer_decay_groups_match_the_hand_table():
     """Depth 3, decay 0.5: block i gets 0.5^(3 + 1 - (i + 1)), the stem 0.5^4, the final
     norm, fc_norm and head 1 (MAE get_layer_id_for_vit); weight decay on matrices only
     (not on biases, norms, class token)."""
-    module = FinetuneModule(tiny_model_config(depth=3), num_classes=7, layer_decay=0.5,
-                            weight_decay=0.05, base_lr=1e-3, global_batch=512)
+    module = FinetuneModule(
+        tiny_model_config(depth=3),
+        num_classes=7,
+        layer_decay=0.5,
+        weight_decay=0.05,
+        base_lr=1e-3,
+        global_batch=512,
+    )
     name_of = {id(p): n for n, p in module.model.named_parameters()}
-    got = {name_of[id(p)]: (g["lr_scale"], g["weight_decay"], g["lr"])
-           for g in module.param_groups() for p in g["params"]}
+    got = {
+        name_of[id(p)]: (g["lr_scale"], g["weight_decay"], g["lr"])
+        for g in module.param_groups()
+        for p in g["params"]
+    }
     d = 0.5
-    expected = {"visual.cls_token": (d ** 4, 0.0),
-                "visual.patch_embed.proj.weight": (d ** 4, 0.05),
-                "visual.patch_embed.proj.bias": (d ** 4, 0.0),
-                "visual.norm.weight": (1.0, 0.0), "visual.norm.bias": (1.0, 0.0),
-                "fc_norm.weight": (1.0, 0.0), "fc_norm.bias": (1.0, 0.0),
-                "head.weight": (1.0, 0.05), "head.bias": (1.0, 0.0)}
-    for i, scale in enumerate([d ** 3, d ** 2, d ** 1]):
+    expected = {
+        "visual.cls_token": (d**4, 0.0),
+        "visual.patch_embed.proj.weight": (d**4, 0.05),
+        "visual.patch_embed.proj.bias": (d**4, 0.0),
+        "visual.norm.weight": (1.0, 0.0),
+        "visual.norm.bias": (1.0, 0.0),
+        "fc_norm.weight": (1.0, 0.0),
+        "fc_norm.bias": (1.0, 0.0),
+        "head.weight": (1.0, 0.05),
+        "head.bias": (1.0, 0.0),
+    }
+    for i, scale in enumerate([d**3, d**2, d**1]):
         for part in ("norm1", "norm2"):
-            expected |= {f"visual.blocks.{i}.{part}.weight": (scale, 0.0),
-                         f"visual.blocks.{i}.{part}.bias": (scale, 0.0)}
+            expected |= {
+                f"visual.blocks.{i}.{part}.weight": (scale, 0.0),
+                f"visual.blocks.{i}.{part}.bias": (scale, 0.0),
+            }
         for part in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
-            expected |= {f"visual.blocks.{i}.{part}.weight": (scale, 0.05),
-                         f"visual.blocks.{i}.{part}.bias": (scale, 0.0)}
+            expected |= {
+                f"visual.blocks.{i}.{part}.weight": (scale, 0.05),
+                f"visual.blocks.{i}.{part}.bias": (scale, 0.0),
+            }
     assert {n: v[:2] for n, v in got.items()} == expected
     peak = 1e-3 * 512 / 256  # base_lr x global batch / 256
     assert all(lr == pytest.approx(peak * scale) for scale, _, lr in got.values())
 
 
 def test_lr_schedule_is_mae_warmup_then_cosine_to_min_lr():
-    module = FinetuneModule(tiny_model_config(), num_classes=3, base_lr=1e-3,
-                            global_batch=256, min_lr=1e-5)
+    module = FinetuneModule(
+        tiny_model_config(), num_classes=3, base_lr=1e-3, global_batch=256, min_lr=1e-5
+    )
     warmup, total = 10, 110
     f = [module.lr_factor(s, warmup, total) for s in (0, 5, 10, 60, 110)]
     # MAE adjust_learning_rate: lr x t / warmup, then min + (lr - min) x (1 + cos) / 2
@@ -128,15 +161,17 @@ def test_head_shape_initialisation_and_patch_pooling(checkpoint):
 
 
 def test_mixup_loss_is_timms_soft_target_loss_on_the_same_mixed_batch():
-    module = FinetuneModule(tiny_model_config(), num_classes=10, mixup=0.8, cutmix=1.0,
-                            smoothing=0.1).eval()  # eval: no drop path, same forward twice
+    module = FinetuneModule(
+        tiny_model_config(), num_classes=10, mixup=0.8, cutmix=1.0, smoothing=0.1
+    ).eval()  # eval: no drop path, same forward twice
     torch.nn.init.normal_(module.model.head.weight)  # logits that depend on the image
     images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
     np.random.seed(3)  # Mixup draws lambda and mixup-or-cutmix from numpy
     loss = module.loss(images.clone(), labels)
     np.random.seed(3)
-    mixed, soft = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1,
-                        num_classes=10)(images.clone(), labels)
+    mixed, soft = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=10)(
+        images.clone(), labels
+    )
     assert soft.shape == (8, 10) and torch.allclose(soft.sum(1), torch.ones(8))
     assert soft.min() == pytest.approx(0.1 / 10)  # smoothing inside the mixed targets
     assert not torch.equal(mixed, images)
@@ -147,8 +182,9 @@ def test_mixup_loss_is_timms_soft_target_loss_on_the_same_mixed_batch():
 
 
 def test_without_mixup_the_loss_is_label_smoothing_cross_entropy():
-    module = FinetuneModule(tiny_model_config(), num_classes=10, mixup=0.0, cutmix=0.0,
-                            smoothing=0.1).eval()
+    module = FinetuneModule(
+        tiny_model_config(), num_classes=10, mixup=0.0, cutmix=0.0, smoothing=0.1
+    ).eval()
     torch.nn.init.normal_(module.model.head.weight)
     assert module.mixup is None
     images, labels = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4, 9])
@@ -158,7 +194,8 @@ def test_without_mixup_the_loss_is_label_smoothing_cross_entropy():
     by_hand = (0.9 * -logp[torch.arange(6), labels] + 0.1 * -logp.mean(-1)).mean()
     assert loss.item() == pytest.approx(by_hand.item(), rel=1e-6)
     assert loss.item() == pytest.approx(
-        LabelSmoothingCrossEntropy(0.1)(module(images), labels).item(), rel=1e-6)
+        LabelSmoothingCrossEntropy(0.1)(module(images), labels).item(), rel=1e-6
+    )
 
 
 def test_mixup_with_an_odd_batch_stops_at_start():
@@ -179,8 +216,9 @@ def write_image_folder(root, classes, per_class, size=(48, 40), seed=0):
         (root / wnid).mkdir(parents=True)
         for i in range(per_class):
             pixels = np.clip(np.array(rgb) + rng.normal(0, 25, (size[1], size[0], 3)), 0, 255)
-            Image.fromarray(pixels.astype(np.uint8)).save(root / wnid / f"{wnid}_{i}.JPEG",
-                                                          quality=90)
+            Image.fromarray(pixels.astype(np.uint8)).save(
+                root / wnid / f"{wnid}_{i}.JPEG", quality=90
+            )
 
 
 CLASSES = {"n01440764": (200, 40, 40), "n01443537": (40, 180, 60), "n01484850": (40, 60, 200)}
@@ -195,9 +233,15 @@ def imagenet(tmp_path_factory):
 
 
 def imagenet_data(root, batch_size, *overrides):
-    cfg = compose_train("task=finetune", "data=imagenet", f"data.train.root={root / 'train'}",
-                        f"data.val.root={root / 'val'}", "data.image_size=32",
-                        "data.num_workers=0", *overrides)
+    cfg = compose_train(
+        "task=finetune",
+        "data=imagenet",
+        f"data.train.root={root / 'train'}",
+        f"data.val.root={root / 'val'}",
+        "data.image_size=32",
+        "data.num_workers=0",
+        *overrides,
+    )
     return hydra.utils.instantiate(cfg.data, batch_size=batch_size)
 
 
@@ -212,8 +256,16 @@ def test_imagenet_folder_few_steps_loss_falls(imagenet, checkpoint):
     image, label = data.val_set[7]
     assert image.shape == (3, 32, 32) and label == 1
     L.seed_everything(0)
-    module = FinetuneModule(tiny_model_config(), **data.task_args, epochs=8, base_lr=0.05,
-                            global_batch=12, warmup_epochs=1, mixup=0.0, cutmix=0.0)
+    module = FinetuneModule(
+        tiny_model_config(),
+        **data.task_args,
+        epochs=8,
+        base_lr=0.05,
+        global_batch=12,
+        warmup_epochs=1,
+        mixup=0.0,
+        cutmix=0.0,
+    )
     module.load_pretrained(model_state(load_checkpoint(checkpoint)), "test")
     # no inference mode: metric states first made in validate() stay usable in fit
     run = trainer(max_epochs=8, inference_mode=False)
@@ -233,16 +285,26 @@ def test_imagenet_folders_with_different_classes_are_refused(tmp_path):
     write_image_folder(tmp_path / "train", CLASSES, per_class=1)
     write_image_folder(tmp_path / "val", dict(list(CLASSES.items())[:2]), per_class=1)
     with pytest.raises(ValueError, match="different classes .*n01484850"):
-        ClassificationDataModule(partial(ImageFolder, tmp_path / "train"),
-                                 partial(ImageFolder, tmp_path / "val"), image_size=32)
+        ClassificationDataModule(
+            partial(ImageFolder, tmp_path / "train"),
+            partial(ImageFolder, tmp_path / "val"),
+            image_size=32,
+        )
 
 
 def test_mae_transforms():
-    dm = ClassificationDataModule(partial(ShapesClasses, size=4), partial(ShapesClasses, size=4),
-                                  image_size=224)
+    dm = ClassificationDataModule(
+        partial(ShapesClasses, size=4), partial(ShapesClasses, size=4), image_size=224
+    )
     names = [type(t).__name__ for t in dm.train_transform.transforms]
-    assert names == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip",
-                     "RandAugment", "MaybeToTensor", "Normalize", "RandomErasing"]
+    assert names == [
+        "RandomResizedCropAndInterpolation",
+        "RandomHorizontalFlip",
+        "RandAugment",
+        "MaybeToTensor",
+        "Normalize",
+        "RandomErasing",
+    ]
     erase = dm.train_transform.transforms[-1]
     assert erase.probability == 0.25 and erase.mode == "pixel"
     resize, crop = dm.eval_transform.transforms[:2]
@@ -273,9 +335,12 @@ def test_shapes_labels_match_the_rendered_scene():
 def shapes_data(batch_size=8, size=16):
     return ClassificationDataModule(
         partial(ShapesClasses, split="train", size=size, image_size=32),
-        partial(ShapesClasses, split="val", size=size, image_size=32), image_size=32,
-        batch_size=batch_size, augment={"auto_augment": None, "color_jitter": None},
-        eval_crop_pct=1.0)
+        partial(ShapesClasses, split="val", size=size, image_size=32),
+        image_size=32,
+        batch_size=batch_size,
+        augment={"auto_augment": None, "color_jitter": None},
+        eval_crop_pct=1.0,
+    )
 
 
 class LiveWeights(L.Callback):
@@ -292,13 +357,23 @@ class LiveWeights(L.Callback):
 @pytest.mark.parametrize("ema", [True, False])
 def test_ema_weights_and_validation_keys(checkpoint, ema):
     data = shapes_data()
-    module = FinetuneModule(tiny_model_config(), **data.task_args, epochs=1, base_lr=0.5,
-                            global_batch=8, warmup_epochs=0, ema=ema, ema_decay=0.9)
+    module = FinetuneModule(
+        tiny_model_config(),
+        **data.task_args,
+        epochs=1,
+        base_lr=0.5,
+        global_batch=8,
+        warmup_epochs=0,
+        ema=ema,
+        ema_decay=0.9,
+    )
     module.load_pretrained(model_state(load_checkpoint(checkpoint)), "test")
     if ema:  # the average starts at the pre-trained weights, not the random init
         state = model_state(load_checkpoint(checkpoint))
-        assert torch.equal(module.ema.module.visual.blocks[0].mlp.fc1.weight,
-                           state["visual.blocks.0.mlp.fc1.weight"])
+        assert torch.equal(
+            module.ema.module.visual.blocks[0].mlp.fc1.weight,
+            state["visual.blocks.0.mlp.fc1.weight"],
+        )
     live = LiveWeights()
     run = trainer(max_epochs=1, callbacks=[live])
     run.fit(module, datamodule=data)
@@ -322,20 +397,38 @@ def test_ema_weights_and_validation_keys(checkpoint, ema):
 @pytest.mark.slow
 def test_train_py_finetune_prints_the_summary_line(checkpoint, tmp_path):
     out = subprocess.run(
-        [sys.executable, "train.py", "task=finetune", f"init_from={checkpoint}",
-         "data.train.size=32", "data.val.size=40", "data.num_workers=0", "batch.global=16",
-         "task.epochs=1", *QUIET, f"output_dir={tmp_path}"],
-        capture_output=True, text=True, timeout=300, cwd=CONF.parent)
+        [
+            sys.executable,
+            "train.py",
+            "task=finetune",
+            f"init_from={checkpoint}",
+            "data.train.size=32",
+            "data.val.size=40",
+            "data.num_workers=0",
+            "batch.global=16",
+            "task.epochs=1",
+            *QUIET,
+            f"output_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=CONF.parent,
+    )
     assert out.returncode == 0, out.stderr
     line = out.stdout.strip().splitlines()[-1]
-    assert re.fullmatch(r"fine-tune top-1: \d+\.\d% \(top-5 \d+\.\d%\); trivial baseline: most "
-                        r"frequent class 2\.5%, chance 2\.5%", line), line
+    assert re.fullmatch(
+        r"fine-tune top-1: \d+\.\d% \(top-5 \d+\.\d%\); trivial baseline: most "
+        r"frequent class 2\.5%, chance 2\.5%",
+        line,
+    ), line
     record = json.loads((tmp_path / "result.json").read_text())
     assert f"{100 * record['metrics']['val/top1']:.1f}%" in line
     assert record["config"]["data"]["image_size"] == 32  # from the checkpoint
     # the fine-tuned checkpoint rebuilds its module from its own hyper-parameters
-    tuned = FinetuneModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt",
-                                                weights_only=False)
+    tuned = FinetuneModule.load_from_checkpoint(
+        tmp_path / "checkpoints" / "last.ckpt", weights_only=False
+    )
     assert tuned.hparams.num_classes == 40 and tuned.model.visual.width == 32
 
 
@@ -349,8 +442,12 @@ EXPECTED = {  # facebookresearch/mae FINETUNE.md: epochs, blr, layer_decay, drop
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_table3_configs_compose_with_maes_values(name):
-    cfg = compose_train(f"experiment=table3_{name}", "init_from=/ckpt/last.ckpt",
-                        "data.train.root=/in/train", "data.val.root=/in/val")
+    cfg = compose_train(
+        f"experiment=table3_{name}",
+        "init_from=/ckpt/last.ckpt",
+        "data.train.root=/in/train",
+        "data.val.root=/in/val",
+    )
     task = cfg.task
     assert (task.epochs, task.base_lr, task.layer_decay, task.drop_path) == EXPECTED[name]
     assert task._target_ == "flip.tasks.finetune.FinetuneModule"

@@ -2,41 +2,43 @@
 with a per-sample auxiliary term, with the text graph kept), on one process and through
 Lightning DDP with 2 gloo processes, where it also synchronises gradients once per step;
 the last micro-batch is not replayed and a kept text graph is not replayed either."""
-import copy
+
 import json
-from contextlib import contextmanager
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-
 from torch import nn
 
 from flip.grad_cache import cached_backward
 from flip.loss import contrastive_loss
 from flip.masking import Mask
 from flip.models.clip import FLIP, Features
-from flip.objective import Objective
 from flip.models.image_encoder import ImageEncoder
 from flip.models.text_encoder import TextEncoder
+from flip.objective import Objective
 
 B, SIZE = 8, 32
 
 
 def tiny_flip(drop_path: float = 0.0) -> FLIP:
     torch.manual_seed(0)
-    image = ImageEncoder(SIZE, patch_size=8, width=32, depth=2, heads=2, mask_ratio=0.5,
-                         drop_path=drop_path)
+    image = ImageEncoder(
+        SIZE, patch_size=8, width=32, depth=2, heads=2, mask_ratio=0.5, drop_path=drop_path
+    )
     text = TextEncoder(vocab_size=100, context_length=8, width=32, depth=2, heads=2)
     return FLIP(image, text, embed_dim=16).double().train()
 
 
 def batch(n: int = B, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, 3, SIZE, SIZE, generator=g, dtype=torch.float64),
-            torch.randint(1, 100, (n, 8), generator=g))
+    return (
+        torch.randn(n, 3, SIZE, SIZE, generator=g, dtype=torch.float64),
+        torch.randint(1, 100, (n, 8), generator=g),
+    )
 
 
 def grads(model: FLIP) -> dict[str, torch.Tensor]:
@@ -98,14 +100,16 @@ def test_cached_equals_one_shot_with_masking(micro):
     assert_same_grads(grads(cached), grads(reference))
 
 
-@pytest.mark.parametrize("micro, keep_text_graph", [(2, False), (4, False), (8, False),
-                                                    (2, True), (4, True)])
+@pytest.mark.parametrize(
+    "micro, keep_text_graph", [(2, False), (4, False), (8, False), (2, True), (4, True)]
+)
 def test_cached_equals_one_shot_with_an_auxiliary_term(micro, keep_text_graph):
     """The per-sample term is added in each micro-batch's backward (first pass for the
     last micro-batch, replay for the others); its parameters get the one-shot gradients
     too, and the reported parts add up to the loss."""
     loss, parts, cached_objective, ref_objective = cached_and_one_shot(
-        lambda: objective(aux=True), micro, keep_text_graph=keep_text_graph)
+        lambda: objective(aux=True), micro, keep_text_graph=keep_text_graph
+    )
     assert parts.keys() == {"contrastive", "penalty"} and parts["penalty"] > 0
     torch.testing.assert_close(parts["contrastive"] + parts["penalty"], loss, rtol=1e-12, atol=0)
     assert_same_grads(grads(cached_objective), grads(ref_objective), min_count=2)
@@ -123,8 +127,7 @@ def cached_and_one_shot(make_objective, micro: int, **options):
     noise = torch.rand(B, reference.visual.num_patches)
     expected_loss = one_shot(reference, images, tokens, noise.double(), ref_objective)
     torch.manual_seed(7)
-    loss, parts, _ = cached_backward(cached, cached_objective, images, tokens, micro,
-                                     **options)
+    loss, parts, _ = cached_backward(cached, cached_objective, images, tokens, micro, **options)
     torch.testing.assert_close(loss, expected_loss, rtol=1e-10, atol=0)
     assert_same_grads(grads(cached), grads(reference))
     return loss, parts, cached_objective, ref_objective
@@ -151,8 +154,10 @@ def test_second_pass_replays_dropout_randomness(keep_text_graph):
     micro = 2
     torch.manual_seed(3)  # reference: same RNG order as the cached first pass
     noise = torch.rand(B, reference.visual.num_patches).double()
-    features = [(reference.encode_image(images[c], Mask(0.5, noise[c])), reference.encode_text(tokens[c]))
-                for c in (slice(i, i + micro) for i in range(0, B, micro))]
+    features = [
+        (reference.encode_image(images[c], Mask(0.5, noise[c])), reference.encode_text(tokens[c]))
+        for c in (slice(i, i + micro) for i in range(0, B, micro))
+    ]
     image = torch.cat([f[0] for f in features])
     text = torch.cat([f[1] for f in features])
     expected_loss = contrastive_loss(image, text, reference.scale())
@@ -160,8 +165,9 @@ def test_second_pass_replays_dropout_randomness(keep_text_graph):
     after_reference = torch.rand(1)
     contrastive_only = objective()
     torch.manual_seed(3)
-    loss, _, _ = cached_backward(cached, contrastive_only, images, tokens, micro,
-                                 keep_text_graph=keep_text_graph)
+    loss, _, _ = cached_backward(
+        cached, contrastive_only, images, tokens, micro, keep_text_graph=keep_text_graph
+    )
     torch.testing.assert_close(loss, expected_loss.detach(), rtol=1e-10, atol=0)
     assert_same_grads(grads(cached), grads(reference))
     # the RNG continues where the first pass left it, not replayed twice
@@ -179,8 +185,13 @@ def test_lightning_ddp_two_processes_equals_one_shot(tmp_path):
     """2 gloo ranks x 4 samples, micro-batch 2 (gradient caching) through Lightning's DDP
     and PretrainModule; the synchronised gradients equal the one-process full batch."""
     script = Path(__file__).with_name("ddp_pretrain_step.py")
-    out = subprocess.run([sys.executable, str(script), str(tmp_path), "2"], capture_output=True,
-                         text=True, timeout=300, cwd=script.parent.parent)
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=script.parent.parent,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     meta = json.loads((tmp_path / "meta.json").read_text())
@@ -189,8 +200,13 @@ def test_lightning_ddp_two_processes_equals_one_shot(tmp_path):
     # batch 4 = the whole per-device batch), not one per micro-batch
     one_shot_dir = tmp_path / "one_shot"
     one_shot_dir.mkdir()
-    out = subprocess.run([sys.executable, str(script), str(one_shot_dir), "4"],
-                         capture_output=True, text=True, timeout=300, cwd=script.parent.parent)
+    out = subprocess.run(
+        [sys.executable, str(script), str(one_shot_dir), "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=script.parent.parent,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     one_shot_meta = json.loads((one_shot_dir / "meta.json").read_text())
     assert one_shot_meta["micro_batches"] == 1.0
@@ -220,6 +236,7 @@ def test_cached_equals_one_shot_with_text_masking(kind, keep_text_graph):
     """Text masking on (half of the 8 tokens kept): the replay reuses each sample's text
     mask (or its kept text graph), so loss and gradients equal the one-shot batch drawn
     with the same noise."""
+
     def model() -> FLIP:
         flip = tiny_flip()
         flip.text.mask_ratio, flip.text.mask_kind = 0.5, kind
@@ -231,15 +248,17 @@ def test_cached_equals_one_shot_with_text_masking(kind, keep_text_graph):
     torch.manual_seed(7)  # the order draw_masks draws in: image noise, then text noise
     image_noise = torch.rand(B, reference.visual.num_patches)
     text_noise = None if kind == "truncate" else torch.rand(B, 8)
-    features = reference.forward_features(images, tokens, Mask(0.5, image_noise.double()),
-                                          Mask(0.5, text_noise, kind))
+    features = reference.forward_features(
+        images, tokens, Mask(0.5, image_noise.double()), Mask(0.5, text_noise, kind)
+    )
     assert features.text_keep.shape == (B, 4)
     expected_loss = contrastive_loss(features.image, features.text, reference.scale())
     expected_loss.backward()
     contrastive_only = objective()  # seeds its own generator: before the masks' seed
     torch.manual_seed(7)
-    loss, _, _ = cached_backward(cached, contrastive_only, images, tokens, 2,
-                                 keep_text_graph=keep_text_graph)
+    loss, _, _ = cached_backward(
+        cached, contrastive_only, images, tokens, 2, keep_text_graph=keep_text_graph
+    )
     torch.testing.assert_close(loss, expected_loss.detach(), rtol=1e-10, atol=0)
     assert_same_grads(grads(cached), grads(reference))
 
@@ -277,6 +296,7 @@ class TextTokenPenalty(nn.Module):
 def test_kept_text_graph_feeds_the_per_sample_terms(micro):
     """keep_text_graph with text masking and a term on the text tokens: loss, the term
     and every gradient equal the one-shot batch."""
+
     def model() -> FLIP:
         flip = tiny_flip()
         flip.text.mask_ratio = 0.5
@@ -288,13 +308,15 @@ def test_kept_text_graph_feeds_the_per_sample_terms(micro):
     ref_objective, cached_objective = make(), make()
     torch.manual_seed(7)  # the order draw_masks draws in: image noise, then text noise
     image_noise, text_noise = torch.rand(B, reference.visual.num_patches), torch.rand(B, 8)
-    features = reference.forward_features(images, tokens, Mask(0.5, image_noise.double()),
-                                          Mask(0.5, text_noise))
+    features = reference.forward_features(
+        images, tokens, Mask(0.5, image_noise.double()), Mask(0.5, text_noise)
+    )
     expected_loss, expected_parts = ref_objective(features, reference.scale(), images, tokens)
     expected_loss.backward()
     torch.manual_seed(7)
-    loss, parts, _ = cached_backward(cached, cached_objective, images, tokens, micro,
-                                     keep_text_graph=True)
+    loss, parts, _ = cached_backward(
+        cached, cached_objective, images, tokens, micro, keep_text_graph=True
+    )
     torch.testing.assert_close(loss, expected_loss.detach(), rtol=1e-10, atol=0)
     torch.testing.assert_close(parts["text"], expected_parts["text"].detach(), rtol=1e-10, atol=0)
     assert_same_grads(grads(cached), grads(reference))
@@ -306,17 +328,21 @@ def tower_calls(model: FLIP) -> dict[str, int]:
 
     def count(tower):
         return lambda *_: calls.__setitem__(tower, calls[tower] + 1)
+
     model.visual.patch_embed.register_forward_hook(count("image"))
     model.text.token_embed.register_forward_hook(count("text"))
     return calls
 
 
-@pytest.mark.parametrize("micro, keep_text_graph, expected", [
-    (2, False, {"image": 7, "text": 7}),  # 4 first-pass forwards + 3 replays, not 4 + 4
-    (2, True, {"image": 7, "text": 4}),  # the text tower is never replayed
-    (4, False, {"image": 3, "text": 3}),
-    (8, False, {"image": 1, "text": 1}),  # one micro-batch: the one-shot step
-])
+@pytest.mark.parametrize(
+    "micro, keep_text_graph, expected",
+    [
+        (2, False, {"image": 7, "text": 7}),  # 4 first-pass forwards + 3 replays, not 4 + 4
+        (2, True, {"image": 7, "text": 4}),  # the text tower is never replayed
+        (4, False, {"image": 3, "text": 3}),
+        (8, False, {"image": 1, "text": 1}),  # one micro-batch: the one-shot step
+    ],
+)
 def test_the_last_micro_batch_is_not_replayed(micro, keep_text_graph, expected):
     model = tiny_flip()
     calls = tower_calls(model)
@@ -356,17 +382,30 @@ def test_pretrain_module_passes_keep_text_graph(keep_text_graph, text_forwards):
 
     model = tiny_flip()
     calls = tower_calls(model)
-    module = PretrainModule(model, global_batch=B, total_samples=B, warmup_samples=0,
-                            micro_batch=2, keep_text_graph=keep_text_graph)
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, precision="64-true", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)
+    module = PretrainModule(
+        model,
+        global_batch=B,
+        total_samples=B,
+        warmup_samples=0,
+        micro_batch=2,
+        keep_text_graph=keep_text_graph,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        precision="64-true",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, DataLoader(TensorDataset(*batch()), batch_size=B))
     assert calls == {"image": 7, "text": text_forwards}
 
 
-GRAD_CACHE_RESULTS = sorted((Path(__file__).parents[1] / "experiments" / "results")
-                            .glob("grad-cache-*.json"))
+GRAD_CACHE_RESULTS = sorted(
+    (Path(__file__).parents[1] / "experiments" / "results").glob("grad-cache-*.json")
+)
 
 
 @pytest.mark.parametrize("path", GRAD_CACHE_RESULTS, ids=lambda p: p.stem)
@@ -389,7 +428,10 @@ def test_committed_grad_cache_results_derive_from_their_raw_times(path):
         cpu = [t for r in runs for t in r["cpu_times"]]
         assert row["n"] == len(wall) == len(cpu) == settings["repeats"] * settings["rounds"]
         assert (row["median_s"], row["min_s"], row["max_s"]) == (
-            statistics.median(wall), min(wall), max(wall))
+            statistics.median(wall),
+            min(wall),
+            max(wall),
+        )
         assert row["cpu_median_s"] == statistics.median(cpu)
         assert row["ratio"] == row["median_s"] / base["median_s"]
         assert row["cpu_ratio"] == row["cpu_median_s"] / base["cpu_median_s"]
@@ -397,13 +439,17 @@ def test_committed_grad_cache_results_derive_from_their_raw_times(path):
     if "components" in settings["variants"]:
         n = settings["batch"] // settings["micro"]
         c = result["cost_model"]
-        parts = {k: statistics.median(t for r in result["runs"]["components"] for t in r[k])
-                 for k in ("image_inference", "text_inference", "forward_backward")}
+        parts = {
+            k: statistics.median(t for r in result["runs"]["components"] for t in r[k])
+            for k in ("image_inference", "text_inference", "forward_backward")
+        }
         graph_free = parts["image_inference"] + parts["text_inference"]
         assert c["predicted_cached"] == pytest.approx(
-            1 + (n - 1) / n * graph_free / parts["forward_backward"], rel=1e-12)
+            1 + (n - 1) / n * graph_free / parts["forward_backward"], rel=1e-12
+        )
         assert c["predicted_recompute"] == pytest.approx(
-            1 + graph_free / parts["forward_backward"], rel=1e-12)
+            1 + graph_free / parts["forward_backward"], rel=1e-12
+        )
     assert path.with_suffix(".md").read_text() == bench.to_markdown(result)
 
 
@@ -418,8 +464,9 @@ def test_cached_under_bf16_autocast_gives_every_weight_its_gradient(keep_text_gr
     reference.visual.mask_ratio = cached.visual.mask_ratio = 0.0  # the same tokens in both
     with torch.autocast("cpu", dtype=torch.bfloat16):
         one_shot(reference, images.float(), tokens, None)
-        cached_backward(cached, objective().float(), images.float(), tokens, 2,
-                        keep_text_graph=keep_text_graph)
+        cached_backward(
+            cached, objective().float(), images.float(), tokens, 2, keep_text_graph=keep_text_graph
+        )
     expected, actual = grads(reference), grads(cached)
     assert actual.keys() == expected.keys() and len(expected) >= 11
     for name in expected:

@@ -2,6 +2,7 @@
 the composed launcher, the sbatch script a sweep would submit (a fake `sbatch` records it),
 a real 3-job sweep with the local submitit launcher, and Lightning's requeue on SIGUSR1
 under simulated SLURM variables with submitit's own signal handlers installed."""
+
 import os
 import signal
 import subprocess
@@ -31,13 +32,20 @@ def compose_with_hydra(*overrides: str):
         return compose("train", overrides=list(overrides), return_hydra_config=True)
 
 
-def run(args: list[str], cwd: Path, path_prefix: Path | None = None, timeout: int = 300,
-        **env_vars: str):
+def run(
+    args: list[str], cwd: Path, path_prefix: Path | None = None, timeout: int = 300, **env_vars: str
+):
     env = dict(os.environ, HYDRA_FULL_ERROR="1", **env_vars)
     if path_prefix is not None:
         env["PATH"] = f"{path_prefix}{os.pathsep}{env['PATH']}"
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def fake_commands(directory: Path, **scripts: str) -> Path:
@@ -49,6 +57,7 @@ def fake_commands(directory: Path, **scripts: str) -> Path:
 
 
 # --- composition --------------------------------------------------------------------------
+
 
 def test_slurm_launcher_takes_its_size_from_the_trainer():
     cfg = compose_with_hydra("hydra/launcher=slurm", *GPU_4x8, "hydra.launcher.partition=gpu")
@@ -86,8 +95,10 @@ def test_local_launcher_runs_one_task_per_job():
 @pytest.mark.slow
 def test_cfg_prints_resolved_slurm_launcher(tmp_path):
     # Hydra 1.3 takes --cfg without -m/sweep values; the launcher does not depend on them.
-    out = run(["hydra/launcher=slurm", *GPU_4x8, "--cfg", "all", "-p", "hydra.launcher",
-               "--resolve"], cwd=tmp_path)
+    out = run(
+        ["hydra/launcher=slurm", *GPU_4x8, "--cfg", "all", "-p", "hydra.launcher", "--resolve"],
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     printed = yaml.safe_load(out.stdout)
     assert printed["_target_"] == SLURM_LAUNCHER
@@ -98,22 +109,28 @@ def test_cfg_prints_resolved_slurm_launcher(tmp_path):
 
 # --- what a sweep submits -----------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_sweep_submits_one_array_job_per_setting(tmp_path):
     """`train.py -m hydra/launcher=slurm mask=0,0.5,0.75` up to `sbatch`, which is a fake that
     records the script and fails, so nothing waits on a cluster."""
     record = tmp_path / "submitted.sh"
-    bin_dir = fake_commands(tmp_path / "bin", srun="exit 1",
-                            sbatch=f'cp "$1" {record}\necho "sbatch: fake" >&2\nexit 1')
+    bin_dir = fake_commands(
+        tmp_path / "bin", srun="exit 1", sbatch=f'cp "$1" {record}\necho "sbatch: fake" >&2\nexit 1'
+    )
     work = tmp_path / "work"
     work.mkdir()
-    out = run(["-m", "hydra/launcher=slurm", *GPU_4x8, "mask=0,0.5,0.75"], cwd=work,
-              path_prefix=bin_dir)
+    out = run(
+        ["-m", "hydra/launcher=slurm", *GPU_4x8, "mask=0,0.5,0.75"], cwd=work, path_prefix=bin_dir
+    )
     assert out.returncode != 0 and "sbatch: fake" in out.stderr + out.stdout
     for i, mask in enumerate(["0", "0.5", "0.75"]):
         assert f"#{i} : {' '.join(GPU_4x8)} mask={mask}" in out.stdout + out.stderr
-    flags = {line.split("=")[0]: line.partition("=")[2]
-             for line in record.read_text().splitlines() if line.startswith("#SBATCH")}
+    flags = {
+        line.split("=")[0]: line.partition("=")[2]
+        for line in record.read_text().splitlines()
+        if line.startswith("#SBATCH")
+    }
     assert flags["#SBATCH --array"] == "0-2%3"  # one SLURM job per setting
     assert flags["#SBATCH --nodes"] == "4"
     assert flags["#SBATCH --ntasks-per-node"] == "8"
@@ -145,7 +162,8 @@ def test_sweep_submits_one_array_job_per_setting(tmp_path):
             setup_globals()
             launcher = delayed.function
             job_cfg = launcher.hydra_context.config_loader.load_sweep_config(
-                launcher.config, overrides)
+                launcher.config, overrides
+            )
             job_dir = work / str(OmegaConf.select(job_cfg, job_dir_key))
             assert job_dir.resolve() == sweep_dir.resolve()
             masks.add(job_cfg.mask)
@@ -156,13 +174,24 @@ def test_sweep_submits_one_array_job_per_setting(tmp_path):
 
 # --- a real sweep through submitit on this machine ----------------------------------------
 
+
 @pytest.mark.slow
 def test_local_submitit_sweep_runs_three_jobs(tmp_path):
     sweep = tmp_path / "sweep"
     fast = [o for o in FAST if not o.startswith("schedule.total_samples=")]
-    out = run(["-m", "hydra/launcher=local", "mask=0,0.5,0.75", *fast, "schedule.total_samples=32",
-               "data.zeroshot.size=40", f"hydra.sweep.dir={sweep}"], cwd=tmp_path,
-              OMP_NUM_THREADS="1")  # 3 jobs at once on a small machine: no thread oversubscription
+    out = run(
+        [
+            "-m",
+            "hydra/launcher=local",
+            "mask=0,0.5,0.75",
+            *fast,
+            "schedule.total_samples=32",
+            "data.zeroshot.size=40",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        OMP_NUM_THREADS="1",
+    )  # 3 jobs at once on a small machine: no thread oversubscription
     assert out.returncode == 0, out.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert [p.name for p in jobs] == ["0", "1", "2"]
@@ -209,10 +238,20 @@ def test_lightning_requeues_on_sigusr1_and_resumes(tmp_path, monkeypatch):
     record = tmp_path / "scontrol.txt"
     bin_dir = fake_commands(tmp_path / "bin", scontrol=f'echo "$@" >> {record}\nkill -TERM $PPID')
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    slurm = dict(SLURM_JOB_ID="4242", SLURM_ARRAY_JOB_ID="4240", SLURM_ARRAY_TASK_ID="1",
-                 SLURM_JOB_NAME="train", SLURM_NTASKS="1", SLURM_NTASKS_PER_NODE="1",
-                 SLURM_NNODES="1", SLURM_NODEID="0", SLURM_PROCID="0", SLURM_LOCALID="0",
-                 SLURM_NODELIST="localhost", SUBMITIT_EXECUTOR="slurm")
+    slurm = dict(
+        SLURM_JOB_ID="4242",
+        SLURM_ARRAY_JOB_ID="4240",
+        SLURM_ARRAY_TASK_ID="1",
+        SLURM_JOB_NAME="train",
+        SLURM_NTASKS="1",
+        SLURM_NTASKS_PER_NODE="1",
+        SLURM_NNODES="1",
+        SLURM_NODEID="0",
+        SLURM_PROCID="0",
+        SLURM_LOCALID="0",
+        SLURM_NODELIST="localhost",
+        SUBMITIT_EXECUTOR="slurm",
+    )
     for key, value in slurm.items():
         monkeypatch.setenv(key, value)
 

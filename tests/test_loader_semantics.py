@@ -3,6 +3,7 @@
 Crop boxes are read back from the pixels of images whose red and green channels are their
 own x and y coordinates; the photographs are scikit-learn's two sample photos (JPEG q95).
 """
+
 import io
 
 import hydra
@@ -18,8 +19,8 @@ from sklearn.datasets import load_sample_images
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from flip.data.images import BadSample, decode_image
 from flip.data import transforms
+from flip.data.images import BadSample, decode_image
 from flip.data.shards import ShardDataModule, ShardStream
 from flip.data.transforms import (
     IMAGENET_MEAN,
@@ -162,8 +163,9 @@ def test_reduced_decoding_changes_pixels_by_about_a_grey_level(size, scale):
             scales.add(s)
             t, b = round(top / s) * s, round((top + height) / s) * s
             l, r = round(left / s) * s, round((left + width) / s) * s
-            same_box = TF.resized_crop(pixels, t, l, b - t, r - l, [size, size],
-                                       InterpolationMode.BICUBIC, antialias=True).float()
+            same_box = TF.resized_crop(
+                pixels, t, l, b - t, r - l, [size, size], InterpolationMode.BICUBIC, antialias=True
+            ).float()
             if flip:
                 same_box = same_box.flip(-1)
             torch.manual_seed(seed)
@@ -187,8 +189,12 @@ def test_simplejpeg_and_pil_decoders_give_the_same_crops(monkeypatch):
         if decoder == "pil":
             monkeypatch.setattr(transforms, "simplejpeg", None)
         torch.manual_seed(0)
-        outputs[decoder] = [DecodeRandomResizedCrop(size)(data) for size in sizes
-                            for data in jpegs for _ in range(3)]
+        outputs[decoder] = [
+            DecodeRandomResizedCrop(size)(data)
+            for size in sizes
+            for data in jpegs
+            for _ in range(3)
+        ]
     assert [mode for _, mode in outputs["pil"]] == (["RGB"] * 3 + ["L"] * 3) * len(sizes)
     for (a, mode_a), (b, mode_b) in zip(outputs["simplejpeg"], outputs["pil"]):
         assert mode_a == mode_b and torch.equal(a, b)
@@ -210,8 +216,12 @@ def test_data_draft_setting_reaches_the_decoder(tmp_path):
     reference = as_levels(train_transform(64)(Image.open(io.BytesIO(data)).convert("RGB")))
     outputs = {}
     for draft in (None, "false"):
-        cfg = compose_train("data=laion", f'data.shards="{pattern}"', "data.image_size=64",
-                            *([f"data.draft={draft}"] if draft else []))
+        cfg = compose_train(
+            "data=laion",
+            f'data.shards="{pattern}"',
+            "data.image_size=64",
+            *([f"data.draft={draft}"] if draft else []),
+        )
         dm = hydra.utils.instantiate(cfg.data)
         torch.manual_seed(3)
         outputs[draft] = dm.stream().decode(data)[0].float()
@@ -231,7 +241,7 @@ def test_greyscale_and_cmyk_jpegs_come_out_rgb_and_bad_bytes_are_bad_samples():
     with pytest.raises(BadSample, match="corrupt_image"):
         decode(b"not an image at all")
     with pytest.raises(BadSample, match="corrupt_image: image file is truncated"):
-        decode(grey[:len(grey) // 2])  # simplejpeg refuses it, PIL names it
+        decode(grey[: len(grey) // 2])  # simplejpeg refuses it, PIL names it
     with pytest.raises(BadSample, match="large_image"):
         decode(grey, max_pixels=300 * 200 - 1)
 
@@ -239,8 +249,7 @@ def test_greyscale_and_cmyk_jpegs_come_out_rgb_and_bad_bytes_are_bad_samples():
 def test_normalize_is_totensor_then_normalize_bit_for_bit():
     pixels = torch.randint(0, 256, (2, 3, 20, 24), dtype=torch.uint8)
     reference = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    expected = torch.stack([reference(Image.fromarray(p.permute(1, 2, 0).numpy()))
-                            for p in pixels])
+    expected = torch.stack([reference(Image.fromarray(p.permute(1, 2, 0).numpy())) for p in pixels])
     assert torch.equal(normalize(pixels), expected)
 
 
@@ -252,8 +261,9 @@ def write_solid_shards(root, colours, per_shard: int = 4) -> str:
         with wds.TarWriter(str(root / f"{s:05d}.tar")) as writer:
             for i in range(s * per_shard, (s + 1) * per_shard):
                 image = Image.new("RGB", (40 + i, 30), colours[i])
-                writer.write({"__key__": f"{i:09d}", "png": encode(image, "PNG"),
-                              "txt": f"colour {i}"})
+                writer.write(
+                    {"__key__": f"{i:09d}", "png": encode(image, "PNG"), "txt": f"colour {i}"}
+                )
     return str(root / f"{{00000..{n_shards - 1:05d}}}.tar")
 
 
@@ -304,8 +314,14 @@ def test_lightning_training_steps_receive_normalised_float_images(tmp_path):
     dm = HostBatches(pattern, image_size=16, batch_size=4, num_workers=0, shuffle_buffer=0)
     dm.host = []
     module = Recorder()
-    L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False).fit(module, datamodule=dm)
+    L.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(module, datamodule=dm)
     assert len(module.received) == 3
     for (images, tokens), (host_images, host_tokens) in zip(module.received, dm.host):
         assert host_images.dtype == torch.uint8 and images.dtype == torch.float32
@@ -318,11 +334,19 @@ def test_lightning_training_steps_receive_normalised_float_images(tmp_path):
 
 @pytest.mark.slow
 def test_pretraining_with_gradient_caching_runs_on_the_uint8_loader(tmp_path):
-    pattern = write_solid_shards(tmp_path / "shards", [(i * 30 % 256, 90, 200 - i) for i in
-                                                       range(32)])
-    metrics = train(compose_fast("data=laion", f'data.shards="{pattern}"', "data.image_size=32",
-                                 "data.shuffle_buffer=0", "batch.micro=8",
-                                 output_dir=tmp_path / "run"))
+    pattern = write_solid_shards(
+        tmp_path / "shards", [(i * 30 % 256, 90, 200 - i) for i in range(32)]
+    )
+    metrics = train(
+        compose_fast(
+            "data=laion",
+            f'data.shards="{pattern}"',
+            "data.image_size=32",
+            "data.shuffle_buffer=0",
+            "batch.micro=8",
+            output_dir=tmp_path / "run",
+        )
+    )
     assert metrics["train/samples_seen"] == 64.0
     assert metrics["train/micro_batches"] == 2.0  # the gradient-caching path ran
     assert np.isfinite(metrics["train/loss"])

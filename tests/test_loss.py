@@ -1,4 +1,5 @@
 """Symmetric InfoNCE (flip.loss): definition, local-loss chunks, and 2-process gathering."""
+
 import math
 import os
 import socket
@@ -43,8 +44,10 @@ def test_matches_definition(b, s):
 def test_matches_hand_loop_3x3():
     img, txt = _features(3, d=4, seed=7)
     s = 5.0
-    sim = [[s * sum(img[i, k].item() * txt[j, k].item() for k in range(4)) for j in range(3)]
-           for i in range(3)]
+    sim = [
+        [s * sum(img[i, k].item() * txt[j, k].item() for k in range(4)) for j in range(3)]
+        for i in range(3)
+    ]
 
     def ce_rows(m):  # mean over rows of -log softmax(row)[diagonal]
         total = 0.0
@@ -63,12 +66,15 @@ def test_matches_hand_loop_3x3():
 def test_perfect_alignment_small_loss_and_symmetry():
     img, _ = _features(8, seed=3)
     # identical, well-separated features at a large scale: loss close to 0
-    assert contrastive_loss(img, img, torch.tensor(100.0)).item() < _reference_loss(
-        img, img, 1.0).item()
+    assert (
+        contrastive_loss(img, img, torch.tensor(100.0)).item()
+        < _reference_loss(img, img, 1.0).item()
+    )
     # swapping the roles of images and texts leaves the symmetric loss unchanged
     a, b = _features(8, seed=4)
-    torch.testing.assert_close(contrastive_loss(a, b, torch.tensor(3.0)),
-                               contrastive_loss(b, a, torch.tensor(3.0)))
+    torch.testing.assert_close(
+        contrastive_loss(a, b, torch.tensor(3.0)), contrastive_loss(b, a, torch.tensor(3.0))
+    )
 
 
 @pytest.mark.parametrize("K", [2, 4])
@@ -79,8 +85,11 @@ def test_local_chunks_average_to_full_batch(K):
     s0 = torch.tensor(1 / 0.07, dtype=torch.float64)
 
     def leaves():
-        return (img0.clone().requires_grad_(), txt0.clone().requires_grad_(),
-                s0.clone().requires_grad_())
+        return (
+            img0.clone().requires_grad_(),
+            txt0.clone().requires_grad_(),
+            s0.clone().requires_grad_(),
+        )
 
     img, txt, s = leaves()
     full = contrastive_loss(img, txt, s)
@@ -101,8 +110,15 @@ def test_local_chunks_average_to_full_batch(K):
 
     # without the offset every chunk would take rows 0..b-1 as its positives: wrong loss
     img, txt, s = leaves()
-    wrong = sum(contrastive_loss(img[k * b:(k + 1) * b], txt[k * b:(k + 1) * b], s,
-                                 all_image=img, all_text=txt).item() for k in range(K)) / K
+    wrong = (
+        sum(
+            contrastive_loss(
+                img[k * b : (k + 1) * b], txt[k * b : (k + 1) * b], s, all_image=img, all_text=txt
+            ).item()
+            for k in range(K)
+        )
+        / K
+    )
     assert abs(wrong - full.item()) > 1e-2
 
 
@@ -133,14 +149,19 @@ class _TwoTower(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07), dtype=torch.float64))
 
     def forward(self, x_img, x_txt):
-        return (F.normalize(self.image(x_img), dim=-1), F.normalize(self.text(x_txt), dim=-1),
-                self.logit_scale.exp())
+        return (
+            F.normalize(self.image(x_img), dim=-1),
+            F.normalize(self.text(x_txt), dim=-1),
+            self.logit_scale.exp(),
+        )
 
 
 def _inputs():
     g = torch.Generator().manual_seed(1)
-    return (torch.randn(GLOBAL_BATCH, 6, generator=g, dtype=torch.float64),
-            torch.randn(GLOBAL_BATCH, 5, generator=g, dtype=torch.float64))
+    return (
+        torch.randn(GLOBAL_BATCH, 6, generator=g, dtype=torch.float64),
+        torch.randn(GLOBAL_BATCH, 5, generator=g, dtype=torch.float64),
+    )
 
 
 def _avg_grads(model):
@@ -178,8 +199,10 @@ def _ddp_worker(rank, port, out_dir):
         local.backward()
         local_grads = _avg_grads(model)
 
-        torch.save({"loss": avg_loss, "grads": grads, "local_grads": local_grads},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            {"loss": avg_loss, "grads": grads, "local_grads": local_grads},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 
@@ -192,8 +215,13 @@ def _free_port():
 
 @pytest.mark.slow
 def test_two_process_gather_equals_full_batch(tmp_path):
-    ctx = mp.start_processes(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD,
-                             join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _ddp_worker,
+        args=(_free_port(), str(tmp_path)),
+        nprocs=WORLD,
+        join=False,
+        start_method="spawn",
+    )
     deadline = time.monotonic() + 90
     try:
         while not ctx.join(timeout=1):  # raises ProcessRaisedException on a worker error

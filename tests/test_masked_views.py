@@ -1,5 +1,6 @@
 """Masked inference and complementary masked views (paper Table 1d,
 flip.eval.masked_views), checked against hand-built masks."""
+
 import numpy as np
 import pytest
 import torch
@@ -17,8 +18,9 @@ IMG, PATCH = 32, 8  # N = 16 patches
 
 def _model():
     torch.manual_seed(0)
-    return FLIP(ImageEncoder(IMG, PATCH, 32, 2, 2), TextEncoder(50, 8, 16, 1, 2),
-                embed_dim=16).eval()
+    return FLIP(
+        ImageEncoder(IMG, PATCH, 32, 2, 2), TextEncoder(50, 8, 16, 1, 2), embed_dim=16
+    ).eval()
 
 
 def _images(b=5):
@@ -31,8 +33,10 @@ def _chunk_mask(chunk: torch.Tensor, num_patches: int, ratio: float) -> Mask:
     return Mask(ratio, noise)
 
 
-@pytest.mark.parametrize("n, ratio, views", [(16, 0.5, 2), (16, 0.75, 4), (196, 0.75, 4),
-                                             (196, 0.5, 2), (64, 0.875, 8), (16, 0.0, 1)])
+@pytest.mark.parametrize(
+    "n, ratio, views",
+    [(16, 0.5, 2), (16, 0.75, 4), (196, 0.75, 4), (196, 0.5, 2), (64, 0.875, 8), (16, 0.0, 1)],
+)
 def test_views_cover_every_patch_exactly_once(n, ratio, views):
     noise = torch.rand(3, n, generator=torch.Generator().manual_seed(n))
     masks = complementary_masks(noise, ratio)
@@ -45,7 +49,7 @@ def test_views_cover_every_patch_exactly_once(n, ratio, views):
         assert sorted(seen) == list(range(n))  # each patch exactly once
         perm = torch.argsort(noise[b]).tolist()  # view v = chunk v of one permutation
         for v in range(views):
-            assert set(kept[v][b].tolist()) == set(perm[v * k:(v + 1) * k])
+            assert set(kept[v][b].tolist()) == set(perm[v * k : (v + 1) * k])
 
 
 @pytest.mark.parametrize("n, ratio, k", [(64, 0.3, 44), (196, 0.6, 78), (10, 0.5, 5)])
@@ -53,8 +57,11 @@ def test_a_kept_count_that_does_not_divide_the_patches_is_refused(n, ratio, k):
     if n % k == 0:
         assert num_views(n, ratio) == n // k
         return
-    with pytest.raises(ConfigError, match=f"masked_views=ensemble at mask={ratio} keeps k={k} of "
-                                          f"the model's {n} patches and {k} does not divide {n}"):
+    with pytest.raises(
+        ConfigError,
+        match=f"masked_views=ensemble at mask={ratio} keeps k={k} of "
+        f"the model's {n} patches and {k} does not divide {n}",
+    ):
         num_views(n, ratio)
 
 
@@ -70,8 +77,9 @@ def test_ensemble_of_one_view_at_ratio_0_equals_plain_inference():
     model, x = _model(), _images()
     out = encode_image_views(model, x, torch.arange(5), 0.0, "ensemble")
     torch.testing.assert_close(out, model.encode_image(x))
-    assert torch.equal(encode_image_views(model, x, torch.arange(5), 0.0, "single"),
-                       model.encode_image(x))
+    assert torch.equal(
+        encode_image_views(model, x, torch.arange(5), 0.0, "single"), model.encode_image(x)
+    )
 
 
 @pytest.mark.parametrize("ratio, k", [(0.5, 8), (0.75, 4)])
@@ -85,20 +93,26 @@ def test_masked_inference_feeds_the_blocks_1_plus_k_tokens(ratio, k):
     hook.remove()
     assert seen == [(5, 1 + k, 32)] * (1 + 16 // k)  # one single pass, N / k ensemble passes
     # single: the documented noise of each sample; the same result in any batch split
-    noise = torch.tensor(np.stack([np.random.default_rng([3, i]).random(16)
-                                   for i in range(10, 15)]), dtype=torch.float32)
+    noise = torch.tensor(
+        np.stack([np.random.default_rng([3, i]).random(16) for i in range(10, 15)]),
+        dtype=torch.float32,
+    )
     torch.testing.assert_close(single, model.encode_image(x, Mask(ratio, noise)))
-    torch.testing.assert_close(single[2:], encode_image_views(model, x[2:], index[2:], ratio,
-                                                              "single", seed=3))
+    torch.testing.assert_close(
+        single[2:], encode_image_views(model, x[2:], index[2:], ratio, "single", seed=3)
+    )
     assert not torch.allclose(single, model.encode_image(x), atol=1e-4)
     # ensemble: normalised mean of the normalised embeddings of the chunks of argsort(noise)
     perm = torch.argsort(noise, dim=1)
-    views = [model.encode_image(x, _chunk_mask(perm[:, v * k:(v + 1) * k], 16, ratio))
-             for v in range(16 // k)]
+    views = [
+        model.encode_image(x, _chunk_mask(perm[:, v * k : (v + 1) * k], 16, ratio))
+        for v in range(16 // k)
+    ]
     torch.testing.assert_close(ensemble, F.normalize(torch.stack(views).mean(0), dim=-1))
 
 
 def test_unknown_views_are_refused():
-    with pytest.raises(ConfigError, match="masked_views='all' is invalid: use one of single, "
-                                          "ensemble"):
+    with pytest.raises(
+        ConfigError, match="masked_views='all' is invalid: use one of single, ensemble"
+    ):
         encode_image_views(_model(), _images(1), torch.arange(1), 0.5, "all")

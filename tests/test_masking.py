@@ -1,4 +1,5 @@
 """Random patch masking (flip.masking) and its use in the image encoder."""
+
 import math
 
 import pytest
@@ -14,8 +15,15 @@ N_PATCHES = (IMG // PATCH) ** 2
 
 def _encoder(mask_ratio=0.0, class_token=True, seed=0):
     torch.manual_seed(seed)
-    return ImageEncoder(image_size=IMG, patch_size=PATCH, width=WIDTH, depth=2, heads=2,
-                        class_token=class_token, mask_ratio=mask_ratio)
+    return ImageEncoder(
+        image_size=IMG,
+        patch_size=PATCH,
+        width=WIDTH,
+        depth=2,
+        heads=2,
+        class_token=class_token,
+        mask_ratio=mask_ratio,
+    )
 
 
 def _images(b=3, seed=1):
@@ -34,10 +42,17 @@ def _capture_block_input(enc):
 @pytest.mark.parametrize(
     "n, r, k",
     [
-        (16, 0.0, 16), (16, 0.5, 8), (16, 0.75, 4), (196, 0.5, 98), (196, 0.75, 49),
-        (197, 0.75, 49), (10, 0.33, 6),
+        (16, 0.0, 16),
+        (16, 0.5, 8),
+        (16, 0.75, 4),
+        (196, 0.5, 98),
+        (196, 0.75, 49),
+        (197, 0.75, 49),
+        (10, 0.33, 6),
         (50, 0.9, 4),  # 50 * (1 - 0.9) = 4.999... in floats: int() truncates, as MAE does
-        (3, 0.9, 1), (1, 0.5, 1), (16, 0.99, 1),  # int(...) == 0 -> floor of one token
+        (3, 0.9, 1),
+        (1, 0.5, 1),
+        (16, 0.99, 1),  # int(...) == 0 -> floor of one token
     ],
 )
 def test_kept_count_and_shape(n, r, k):
@@ -192,4 +207,6 @@ def test_encoder_same_noise_reproduces_output():
     x = _images(2)
     noise = torch.rand(2, N_PATCHES)
     assert torch.equal(enc(x, Mask(0.75, noise)), enc(x, Mask(0.75, noise)))
-    assert not torch.allclose(enc(x, Mask(0.75, noise)), enc(x, Mask(0.75, torch.rand(2, N_PATCHES))))
+    assert not torch.allclose(
+        enc(x, Mask(0.75, noise)), enc(x, Mask(0.75, torch.rand(2, N_PATCHES)))
+    )

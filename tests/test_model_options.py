@@ -1,4 +1,5 @@
 """Memory/speed options leave the numbers unchanged: activation checkpointing, compile."""
+
 import pytest
 import torch
 
@@ -26,8 +27,9 @@ def test_compile_option_runs_compiled_encoders_with_the_eager_numbers():
     """task.compile=true: both towers compiled in place (parameter names unchanged), and a
     training forward through the compiled graph gives the eager model's features."""
     eager = tiny_flip().float()
-    module = PretrainModule(tiny_flip().float(), global_batch=8, total_samples=8,
-                            warmup_samples=0, compile=True)
+    module = PretrainModule(
+        tiny_flip().float(), global_batch=8, total_samples=8, warmup_samples=0, compile=True
+    )
     names = [n for n, _ in module.named_parameters()]
     module.configure_model()
     assert [n for n, _ in module.named_parameters()] == names  # checkpoints stay compatible

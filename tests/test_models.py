@@ -1,11 +1,11 @@
 """Image / text towers and the FLIP model (flip.models)."""
+
 import math
 from pathlib import Path
 
 import hydra
 import pytest
 import torch
-import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from timm.layers import build_sincos2d_pos_embed
 from torch import nn
@@ -15,7 +15,7 @@ from flip.models.clip import FLIP
 from flip.models.image_encoder import ImageEncoder
 from flip.models.text_encoder import PAD_ID, TextEncoder
 
-CONF_DIR = str((Path(__file__).resolve().parents[1] / "conf"))
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 IMG, PATCH, WIDTH = 32, 8, 32  # 4 x 4 grid, N = 16
 GRID = IMG // PATCH
@@ -71,8 +71,12 @@ def _sincos_reference(grid: int, dim: int) -> torch.Tensor:
     rows = []
     for h in range(grid):
         for w in range(grid):
-            rows.append([math.sin(h * o) for o in omega] + [math.sin(w * o) for o in omega]
-                        + [math.cos(h * o) for o in omega] + [math.cos(w * o) for o in omega])
+            rows.append(
+                [math.sin(h * o) for o in omega]
+                + [math.sin(w * o) for o in omega]
+                + [math.cos(h * o) for o in omega]
+                + [math.cos(w * o) for o in omega]
+            )
     return torch.tensor(rows, dtype=torch.float64)
 
 
@@ -107,8 +111,9 @@ def test_position_embedding_is_fixed_sincos():
     assert not enc.pos_embed.requires_grad
     assert enc.pos_embed.shape == (1, N_PATCHES, WIDTH)
     assert torch.equal(enc.pos_embed[0], build_sincos2d_pos_embed([GRID, GRID], dim=WIDTH))
-    torch.testing.assert_close(enc.pos_embed[0].double(), _sincos_reference(GRID, WIDTH),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        enc.pos_embed[0].double(), _sincos_reference(GRID, WIDTH), atol=1e-6, rtol=0
+    )
     # a training step leaves it alone: no gradient reaches it
     enc.train()
     before = enc.pos_embed.clone()
@@ -125,8 +130,9 @@ def test_avg_pool_includes_class_token():
     h.remove()
     normed = seen[0]
     assert normed.shape == (3, 1 + N_PATCHES, WIDTH)
-    ref = torch.stack([sum(normed[b, t] for t in range(1 + N_PATCHES)) / (1 + N_PATCHES)
-                       for b in range(3)])
+    ref = torch.stack(
+        [sum(normed[b, t] for t in range(1 + N_PATCHES)) / (1 + N_PATCHES) for b in range(3)]
+    )
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
     # distinguishable from the patch-only mean
     assert not torch.allclose(out, normed[:, 1:].mean(1), atol=1e-4)
@@ -297,11 +303,17 @@ def _compose(model: str, image_size: int | None = 224):
 def _vit_params(width, depth, patch, class_token=True):
     """Parameter count of the image tower from the architecture, by hand."""
     patch_proj = 3 * patch * patch * width + width
-    block = (3 * width * width + 3 * width  # qkv
-             + width * width + width  # attention output
-             + 4 * width * width + 4 * width  # fc1
-             + 4 * width * width + width  # fc2
-             + 2 * 2 * width)  # two LayerNorms
+    block = (
+        3 * width * width
+        + 3 * width  # qkv
+        + width * width
+        + width  # attention output
+        + 4 * width * width
+        + 4 * width  # fc1
+        + 4 * width * width
+        + width  # fc2
+        + 2 * 2 * width
+    )  # two LayerNorms
     return patch_proj + int(class_token) * width + depth * block + 2 * width  # final norm
 
 
@@ -412,7 +424,7 @@ def test_text_masking_keeps_k_tokens_and_mean_pools_the_kept_non_padding_ones():
     noise = torch.rand(2, CTX)
     x, keep = enc.forward_features(t, Mask(0.5, noise))
     assert x.shape == (2, CTX // 2, TWIDTH)
-    assert torch.equal(keep, torch.argsort(noise, dim=1)[:, :CTX // 2])
+    assert torch.equal(keep, torch.argsort(noise, dim=1)[:, : CTX // 2])
     for b in range(2):  # by hand: the kept positions that are not padding
         real = [i for i, pos in enumerate(keep[b].tolist()) if pos < 24]
         torch.testing.assert_close(enc.forward_head(x, t, keep)[b], x[b, real].mean(0))
@@ -428,14 +440,15 @@ def test_text_masking_with_first_token_pooling_keeps_position_0_first(kind):
     x, keep = enc.forward_features(t, Mask(0.5, noise, kind))
     assert keep.shape == (3, CTX // 2) and (keep[:, 0] == 0).all()
     for b in range(3):  # no padding here: prioritized draws like random
-        rest = sorted(range(1, CTX), key=lambda i: noise[b, i].item())[:CTX // 2 - 1]
+        rest = sorted(range(1, CTX), key=lambda i: noise[b, i].item())[: CTX // 2 - 1]
         assert keep[b, 1:].tolist() == rest
     torch.testing.assert_close(enc.forward_head(x, t, keep), x[:, 0])
 
 
 def test_draw_masks_gives_replayable_noise_for_both_towers():
-    model = FLIP(_image_encoder(mask_ratio=0.5), _text_encoder(pool="mean", mask_ratio=0.25),
-                 embed_dim=16).train()
+    model = FLIP(
+        _image_encoder(mask_ratio=0.5), _text_encoder(pool="mean", mask_ratio=0.25), embed_dim=16
+    ).train()
     image_mask, text_mask = model.draw_masks(4, "cpu")
     assert image_mask.ratio == 0.5 and image_mask.noise.shape == (4, model.visual.num_patches)
     assert text_mask.ratio == 0.25 and text_mask.noise.shape == (4, CTX)

@@ -1,6 +1,7 @@
 """Every notebook in notebooks/ runs headless (nbclient) on fixture results — real train()
 runs with validation curves and an eval.py ensemble — so none can rot; the outputs they
 print come from the collector on those runs."""
+
 import json
 from pathlib import Path
 
@@ -20,8 +21,9 @@ def runs_root(tmp_path_factory):
 
 def run_notebook(name: str) -> nbformat.NotebookNode:
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+    ).execute()
     return nb
 
 
@@ -36,8 +38,13 @@ def text_of(nb) -> str:
 
 def test_every_notebook_is_tested():
     assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == sorted(
-        ["table1a_speed.ipynb", "fig3_accuracy_vs_time.ipynb", "fig4_scaling.ipynb",
-         "walkthrough.ipynb"])
+        [
+            "table1a_speed.ipynb",
+            "fig3_accuracy_vs_time.ipynb",
+            "fig4_scaling.ipynb",
+            "walkthrough.ipynb",
+        ]
+    )
 
 
 @pytest.mark.slow
@@ -51,7 +58,11 @@ def test_figure_notebooks_on_fixture_runs(name, runs_root, tmp_path, monkeypatch
     assert "3 runs under" in text and "image/png" in text
     m0 = json.loads((runs_root / "m0" / "result.json").read_text())["metrics"]
     assert f"{100 * m0['val/zeroshot_top1']:.2f}" in text  # our number in the table shown
-    pngs = ["accuracy_vs_cpu.png", "accuracy_vs_wall.png"] if name.startswith("fig3") else ["scaling.png"]
+    pngs = (
+        ["accuracy_vs_cpu.png", "accuracy_vs_wall.png"]
+        if name.startswith("fig3")
+        else ["scaling.png"]
+    )
     for png in pngs:
         assert (runs_root / png).stat().st_size > 5000
     if name.startswith("fig3"):

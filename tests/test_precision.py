@@ -2,6 +2,7 @@
 towers in bf16 under ``bf16-mixed`` (and under the TPU path's own autocast), fp32
 otherwise; the contrastive loss always fp32 — one-shot and gradient-cached. (The residual
 stream itself stays fp32 under autocast: fp32 input + bf16 branch promotes to fp32.)"""
+
 import lightning as L
 import pytest
 import torch
@@ -22,7 +23,8 @@ class Dtypes(L.Callback):
         for tower in (module.model.visual, module.model.text):
             for layer in (tower.blocks[0].attn.qkv, tower.blocks[0].mlp.fc1):
                 layer.register_forward_hook(
-                    lambda m, i, out: self.blocks.add(out.dtype) if m.training else None)
+                    lambda m, i, out: self.blocks.add(out.dtype) if m.training else None
+                )
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -30,13 +32,27 @@ class Dtypes(L.Callback):
 
 
 def run(precision: str, micro: int | None, bf16_autocast: bool = False) -> Dtypes:
-    module = PretrainModule(tiny_flip().float(), global_batch=8, total_samples=16,
-                            warmup_samples=0, micro_batch=micro, bf16_autocast=bf16_autocast)
+    module = PretrainModule(
+        tiny_flip().float(),
+        global_batch=8,
+        total_samples=16,
+        warmup_samples=0,
+        micro_batch=micro,
+        bf16_autocast=bf16_autocast,
+    )
     images, tokens = batch()
     seen = Dtypes()
-    trainer = L.Trainer(accelerator="cpu", max_steps=2, precision=precision, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[seen], limit_val_batches=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[seen],
+        limit_val_batches=0,
+    )
     trainer.fit(module, DataLoader(TensorDataset(images.float(), tokens), batch_size=8))
     return seen
 

@@ -1,5 +1,6 @@
 """Preemption: a signal mid-run saves a checkpoint and exits cleanly; resuming from it gives
 the same subsequent losses, learning rates and sample counts as an uninterrupted run."""
+
 import subprocess
 import sys
 
@@ -14,19 +15,34 @@ COMMON = ["logger=csv", "trainer.log_every_n_steps=1", "schedule.total_samples=1
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum, micro", [("SIGTERM", None), ("SIGUSR1", None), ("SIGTERM", 4)],
-                         ids=["SIGTERM", "SIGUSR1", "SIGTERM-gradient-cached"])
+@pytest.mark.parametrize(
+    "signum, micro",
+    [("SIGTERM", None), ("SIGUSR1", None), ("SIGTERM", 4)],
+    ids=["SIGTERM", "SIGUSR1", "SIGTERM-gradient-cached"],
+)
 def test_signal_checkpoint_and_exact_resume(signum, micro, tmp_path_factory):
     full_dir, stop_dir, resumed_dir = (tmp_path_factory.mktemp(n) for n in ("full", "stop", "res"))
     common = [*COMMON, f"batch.micro={'null' if micro is None else micro}"]
     train(compose_fast(*common, output_dir=full_dir))
 
     stop = subprocess.run(
-        [sys.executable, "train.py", *FAST, "data.zeroshot.size=40", *common,
-         f"output_dir={stop_dir}", f"hydra.run.dir={stop_dir}",
-         "+callbacks.stop._target_=tests.signal_at_step.SignalAtStep", "+callbacks.stop.step=4",
-         f"+callbacks.stop.signum={signum}"],
-        cwd=CONF.parent, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "train.py",
+            *FAST,
+            "data.zeroshot.size=40",
+            *common,
+            f"output_dir={stop_dir}",
+            f"hydra.run.dir={stop_dir}",
+            "+callbacks.stop._target_=tests.signal_at_step.SignalAtStep",
+            "+callbacks.stop.step=4",
+            f"+callbacks.stop.signum={signum}",
+        ],
+        cwd=CONF.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert stop.returncode == 0, stop.stderr[-3000:]
     assert "held-out zero-shot" not in stop.stdout  # stopped, not finished
     ckpt = stop_dir / "checkpoints" / "last.ckpt"
@@ -39,7 +55,8 @@ def test_signal_checkpoint_and_exact_resume(signum, micro, tmp_path_factory):
         expected, actual = by_step(full, key), by_step(resumed, key)
         assert sorted(actual) == [4, 5, 6, 7], key
         assert [actual[s] for s in range(4, 8)] == pytest.approx(
-            [expected[s] for s in range(4, 8)], rel=1e-6), key
+            [expected[s] for s in range(4, 8)], rel=1e-6
+        ), key
 
 
 def test_signal_handlers_are_restored_after_a_run(fast_cfg):

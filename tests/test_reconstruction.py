@@ -2,6 +2,7 @@
 flip.reconstruction): the loss against a NumPy computation, masked patches only, the
 decoder's unshuffling, a train() run through objective=reconstruction, and its tensors
 staying out of the model."""
+
 import copy
 
 import numpy as np
@@ -13,14 +14,19 @@ from flip.config import ConfigError
 from flip.models.clip import Features
 from flip.reconstruction import PixelReconstruction, normalized_pixels, patchify
 
-SMALL = ["objective=reconstruction", "objective.auxiliary.reconstruction.width=16",
-         "objective.auxiliary.reconstruction.depth=1", "objective.auxiliary.reconstruction.heads=2"]
+SMALL = [
+    "objective=reconstruction",
+    "objective.auxiliary.reconstruction.width=16",
+    "objective.auxiliary.reconstruction.depth=1",
+    "objective.auxiliary.reconstruction.heads=2",
+]
 
 
 def _term(encoder_width=8, image_size=4, patch_size=2, **kw):
     torch.manual_seed(0)
-    return PixelReconstruction(encoder_width, image_size, patch_size, width=8, depth=1,
-                               heads=2, **kw).double()
+    return PixelReconstruction(
+        encoder_width, image_size, patch_size, width=8, depth=1, heads=2, **kw
+    ).double()
 
 
 def _features(tokens, keep):
@@ -34,7 +40,7 @@ def _numpy_loss(image, pred, masked, p=2, norm=True):
     losses = []
     for n in masked:
         i, j = divmod(n, W // p)
-        t = image[:, p * i:p * i + p, p * j:p * j + p].transpose(1, 2, 0).reshape(-1)
+        t = image[:, p * i : p * i + p, p * j : p * j + p].transpose(1, 2, 0).reshape(-1)
         if norm:
             t = (t - t.mean()) / np.sqrt(t.var(ddof=1) + 1e-6)
         losses.append(np.mean((pred[n] - t) ** 2))
@@ -52,8 +58,10 @@ def test_loss_equals_a_numpy_computation_on_a_2x2_patch_toy():
     for norm in (True, False):
         term.norm_pix_loss = norm
         loss = term(_features(None, keep), torch.from_numpy(images), None)
-        want = [_numpy_loss(images[0], pred[0], [1, 2], norm=norm),
-                _numpy_loss(images[1], pred[1], [0, 3], norm=norm)]
+        want = [
+            _numpy_loss(images[0], pred[0], [1, 2], norm=norm),
+            _numpy_loss(images[1], pred[1], [0, 3], norm=norm),
+        ]
         np.testing.assert_allclose(loss.numpy(), want, rtol=1e-12)
 
 
@@ -69,15 +77,21 @@ def test_zero_for_a_perfect_prediction_and_only_masked_patches_count():
     base = term(_features(None, keep), images, None)
     assert (base > 0).all()
     visible = images.clone()
-    visible[0, :, 0:2, 0:2] += 5 * torch.randn(3, 2, 2, generator=g, dtype=torch.float64)  # patch 0: kept
+    visible[0, :, 0:2, 0:2] += 5 * torch.randn(
+        3, 2, 2, generator=g, dtype=torch.float64
+    )  # patch 0: kept
     torch.testing.assert_close(term(_features(None, keep), visible, None), base)
     hidden = images.clone()
-    hidden[0, :, 0:2, 2:4] += 5 * torch.randn(3, 2, 2, generator=g, dtype=torch.float64)  # patch 1: masked
+    hidden[0, :, 0:2, 2:4] += 5 * torch.randn(
+        3, 2, 2, generator=g, dtype=torch.float64
+    )  # patch 1: masked
     changed = term(_features(None, keep), hidden, None)
     assert changed[0] != base[0] and changed[1] == base[1]
     # no mask at all: nothing is reconstructed
-    assert torch.equal(term(_features(torch.randn(2, 5, 8, dtype=torch.float64), None), images,
-                            None), torch.zeros(2))
+    assert torch.equal(
+        term(_features(torch.randn(2, 5, 8, dtype=torch.float64), None), images, None),
+        torch.zeros(2),
+    )
 
 
 def test_patchify_matches_the_vit_patch_order():
@@ -93,8 +107,9 @@ def test_patchify_matches_the_vit_patch_order():
 def test_decoder_unshuffles_kept_tokens_and_fills_the_mask_token(class_token):
     term = _term(image_size=8)  # N = 16
     B, k = 2, 4
-    keep = torch.stack([torch.randperm(16, generator=torch.Generator().manual_seed(b))[:k]
-                        for b in range(B)])
+    keep = torch.stack(
+        [torch.randperm(16, generator=torch.Generator().manual_seed(b))[:k] for b in range(B)]
+    )
     tokens = torch.randn(B, int(class_token) + k, 8, dtype=torch.float64)
     seen = []
     hook = term.blocks[0].register_forward_hook(lambda m, i, o: seen.append(i[0]))
@@ -117,13 +132,17 @@ def test_decoder_unshuffles_kept_tokens_and_fills_the_mask_token(class_token):
 def test_reconstruction_needs_image_masking(fast_cfg):
     from flip.train import train
 
-    with pytest.raises(ConfigError, match="objective.auxiliary.reconstruction reconstructs the "
-                                          "masked patches, but mask=0 masks none"):
+    with pytest.raises(
+        ConfigError,
+        match="objective.auxiliary.reconstruction reconstructs the "
+        "masked patches, but mask=0 masks none",
+    ):
         train(fast_cfg(*SMALL, "mask=0"))
 
 
-def test_train_logs_the_reconstruction_loss_of_the_first_batch(fast_cfg, tmp_path, monkeypatch,
-                                                               caplog):
+def test_train_logs_the_reconstruction_loss_of_the_first_batch(
+    fast_cfg, tmp_path, monkeypatch, caplog
+):
     """One step of objective=reconstruction through the real configs: the logged
     train/loss_reconstruction equals the term recomputed on that batch with the step's
     weights and masks; the checkpoint's decoder tensors are reported as unused by the model."""
@@ -134,8 +153,13 @@ def test_train_logs_the_reconstruction_loss_of_the_first_batch(fast_cfg, tmp_pat
     original = PretrainModule._backward
 
     def backward(self, images, tokens, micro, optimizer):
-        seen.update(model=copy.deepcopy(self.model), objective=copy.deepcopy(self.objective),
-                    images=images.clone(), tokens=tokens.clone(), rng=torch.get_rng_state())
+        seen.update(
+            model=copy.deepcopy(self.model),
+            objective=copy.deepcopy(self.objective),
+            images=images.clone(),
+            tokens=tokens.clone(),
+            rng=torch.get_rng_state(),
+        )
         return original(self, images, tokens, micro, optimizer)
 
     monkeypatch.setattr(PretrainModule, "_backward", backward)
@@ -147,11 +171,13 @@ def test_train_logs_the_reconstruction_loss_of_the_first_batch(fast_cfg, tmp_pat
         features = model.forward_features(seen["images"], seen["tokens"], *masks)
         _, parts = objective(features, model.scale(), seen["images"], seen["tokens"])
     assert features.image_keep.shape == (16, 16)  # 16 of 64 patches kept
-    assert metrics["train/loss_reconstruction"] == pytest.approx(parts["reconstruction"].item(),
-                                                                 rel=1e-5)
+    assert metrics["train/loss_reconstruction"] == pytest.approx(
+        parts["reconstruction"].item(), rel=1e-5
+    )
     assert metrics["train/loss_reconstruction"] > 0
     assert metrics["train/loss"] == pytest.approx(
-        parts["reconstruction"].item() + parts["contrastive"].item(), rel=1e-5)
+        parts["reconstruction"].item() + parts["contrastive"].item(), rel=1e-5
+    )
 
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     state = model_state(load_checkpoint(ckpt))

@@ -1,6 +1,7 @@
 """Configs travel: every run logs its resolved config (CSV hparams.yaml, W&B config with
 group and tags), checkpoints carry the model config, and `init_from` reads the
 architecture from the checkpoint (a contradicting command-line override is an error)."""
+
 import subprocess
 import sys
 
@@ -23,7 +24,9 @@ def test_csv_logger_gets_the_resolved_run_config(fast_cfg, tmp_path):
     (hparams,) = tmp_path.glob("logs/version_*/hparams.yaml")
     logged = yaml.safe_load(hparams.read_text())
     assert logged["mask"] == 0.75 and logged["batch"]["global"] == 16
-    assert logged["model"]["image"]["width"] == 32 and logged["model"]["image"]["mask_ratio"] == 0.75
+    assert (
+        logged["model"]["image"]["width"] == 32 and logged["model"]["image"]["mask_ratio"] == 0.75
+    )
     assert logged["schedule"] == OmegaConf.to_container(cfg.schedule, resolve=True)
 
 
@@ -45,7 +48,9 @@ def test_wandb_gets_config_group_and_tags(fast_cfg, monkeypatch):
     assert seen["group"] == "table1a" and seen["tags"] == ("table1a", "mask0.75")
     config = seen["config"]
     assert config["mask"] == 0.75 and config["batch"]["global"] == 16
-    assert config["model"]["image"]["width"] == 32 and config["model"]["image"]["mask_ratio"] == 0.75
+    assert (
+        config["model"]["image"]["width"] == 32 and config["model"]["image"]["mask_ratio"] == 0.75
+    )
 
 
 def test_every_run_leaves_a_result_record(fast_cfg, tmp_path):
@@ -76,8 +81,13 @@ def pretrained(tmp_path_factory):
 
 def test_init_from_reads_the_architecture_from_the_checkpoint(pretrained, tmp_path):
     # the default model group (tiny: width 128) is not named: the checkpoint's (32) is used
-    cfg = compose_train(*NOT_MODEL, "data.zeroshot.size=40", "experiment=unmasked_tuning",
-                        f"init_from={pretrained}", output_dir=tmp_path)
+    cfg = compose_train(
+        *NOT_MODEL,
+        "data.zeroshot.size=40",
+        "experiment=unmasked_tuning",
+        f"init_from={pretrained}",
+        output_dir=tmp_path,
+    )
     assert cfg.model.image.width == 128
     train(cfg)
     tuned = model_config(load_checkpoint(tmp_path / "checkpoints" / "last.ckpt"))
@@ -92,14 +102,19 @@ def test_init_from_with_a_contradicting_override_names_both_values(pretrained, t
     assert out.stderr.strip().splitlines()[-1] == (
         f"error: model.image.width=64 contradicts init_from={pretrained}, which was trained "
         "with model.image.width=32; drop the override (the architecture is read from the "
-        "checkpoint)")
+        "checkpoint)"
+    )
 
 
 def run_train(*overrides: str, output_dir) -> subprocess.CompletedProcess:
     """``python train.py`` with the fast non-model settings, as a user would run it."""
     return subprocess.run(
         [sys.executable, "train.py", *NOT_MODEL, *overrides, f"output_dir={output_dir}"],
-        capture_output=True, text=True, timeout=300, cwd=CONF.parent)
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=CONF.parent,
+    )
 
 
 def test_init_from_a_missing_file_is_one_sentence(tmp_path):
@@ -114,9 +129,16 @@ def test_init_from_at_another_patch_size_resamples_the_kernel(pretrained, tmp_pa
     and every other weight is the checkpoint's."""
     from timm.layers import resample_patch_embed
 
-    cfg = compose_train(*NOT_MODEL, "data.zeroshot.size=40", "experiment=unmasked_tuning",
-                        f"init_from={pretrained}", "init_resample_patch=true",
-                        "model.image.patch_size=4", "schedule.base_lr=0", output_dir=tmp_path)
+    cfg = compose_train(
+        *NOT_MODEL,
+        "data.zeroshot.size=40",
+        "experiment=unmasked_tuning",
+        f"init_from={pretrained}",
+        "init_resample_patch=true",
+        "model.image.patch_size=4",
+        "schedule.base_lr=0",
+        output_dir=tmp_path,
+    )
     train(cfg)
     tuned = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     before = load_checkpoint(pretrained)["state_dict"]
@@ -140,9 +162,21 @@ def test_a_tuning_experiment_without_init_from_stops_at_start_up(experiment, tmp
     """Before, `init_from: ???` in the experiment merged over train.yaml's null into null,
     and the "tuning" silently trained from scratch."""
     out = subprocess.run(
-        [sys.executable, "train.py", f"experiment={experiment}", f"output_dir={tmp_path}",
-         *(['data.shards=/x'] if experiment.startswith("table") else [])],
-        capture_output=True, text=True, timeout=300, cwd=CONF.parent)
+        [
+            sys.executable,
+            "train.py",
+            f"experiment={experiment}",
+            f"output_dir={tmp_path}",
+            *(["data.shards=/x"] if experiment.startswith("table") else []),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=CONF.parent,
+    )
     assert out.returncode == 1
-    assert out.stderr.strip().splitlines()[-1].startswith(
-        "error: this run tunes a pre-trained model: set init_from=<checkpoint>")
+    assert (
+        out.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: this run tunes a pre-trained model: set init_from=<checkpoint>")
+    )

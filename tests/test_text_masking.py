@@ -1,5 +1,6 @@
 """Text masking (paper Table 1c): random, prioritized (padding dropped first) and
 truncate, as a shorter sequence; the config keys and their start-up check."""
+
 import pytest
 import torch
 
@@ -15,8 +16,9 @@ L, VOCAB, WIDTH = 32, 100, 16
 
 def _encoder(kind="random", ratio=0.5, pool="mean"):
     torch.manual_seed(0)
-    return TextEncoder(VOCAB, L, WIDTH, depth=1, heads=2, pool=pool, mask_ratio=ratio,
-                       mask_kind=kind).train()
+    return TextEncoder(
+        VOCAB, L, WIDTH, depth=1, heads=2, pool=pool, mask_ratio=ratio, mask_kind=kind
+    ).train()
 
 
 def _captions(lengths, seed=0):
@@ -62,7 +64,7 @@ def test_prioritized_drops_padding_first():
             assert kept == set(sorted(real, key=lambda i: noise[b, i].item())[:16])
         else:  # fewer: every real token kept, the rest is the lowest-noise padding
             assert real <= kept
-            pad = sorted(range(n, L), key=lambda i: noise[b, i].item())[:16 - n]
+            pad = sorted(range(n, L), key=lambda i: noise[b, i].item())[: 16 - n]
             assert kept == real | set(pad)
 
 
@@ -125,11 +127,16 @@ def test_config_keys_exist_and_build_the_encoder():
         assert (text.mask_ratio, text.mask_kind) == (0.0, "random")
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.text.mask_kind=shuffle", "model.text.mask_kind='shuffle' is invalid: use one of "
-                                     "random, prioritized, truncate"),
-    ("model.text.mask_ratio=1.0", "model.text.mask_ratio=1.0 is invalid"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "model.text.mask_kind=shuffle",
+            "model.text.mask_kind='shuffle' is invalid: use one of random, prioritized, truncate",
+        ),
+        ("model.text.mask_ratio=1.0", "model.text.mask_ratio=1.0 is invalid"),
+    ],
+)
 def test_bad_text_mask_fails_at_start_up_in_one_sentence(override, message):
     from flip.train import train
 

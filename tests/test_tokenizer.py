@@ -31,8 +31,18 @@ def test_vocab_size(tok):
 
 @pytest.mark.parametrize(
     "token,idx",
-    [("[PAD]", 0), ("[UNK]", 100), ("[CLS]", 101), ("[SEP]", 102), ("the", 1996), ("cat", 4937),
-     ("a", 1037), ("photo", 6302), ("of", 1997), (".", 1012)],
+    [
+        ("[PAD]", 0),
+        ("[UNK]", 100),
+        ("[CLS]", 101),
+        ("[SEP]", 102),
+        ("the", 1996),
+        ("cat", 4937),
+        ("a", 1037),
+        ("photo", 6302),
+        ("of", 1997),
+        (".", 1012),
+    ],
 )
 def test_known_ids(tok, token, idx):
     assert _vocab_lines()[idx] == token  # checked against the file itself
@@ -73,9 +83,9 @@ def test_empty_caption_is_all_padding(tok):
 
 
 def test_unknown_words_map_to_unk(tok):
-    assert tok("\U0001F431")[0, 0].item() == UNK_ID  # cat emoji
+    assert tok("\U0001f431")[0, 0].item() == UNK_ID  # cat emoji
     assert tok("\u2603")[0, 0].item() == UNK_ID  # snowman
-    assert tok("the \U0001F431 cat")[0, :3].tolist() == [1996, UNK_ID, 4937]
+    assert tok("the \U0001f431 cat")[0, :3].tolist() == [1996, UNK_ID, 4937]
 
 
 def test_no_cls_or_sep(tok):
@@ -93,7 +103,7 @@ def test_special_token_text_is_ordinary_text(tok):
 
 
 def test_determinism(tok):
-    captions = ["A photo of a cat.", LONG_CAPTION, "\U0001F431 emoji"]
+    captions = ["A photo of a cat.", LONG_CAPTION, "\U0001f431 emoji"]
     assert torch.equal(tok(captions), tok(captions))
     assert torch.equal(tok(captions), Tokenizer()(captions))
 

@@ -1,6 +1,6 @@
 """End-to-end runs of `train(cfg)` on the real configs with a very small model."""
+
 import csv
-import math
 
 import hydra
 import pytest
@@ -32,11 +32,20 @@ def plain_zero_shot_top1(ckpt, cfg) -> float:
     model = build_model(ckpt)
     ds = hydra.utils.instantiate(cfg.data.zeroshot)
     tokenize = Tokenizer(cfg.model.text.context_length)
-    classes = torch.stack([
-        F.normalize(F.normalize(model.encode_text(tokenize([t.format(c) for t in ds.templates])),
-                                dim=-1).mean(0), dim=0) for c in ds.classnames])
-    correct = sum(int((model.encode_image(image[None]) @ classes.T).argmax() == label)
-                  for image, label in ds)
+    classes = torch.stack(
+        [
+            F.normalize(
+                F.normalize(
+                    model.encode_text(tokenize([t.format(c) for t in ds.templates])), dim=-1
+                ).mean(0),
+                dim=0,
+            )
+            for c in ds.classnames
+        ]
+    )
+    correct = sum(
+        int((model.encode_image(image[None]) @ classes.T).argmax() == label) for image, label in ds
+    )
     return correct / len(ds)
 
 
@@ -44,11 +53,14 @@ def test_default_pipeline_trains_and_reports_zero_shot(fast_cfg, tmp_path, capsy
     cfg = fast_cfg()
     metrics = train(cfg)
     assert metrics["val/zeroshot_top1"] == pytest.approx(
-        plain_zero_shot_top1(tmp_path / "checkpoints" / "last.ckpt", cfg), abs=1e-6)
+        plain_zero_shot_top1(tmp_path / "checkpoints" / "last.ckpt", cfg), abs=1e-6
+    )
     assert metrics["train/samples_seen"] == 64.0  # 4 steps of the 16-sample global batch
     assert metrics["train/visible_tokens"] == 32.0  # int(64 patches * (1 - 0.5))
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line == f"held-out zero-shot top-1: {100 * metrics['val/zeroshot_top1']:.1f}% (chance 2.5%)"
+    assert (
+        line == f"held-out zero-shot top-1: {100 * metrics['val/zeroshot_top1']:.1f}% (chance 2.5%)"
+    )
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
 
 
@@ -61,7 +73,8 @@ def test_digits_pipeline(fast_cfg, tmp_path, capsys):
     cfg = fast_cfg("data=digits")
     metrics = train(cfg)
     assert metrics["val/zeroshot_top1"] == pytest.approx(
-        plain_zero_shot_top1(tmp_path / "checkpoints" / "last.ckpt", cfg), abs=1e-6)
+        plain_zero_shot_top1(tmp_path / "checkpoints" / "last.ckpt", cfg), abs=1e-6
+    )
     assert "(chance 10.0%)" in capsys.readouterr().out
 
 
@@ -72,18 +85,32 @@ def test_csv_pipeline(fast_cfg, tmp_path):
         rows.append(f"{i}.png,a colour number {i}")
     rows.append("missing.png,never loaded")
     (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
-    metrics = train(fast_cfg("data=csv", f"data.train.path={tmp_path / 'pairs.csv'}",
-                             "data.image_size=64", "trainer.log_every_n_steps=1",
-                             "batch.global=4", "schedule.total_samples=20", "data.max_skip_rate=0.5"))
+    metrics = train(
+        fast_cfg(
+            "data=csv",
+            f"data.train.path={tmp_path / 'pairs.csv'}",
+            "data.image_size=64",
+            "trainer.log_every_n_steps=1",
+            "batch.global=4",
+            "schedule.total_samples=20",
+            "data.max_skip_rate=0.5",
+        )
+    )
     # 20 readable rows of 21: 5 steps of 4 (drop_last), the missing image skipped and counted
     assert metrics["train/samples_seen"] == 20.0 and "val/zeroshot_top1" not in metrics
     assert metrics["data/skipped_missing_image"] == 1.0
 
 
 def test_lr_schedule_is_scaled_warmed_up_and_cosine(fast_cfg, tmp_path):
-    train(fast_cfg("logger=csv", "trainer.log_every_n_steps=1",
-                   "schedule.total_samples=128", "schedule.warmup_samples=32",
-                   "schedule.base_lr=0.0256"))
+    train(
+        fast_cfg(
+            "logger=csv",
+            "trainer.log_every_n_steps=1",
+            "schedule.total_samples=128",
+            "schedule.warmup_samples=32",
+            "schedule.base_lr=0.0256",
+        )
+    )
     lr = by_step(read_metrics(tmp_path), "train/lr")
     # peak 0.0256 x 16 / 256 = 0.0016; step s uses the schedule at (s + 1) x 16 samples:
     # warm-up to 32 samples (0.5, 1.0), then 0.5 (1 + cos(pi p)) for p = 1/6 … 6/6
@@ -92,8 +119,13 @@ def test_lr_schedule_is_scaled_warmed_up_and_cosine(fast_cfg, tmp_path):
 
 
 def test_resume_continues_step_count_and_schedule(fast_cfg, tmp_path_factory):
-    common = ("logger=csv", "trainer.log_every_n_steps=1", "schedule.total_samples=128",
-              "callbacks.checkpoint.every_n_train_steps=4", "callbacks.checkpoint.save_top_k=-1")
+    common = (
+        "logger=csv",
+        "trainer.log_every_n_steps=1",
+        "schedule.total_samples=128",
+        "callbacks.checkpoint.every_n_train_steps=4",
+        "callbacks.checkpoint.save_top_k=-1",
+    )
     full_dir, resumed_dir = tmp_path_factory.mktemp("full"), tmp_path_factory.mktemp("resumed")
 
     train(compose_fast(*common, output_dir=full_dir))
@@ -118,9 +150,13 @@ def test_unmasked_tuning_starts_from_the_checkpoint_at_mask_zero(fast_cfg, tmp_p
     pre_dir, tune_dir = tmp_path_factory.mktemp("pre"), tmp_path_factory.mktemp("tune")
     train(compose_fast(output_dir=pre_dir))
     pretrained = pre_dir / "checkpoints" / "last.ckpt"
-    cfg = compose_fast("experiment=unmasked_tuning", f"init_from={pretrained}",
-                        "schedule.total_samples=64", "schedule.warmup_samples=16",
-                        output_dir=tune_dir)
+    cfg = compose_fast(
+        "experiment=unmasked_tuning",
+        f"init_from={pretrained}",
+        "schedule.total_samples=64",
+        "schedule.warmup_samples=16",
+        output_dir=tune_dir,
+    )
     assert cfg.mask == 0.0 and cfg.schedule.base_lr == 4e-8
     metrics = train(cfg)
     assert metrics["train/visible_tokens"] == 64.0  # all 64 patches: no masking
@@ -137,8 +173,9 @@ def test_invalid_mask_fails_before_training(fast_cfg):
 
 
 def step_losses(*overrides, output_dir) -> list[float]:
-    train(compose_fast("logger=csv", "trainer.log_every_n_steps=1", *overrides,
-                       output_dir=output_dir))
+    train(
+        compose_fast("logger=csv", "trainer.log_every_n_steps=1", *overrides, output_dir=output_dir)
+    )
     loss = by_step(read_metrics(output_dir), "train/loss")
     return [loss[s] for s in sorted(loss)]
 
@@ -157,8 +194,9 @@ def test_activation_checkpointing_run_equals_the_plain_run(fast_cfg, tmp_path_fa
     cfg = fast_cfg("activation_checkpointing=true")
     assert cfg.model.image.grad_checkpointing and cfg.model.text.grad_checkpointing
     plain = step_losses(output_dir=tmp_path_factory.mktemp("plain"))
-    checkpointed = step_losses("activation_checkpointing=true",
-                               output_dir=tmp_path_factory.mktemp("checkpointed"))
+    checkpointed = step_losses(
+        "activation_checkpointing=true", output_dir=tmp_path_factory.mktemp("checkpointed")
+    )
     assert len(plain) == 4 and checkpointed == pytest.approx(plain, rel=1e-6)
 
 
@@ -169,11 +207,22 @@ def test_an_eager_cpu_run_beats_chance_several_fold(tmp_path):
     from tests.conftest import compose_train
 
     cfg = compose_train(
-        "model.image.width=64", "model.image.depth=2", "model.image.heads=2",
-        "model.text.width=32", "model.text.depth=1", "model.text.heads=1", "model.embed_dim=64",
-        "batch.global=64", "schedule.total_samples=12800", "schedule.warmup_samples=1280",
-        "schedule.base_lr=4e-3", "data.zeroshot.size=400", "logger=none",
-        "trainer.enable_progress_bar=false", output_dir=tmp_path)
+        "model.image.width=64",
+        "model.image.depth=2",
+        "model.image.heads=2",
+        "model.text.width=32",
+        "model.text.depth=1",
+        "model.text.heads=1",
+        "model.embed_dim=64",
+        "batch.global=64",
+        "schedule.total_samples=12800",
+        "schedule.warmup_samples=1280",
+        "schedule.base_lr=4e-3",
+        "data.zeroshot.size=400",
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+        output_dir=tmp_path,
+    )
     top1 = train(cfg)["val/zeroshot_top1"]
     assert top1 >= 4 * (1 / 40), f"held-out top-1 {top1:.3f} is not 4x chance (0.025)"
 
@@ -183,15 +232,21 @@ def test_chained_unmasked_tuning_tunes_the_last_checkpoint_at_mask_zero(fast_cfg
     last.ckpt at mask 0 in <output_dir>/unmasked_tuning."""
     import json
 
-    metrics = train(fast_cfg(
-        "logger=csv", "unmasked_tuning={base_lr:4e-8,total_samples:32,warmup_samples:16}"))
+    metrics = train(
+        fast_cfg("logger=csv", "unmasked_tuning={base_lr:4e-8,total_samples:32,warmup_samples:16}")
+    )
     pre, tuned_dir = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "unmasked_tuning"
     record = json.loads((tuned_dir / "result.json").read_text())
     assert record["config"]["mask"] == 0.0 and record["config"]["init_from"] == str(pre)
-    assert record["config"]["schedule"] == {"base_lr": 4e-8, "total_samples": 32,
-                                            "warmup_samples": 16}
+    assert record["config"]["schedule"] == {
+        "base_lr": 4e-8,
+        "total_samples": 32,
+        "warmup_samples": 16,
+    }
     assert "unmasked_tuning" in record["config"]["tags"]
-    assert metrics["train/visible_tokens"] == 64.0 and metrics["pretrain/train/visible_tokens"] == 32.0
+    assert (
+        metrics["train/visible_tokens"] == 64.0 and metrics["pretrain/train/visible_tokens"] == 32.0
+    )
     assert metrics["train/samples_seen"] == 32.0 and metrics["pretrain/train/samples_seen"] == 64.0
     assert metrics["val/zeroshot_top1"] == record["metrics"]["val/zeroshot_top1"]
     before = load_checkpoint(pre)["state_dict"]

@@ -1,6 +1,7 @@
 """The downstream-task contract (flip/tasks/transfer.py), with a minimal task defined here:
 architecture and weights from init_from, towers unmasked, data sized by the checkpoint,
 the summary line, result.json and a resumable last.ckpt."""
+
 import json
 
 import hydra
@@ -23,7 +24,11 @@ class ProbeData(L.LightningDataModule):
 
     def __init__(self, batch_size: int, image_size: int = 32, context_length: int = 8):
         super().__init__()
-        self.batch_size, self.image_size, self.context_length = batch_size, image_size, context_length
+        self.batch_size, self.image_size, self.context_length = (
+            batch_size,
+            image_size,
+            context_length,
+        )
         g = torch.Generator().manual_seed(0)
         images = torch.rand(32, 3, image_size, image_size, generator=g)
         images[:16] *= 0.5
@@ -43,8 +48,14 @@ class ProbeData(L.LightningDataModule):
 class Probe(TransferModule):
     """A linear classifier on the pre-trained image tower's pooled tokens."""
 
-    def __init__(self, model_config: dict, num_classes: int, epochs: int = 1,
-                 eval_every: int = 1, drop_path: float = 0.0):
+    def __init__(
+        self,
+        model_config: dict,
+        num_classes: int,
+        epochs: int = 1,
+        eval_every: int = 1,
+        drop_path: float = 0.0,
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.visual = build_tower(model_config, "visual", drop_path=drop_path)
@@ -75,9 +86,17 @@ class Probe(TransferModule):
 def pretrained_checkpoint(path, image_size=32):
     """A tiny FLIP checkpoint as pre-training writes it (model config + weights), masked
     at 0.5 in training."""
-    cfg = compose_train("model.image.width=32", "model.image.depth=2", "model.image.heads=1",
-                        "model.text.width=32", "model.text.depth=1", "model.text.heads=1",
-                        "model.embed_dim=16", "mask=0.5", f"data.image_size={image_size}")
+    cfg = compose_train(
+        "model.image.width=32",
+        "model.image.depth=2",
+        "model.image.heads=1",
+        "model.text.width=32",
+        "model.text.depth=1",
+        "model.text.heads=1",
+        "model.embed_dim=16",
+        "mask=0.5",
+        f"data.image_size={image_size}",
+    )
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model = hydra.utils.instantiate(model_cfg)
     save_flip_checkpoint(path, model, model_cfg)
@@ -85,8 +104,13 @@ def pretrained_checkpoint(path, image_size=32):
 
 
 def probe_config(tmp_path, init_from, *overrides):
-    cfg = compose_train("logger=none", "trainer.enable_progress_bar=false", "batch.global=8",
-                        *overrides, output_dir=tmp_path)
+    cfg = compose_train(
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+        "batch.global=8",
+        *overrides,
+        output_dir=tmp_path,
+    )
     with open_dict(cfg):
         cfg.task = {"_target_": f"{__name__}.Probe", "epochs": 2, "drop_path": 0.1}
         cfg.data = {"_target_": f"{__name__}.ProbeData", "image_size": 64, "context_length": 32}
@@ -140,7 +164,6 @@ def test_checkpoint_without_the_tower_is_refused(tmp_path):
     probe = Probe(model_cfg, num_classes=2)
     with pytest.raises(CheckpointError, match="no weights of the visual tower"):
         probe.load_pretrained({"text.x": torch.zeros(1)}, "here")
-    state = {f"visual.{k}": v for k, v in probe.visual.state_dict().items()
-             if k != "norm.weight"}
+    state = {f"visual.{k}": v for k, v in probe.visual.state_dict().items() if k != "norm.weight"}
     with pytest.raises(CheckpointError, match="lacks 1 weights"):
         probe.load_pretrained(state, "here")

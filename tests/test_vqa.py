@@ -3,6 +3,7 @@ computed by hand, soft targets and the answer vocabulary, the VQAv2 reader on fi
 official JSON format with COCO-named JPEGs, the shapes questions against the scene ground
 truth, the fusion's padding mask, training steps that lower the loss, and `train.py task=vqa`
 end to end."""
+
 import json
 import math
 import re
@@ -17,9 +18,15 @@ from flip.data.images import BadSample
 from flip.data.quality import DataPathError
 from flip.data.shapes import COLOURS, SHAPES, plural
 from flip.data.vqa import ShapesVQA, VQADataModule, VQAv2, read_vqav2
-from flip.eval.vqa_metrics import (VQAAccuracy, answer_scores, answer_vocabulary,
-                                   leave_one_out_score, normalize_answer, process_punctuation,
-                                   vqa_accuracy)
+from flip.eval.vqa_metrics import (
+    VQAAccuracy,
+    answer_scores,
+    answer_vocabulary,
+    leave_one_out_score,
+    normalize_answer,
+    process_punctuation,
+    vqa_accuracy,
+)
 from flip.models.fusion import AnswerClassifier, FusionTransformer
 from flip.tasks.vqa import VQAModule
 from flip.train import train
@@ -30,14 +37,17 @@ from tests.test_transfer import pretrained_checkpoint
 # -- metric -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("humans, expected", [
-    (0, 0.0),
-    (1, 0.3),  # 9 subsets hold it once (1/3), the one without it 0: 9 x 1/3 / 10
-    (2, 0.6),  # 8 subsets hold both (2/3), 2 subsets one (1/3): (8 x 2/3 + 2 x 1/3) / 10
-    (3, 0.9),  # 7 subsets hold all three (1), 3 subsets two (2/3): (7 + 3 x 2/3) / 10
-    (4, 1.0),  # every subset holds at least 3
-    (10, 1.0),
-])
+@pytest.mark.parametrize(
+    "humans, expected",
+    [
+        (0, 0.0),
+        (1, 0.3),  # 9 subsets hold it once (1/3), the one without it 0: 9 x 1/3 / 10
+        (2, 0.6),  # 8 subsets hold both (2/3), 2 subsets one (1/3): (8 x 2/3 + 2 x 1/3) / 10
+        (3, 0.9),  # 7 subsets hold all three (1), 3 subsets two (2/3): (7 + 3 x 2/3) / 10
+        (4, 1.0),  # every subset holds at least 3
+        (10, 1.0),
+    ],
+)
 def test_accuracy_of_an_answer_given_by_some_of_ten_humans(humans, expected):
     answers = ["dog"] * humans + ["cat"] * (10 - humans)
     if humans == 10:
@@ -46,17 +56,26 @@ def test_accuracy_of_an_answer_given_by_some_of_ten_humans(humans, expected):
     assert leave_one_out_score(humans, 10) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("raw, normalised", [
-    ("two", "2"), ("none", "0"), ("Ten", "10"),          # number words (manualMap)
-    ("a dog", "dog"), ("the Red car", "red car"),       # articles dropped, lower case
-    ("dont", "don't"), ("isnt", "isn't"),                # contractions restored
-    ("yes.", "yes"), ("yes!", "yes"), ("  yes\n", "yes"),  # punctuation, white space
-    ("3.5", "3.5"),                                      # a period before a digit stays
-    ("1,000", "1000"),          # digit-comma-digit: every mark is deleted, not spaced
-    ("black/white", "black white"),  # a mark touching no space becomes a space
-    ("black / white", "black white"),  # touching a space: deleted
-    ("hello, world", "hello world"),
-])
+@pytest.mark.parametrize(
+    "raw, normalised",
+    [
+        ("two", "2"),
+        ("none", "0"),
+        ("Ten", "10"),  # number words (manualMap)
+        ("a dog", "dog"),
+        ("the Red car", "red car"),  # articles dropped, lower case
+        ("dont", "don't"),
+        ("isnt", "isn't"),  # contractions restored
+        ("yes.", "yes"),
+        ("yes!", "yes"),
+        ("  yes\n", "yes"),  # punctuation, white space
+        ("3.5", "3.5"),  # a period before a digit stays
+        ("1,000", "1000"),  # digit-comma-digit: every mark is deleted, not spaced
+        ("black/white", "black white"),  # a mark touching no space becomes a space
+        ("black / white", "black white"),  # touching a space: deleted
+        ("hello, world", "hello world"),
+    ],
+)
 def test_official_answer_normalisation(raw, normalised):
     assert normalize_answer(raw) == normalised
 
@@ -93,9 +112,11 @@ def test_answer_vocabulary_is_top_k_by_frequency():
 
 def test_accuracy_metric_per_answer_type():
     metric = VQAAccuracy()
-    metric.update(["yes", "2", "dog"],
-                  [["yes"] * 10, ["2"] * 2 + ["3"] * 8, ["cat"] * 10],
-                  ["yes/no", "number", "other"])
+    metric.update(
+        ["yes", "2", "dog"],
+        [["yes"] * 10, ["2"] * 2 + ["3"] * 8, ["cat"] * 10],
+        ["yes/no", "number", "other"],
+    )
     metric.update(["no"], [["no"] * 3 + ["yes"] * 7], ["yes/no"])
     got = metric.compute()
     assert got["all"].item() == pytest.approx((1 + 0.6 + 0 + 0.9) / 4)
@@ -113,11 +134,20 @@ COLOUR_RGB = {"red": (220, 30, 30), "blue": (35, 70, 225), "green": (30, 160, 50
 
 
 def _question(qid, image_id, question, answers, mc, answer_type, question_type):
-    return ({"image_id": image_id, "question": question, "question_id": qid},
-            {"question_id": qid, "image_id": image_id, "question_type": question_type,
-             "answer_type": answer_type, "multiple_choice_answer": mc,
-             "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
-                         for i, a in enumerate(answers)]})
+    return (
+        {"image_id": image_id, "question": question, "question_id": qid},
+        {
+            "question_id": qid,
+            "image_id": image_id,
+            "question_type": question_type,
+            "answer_type": answer_type,
+            "multiple_choice_answer": mc,
+            "answers": [
+                {"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+                for i, a in enumerate(answers)
+            ],
+        },
+    )
 
 
 def write_vqav2(root, split="train2014", images=24, first_id=1):
@@ -130,35 +160,66 @@ def write_vqav2(root, split="train2014", images=24, first_id=1):
         image_id = first_id + k
         colour = list(COLOUR_RGB)[k % 3]
         Image.new("RGB", (20, 16), COLOUR_RGB[colour]).save(
-            root / split / f"COCO_{split}_{image_id:012d}.jpg")
+            root / split / f"COCO_{split}_{image_id:012d}.jpg"
+        )
         red = "yes" if colour == "red" else "no"
-        for j, args in enumerate([
-            ("what color is the picture?", [colour] * 8 + ["purple"] * 2, colour, "other",
-             "what color is the"),
-            ("is the picture red?", [red] * 10, red, "yes/no", "is the"),
-            ("how many colors are there?", ["1"] * 7 + ["one"] * 3, "1", "number", "how many"),
-        ]):
+        for j, args in enumerate(
+            [
+                (
+                    "what color is the picture?",
+                    [colour] * 8 + ["purple"] * 2,
+                    colour,
+                    "other",
+                    "what color is the",
+                ),
+                ("is the picture red?", [red] * 10, red, "yes/no", "is the"),
+                ("how many colors are there?", ["1"] * 7 + ["one"] * 3, "1", "number", "how many"),
+            ]
+        ):
             q, a = _question(image_id * 10 + j, image_id, *args)
             questions.append(q)
             annotations.append(a)
-    (root / f"v2_OpenEnded_mscoco_{split}_questions.json").write_text(json.dumps(
-        {"info": {}, "task_type": "Open-Ended", "data_type": "mscoco", "license": {},
-         "data_subtype": split, "questions": questions}))
-    (root / f"v2_mscoco_{split}_annotations.json").write_text(json.dumps(
-        {"info": {}, "license": {}, "data_subtype": split, "data_type": "mscoco",
-         "annotations": annotations}))
+    (root / f"v2_OpenEnded_mscoco_{split}_questions.json").write_text(
+        json.dumps(
+            {
+                "info": {},
+                "task_type": "Open-Ended",
+                "data_type": "mscoco",
+                "license": {},
+                "data_subtype": split,
+                "questions": questions,
+            }
+        )
+    )
+    (root / f"v2_mscoco_{split}_annotations.json").write_text(
+        json.dumps(
+            {
+                "info": {},
+                "license": {},
+                "data_subtype": split,
+                "data_type": "mscoco",
+                "annotations": annotations,
+            }
+        )
+    )
     return root
 
 
 def vqav2_set(root, split="train2014", **kwargs):
-    return VQAv2(root / f"v2_OpenEnded_mscoco_{split}_questions.json",
-                 root / f"v2_mscoco_{split}_annotations.json", root / split, **kwargs)
+    return VQAv2(
+        root / f"v2_OpenEnded_mscoco_{split}_questions.json",
+        root / f"v2_mscoco_{split}_annotations.json",
+        root / split,
+        **kwargs,
+    )
 
 
 def test_vqav2_reader_reads_the_official_files(tmp_path):
     write_vqav2(tmp_path, images=3, first_id=458752)
-    records, subtype = read_vqav2(tmp_path / "v2_OpenEnded_mscoco_train2014_questions.json",
-                                  tmp_path / "v2_mscoco_train2014_annotations.json")
+    records, subtype = read_vqav2(
+        tmp_path / "v2_OpenEnded_mscoco_train2014_questions.json",
+        tmp_path / "v2_mscoco_train2014_annotations.json",
+    )
     assert subtype == "train2014" and len(records) == 9
     r = records[0]
     assert (r.question_id, r.image_id) == (4587520, 458752)
@@ -177,16 +238,19 @@ def test_vqav2_reader_reads_the_official_files(tmp_path):
 def test_vqav2_reader_refusals_name_the_file(tmp_path):
     write_vqav2(tmp_path, images=2)
     with pytest.raises(DataPathError, match="annotations file not found: .*nope.json"):
-        read_vqav2(tmp_path / "v2_OpenEnded_mscoco_train2014_questions.json",
-                   tmp_path / "nope.json")
+        read_vqav2(
+            tmp_path / "v2_OpenEnded_mscoco_train2014_questions.json", tmp_path / "nope.json"
+        )
     with pytest.raises(ValueError, match="not a VQA questions file"):
         read_vqav2(tmp_path / "v2_mscoco_train2014_annotations.json")
     notes = json.loads((tmp_path / "v2_mscoco_train2014_annotations.json").read_text())
     notes["annotations"].pop(0)
     (tmp_path / "v2_mscoco_train2014_annotations.json").write_text(json.dumps(notes))
     with pytest.raises(ValueError, match="no annotation of question 10 "):
-        read_vqav2(tmp_path / "v2_OpenEnded_mscoco_train2014_questions.json",
-                   tmp_path / "v2_mscoco_train2014_annotations.json")
+        read_vqav2(
+            tmp_path / "v2_OpenEnded_mscoco_train2014_questions.json",
+            tmp_path / "v2_mscoco_train2014_annotations.json",
+        )
 
 
 def test_unreadable_images_are_skipped_in_training_and_refused_in_evaluation(tmp_path):
@@ -203,9 +267,14 @@ def test_unreadable_images_are_skipped_in_training_and_refused_in_evaluation(tmp
 def test_datamodule_targets_vocabulary_and_baseline(tmp_path):
     write_vqav2(tmp_path)
     write_vqav2(tmp_path, "val2014", images=6, first_id=100)
-    dm = VQADataModule(vqav2_set(tmp_path, image_size=16),
-                       vqav2_set(tmp_path, "val2014", image_size=16), num_answers=5,
-                       image_size=16, context_length=8, batch_size=4)
+    dm = VQADataModule(
+        vqav2_set(tmp_path, image_size=16),
+        vqav2_set(tmp_path, "val2014", image_size=16),
+        num_answers=5,
+        image_size=16,
+        context_length=8,
+        batch_size=4,
+    )
     # multiple_choice_answer counts over 24 images: "1" 24, "no" 16, red/blue/green/yes 8
     assert dm.answers == ["1", "no", "blue", "green", "red"]
     assert dm.task_args == {"answers": dm.answers, "baseline_answer": "1"}
@@ -239,13 +308,20 @@ def test_vocabulary_counts_validation_answers_only_when_asked(tmp_path):
 def _truth(scene, question: str) -> str:
     """The answer recomputed from the scene, independently of the generator's code paths."""
     objs = scene.objects
-    where = {"at the top left": (0, 0), "at the top": (0, 1), "at the top right": (0, 2),
-             "on the left": (1, 0), "in the centre": (1, 1), "on the right": (1, 2),
-             "at the bottom left": (2, 0), "at the bottom": (2, 1), "at the bottom right": (2, 2)}
+    where = {
+        "at the top left": (0, 0),
+        "at the top": (0, 1),
+        "at the top right": (0, 2),
+        "on the left": (1, 0),
+        "in the centre": (1, 1),
+        "on the right": (1, 2),
+        "at the bottom left": (2, 0),
+        "at the bottom": (2, 1),
+        "at the bottom right": (2, 2),
+    }
     if m := re.fullmatch(r"how many (\w+) are there\?", question):
         word = m[1]
-        return str(len(objs) if word == "shapes" else
-                   sum(plural(o.shape) == word for o in objs))
+        return str(len(objs) if word == "shapes" else sum(plural(o.shape) == word for o in objs))
     if m := re.fullmatch(r"how many (\w+) shapes are there\?", question):
         return str(sum(o.colour == m[1] for o in objs))
     if m := re.fullmatch(r"is there an? (\w+) (\w+)\?", question):
@@ -318,9 +394,18 @@ def test_optimizer_groups_and_schedule(tmp_path):
     from types import SimpleNamespace
 
     _, model_cfg = pretrained_checkpoint(tmp_path / "p.ckpt", image_size=16)
-    module = VQAModule(model_cfg, ["yes", "no"], fusion_width=16, fusion_depth=1, fusion_heads=1,
-                       lr=1e-4, fusion_lr_mult=5, head_lr_mult=50, weight_decay=0.01,
-                       warmup_fraction=0.1)
+    module = VQAModule(
+        model_cfg,
+        ["yes", "no"],
+        fusion_width=16,
+        fusion_depth=1,
+        fusion_heads=1,
+        lr=1e-4,
+        fusion_lr_mult=5,
+        head_lr_mult=50,
+        weight_decay=0.01,
+        warmup_fraction=0.1,
+    )
     module._trainer = SimpleNamespace(estimated_stepping_batches=100)
     config = module.configure_optimizers()
     optimizer, schedule = config["optimizer"], config["lr_scheduler"]["scheduler"]
@@ -334,8 +419,12 @@ def test_optimizer_groups_and_schedule(tmp_path):
         group = group_of[id(p)]
         # the LambdaLR already scaled the group's lr by the first step's factor (1 / 10)
         assert group["initial_lr"] == pytest.approx(expected_lr[name.split(".")[0]]), name
-        spared = name.endswith(".bias") or name in norms or "pos_embed" in name \
+        spared = (
+            name.endswith(".bias")
+            or name in norms
+            or "pos_embed" in name
             or name == "fusion.type_embed.weight"
+        )
         assert group["weight_decay"] == (0.0 if spared else 0.01), name
     factors = []
     for _ in range(100):
@@ -357,14 +446,14 @@ def test_training_steps_on_vqav2_files_lower_the_loss(tmp_path):
     train_set = vqav2_set(tmp_path, image_size=16)
     dm = VQADataModule(train_set, train_set, image_size=16, context_length=32, batch_size=24)
     torch.manual_seed(0)
-    module = VQAModule(model_cfg, **dm.task_args, fusion_width=32, fusion_depth=1,
-                       fusion_heads=2)
+    module = VQAModule(model_cfg, **dm.task_args, fusion_width=32, fusion_depth=1, fusion_heads=2)
     everything = dm.collate(None, [train_set[i] for i in range(len(train_set))])
 
     def loss() -> float:
         with torch.no_grad():
-            return module.loss(module(everything["images"], everything["tokens"]),
-                               everything["targets"]).item()
+            return module.loss(
+                module(everything["images"], everything["tokens"]), everything["targets"]
+            ).item()
 
     before = loss()
     optimizer = torch.optim.AdamW(module.parameters(), lr=3e-3)
@@ -387,10 +476,20 @@ def test_vqav2_run_reports_official_accuracy_beside_the_baseline(tmp_path, capsy
     write_vqav2(data_root / "vqav2", "val2014", images=6, first_id=100)
     pretrained_checkpoint(tmp_path / "p.ckpt", image_size=16)
     cfg = compose_train(
-        "task=vqa", "data=vqav2", f"data_root={data_root}", f"init_from={tmp_path / 'p.ckpt'}",
-        "data.num_workers=0", "batch.global=24", "task.epochs=2", "task.fusion_width=32",
-        "task.fusion_depth=1", "task.fusion_heads=2", "logger=none",
-        "trainer.enable_progress_bar=false", output_dir=tmp_path / "run")
+        "task=vqa",
+        "data=vqav2",
+        f"data_root={data_root}",
+        f"init_from={tmp_path / 'p.ckpt'}",
+        "data.num_workers=0",
+        "batch.global=24",
+        "task.epochs=2",
+        "task.fusion_width=32",
+        "task.fusion_depth=1",
+        "task.fusion_heads=2",
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+        output_dir=tmp_path / "run",
+    )
     metrics = train(cfg)
     assert cfg.data.image_size == 16  # the checkpoint's
     assert metrics["val/baseline_acc"] == pytest.approx(1 / 3)
@@ -399,8 +498,9 @@ def test_vqav2_run_reports_official_accuracy_beside_the_baseline(tmp_path, capsy
     assert 0.0 <= metrics["val/vqa_acc"] <= 1.0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith(f"VQA accuracy {metrics['val/vqa_acc']:.1%} (yes/no ")
-    assert line.endswith('most-frequent-answer baseline 33.3% ("1") (yes/no 0.0%, number '
-                         '100.0%, other 0.0%)')
+    assert line.endswith(
+        'most-frequent-answer baseline 33.3% ("1") (yes/no 0.0%, number 100.0%, other 0.0%)'
+    )
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
     hp = ckpt["hyper_parameters"]
     assert hp["answers"] == ["1", "no", "blue", "green", "red", "yes"]
@@ -429,11 +529,22 @@ def test_table7_experiment_composes_with_metered_values():
 @pytest.mark.slow
 def test_train_py_task_vqa_prints_the_summary_line(tmp_path):
     pretrained_checkpoint(tmp_path / "p.ckpt", image_size=16)
-    out = run_train("task=vqa", f"init_from={tmp_path / 'p.ckpt'}", "task.epochs=1",
-                    "data.train.size=32", "data.val.size=16", "task.fusion_width=16",
-                    "task.fusion_depth=1", "task.fusion_heads=1", output_dir=tmp_path / "run")
+    out = run_train(
+        "task=vqa",
+        f"init_from={tmp_path / 'p.ckpt'}",
+        "task.epochs=1",
+        "data.train.size=32",
+        "data.val.size=16",
+        "task.fusion_width=16",
+        "task.fusion_depth=1",
+        "task.fusion_heads=1",
+        output_dir=tmp_path / "run",
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     line = out.stdout.strip().splitlines()[-1]
-    assert re.fullmatch(r"VQA accuracy \d+\.\d% \(yes/no \d+\.\d%, number \d+\.\d%, other "
-                        r"\d+\.\d%\); most-frequent-answer baseline \d+\.\d% \(\"\w+\"\) "
-                        r"\(yes/no \d+\.\d%, number \d+\.\d%, other \d+\.\d%\)", line), line
+    assert re.fullmatch(
+        r"VQA accuracy \d+\.\d% \(yes/no \d+\.\d%, number \d+\.\d%, other "
+        r"\d+\.\d%\); most-frequent-answer baseline \d+\.\d% \(\"\w+\"\) "
+        r"\(yes/no \d+\.\d%, number \d+\.\d%, other \d+\.\d%\)",
+        line,
+    ), line

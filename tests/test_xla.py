@@ -3,6 +3,7 @@
 
 What this cannot show (needs a TPU): multi-core XLA collectives (all_gather with gradients
 over a TPU pod), bf16 numerics on the MXU, compile-once behaviour at pod scale."""
+
 import json
 import os
 import subprocess
@@ -17,9 +18,14 @@ pytest.importorskip("torch_xla", reason="torch-xla wheels exist for Linux x86_64
 @pytest.mark.slow
 def test_pretrain_module_on_xla_cpu(tmp_path):
     script = Path(__file__).with_name("xla_pretrain_steps.py")
-    out = subprocess.run([sys.executable, str(script), str(tmp_path / "losses.json")],
-                         env={**os.environ, "PJRT_DEVICE": "CPU"}, cwd=script.parent.parent,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "losses.json")],
+        env={**os.environ, "PJRT_DEVICE": "CPU"},
+        cwd=script.parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "losses.json").read_text())
     assert result["device"].startswith("xla")

@@ -4,6 +4,7 @@ the code path a TPU runs. Run by tests/test_xla.py:  python tests/xla_pretrain_s
 Lightning refuses accelerator="tpu" without TPU metadata, so a test-only subclass of its
 XLAAccelerator reports the one XLA:CPU device; everything else is Lightning's XLA code.
 """
+
 import json
 import os
 import sys
@@ -49,9 +50,14 @@ def module(mask: float, micro: int | None) -> PretrainModule:
     torch.manual_seed(0)
     image = ImageEncoder(32, patch_size=8, width=32, depth=2, heads=2, mask_ratio=mask)
     text = TextEncoder(vocab_size=100, context_length=8, width=32, depth=1, heads=2)
-    return PretrainModule(FLIP(image, text, embed_dim=16), global_batch=BATCH,
-                          total_samples=STEPS * BATCH, warmup_samples=BATCH,
-                          micro_batch=micro, base_lr=0.05)
+    return PretrainModule(
+        FLIP(image, text, embed_dim=16),
+        global_batch=BATCH,
+        total_samples=STEPS * BATCH,
+        warmup_samples=BATCH,
+        micro_batch=micro,
+        base_lr=0.05,
+    )
 
 
 def loader() -> DataLoader:
@@ -72,12 +78,24 @@ class Losses(L.Callback):
 
 def run(mask: float, xla: bool, micro: int | None = None) -> list[float]:
     losses = Losses()
-    device = dict(accelerator=XLACPUAccelerator(),
-                  strategy=SingleDeviceXLAStrategy(device=torch_xla.device())) if xla \
+    device = (
+        dict(
+            accelerator=XLACPUAccelerator(),
+            strategy=SingleDeviceXLAStrategy(device=torch_xla.device()),
+        )
+        if xla
         else dict(accelerator="cpu")
-    trainer = L.Trainer(devices=1, max_steps=STEPS, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[losses], **device)
+    )
+    trainer = L.Trainer(
+        devices=1,
+        max_steps=STEPS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[losses],
+        **device,
+    )
     trainer.fit(module(mask, micro), loader())
     return losses.values
 
@@ -85,7 +103,8 @@ def run(mask: float, xla: bool, micro: int | None = None) -> list[float]:
 if __name__ == "__main__":
     result = {
         "device": str(torch_xla.device()),
-        "xla_mask0": run(0.0, xla=True), "cpu_mask0": run(0.0, xla=False),
+        "xla_mask0": run(0.0, xla=True),
+        "cpu_mask0": run(0.0, xla=False),
         "xla_mask50_cached": run(0.5, xla=True, micro=4),
     }
     with open(sys.argv[1], "w") as f:

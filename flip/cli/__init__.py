@@ -9,4 +9,5 @@ from the installed package (``pkg://flip.conf``: the repository's ``conf/``, ins
 ``flip.conf``) instead of a path next to the script. One module per command, named like
 the scripts, so Hydra names the job (log file, SLURM job) ``train`` or ``eval`` as well.
 """
+
 CONFIG_PATH = "pkg://flip.conf"

@@ -1,4 +1,5 @@
 """``python -m flip.cli train|eval [overrides]``: Hydra reads the overrides from sys.argv."""
+
 import importlib
 import sys
 

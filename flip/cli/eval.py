@@ -1,5 +1,6 @@
 """``flip-eval ckpt_path=… [overrides]``: evaluation of a checkpoint from the installed
 configs (see conf/eval.yaml)."""
+
 import hydra
 from omegaconf import DictConfig
 

@@ -1,4 +1,5 @@
 """``flip-train [overrides]``: FLIP pre-training from the installed configs (see conf/train.yaml)."""
+
 import hydra
 from omegaconf import DictConfig
 

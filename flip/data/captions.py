@@ -30,6 +30,7 @@ A training batch is ``(images, tokens)`` with ``tokens`` (B, T) = ``[CLS] w1 …
 predicts ``tokens[:, 1:]``); a validation batch adds the references and the dataset indices
 of the images: ``(images, tokens of the first reference, [references], indices)``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -51,13 +52,20 @@ from flip.tokenizer import PAD_ID, UNK_ID, VOCAB_SIZE, Tokenizer
 
 BOS_ID = 101  # BERT [CLS]: starts every decoder sequence
 EOS_ID = 102  # BERT [SEP]: ends it
-COCO_FORMAT_LAYOUT = ("{root}/{ann_file}: COCO-format captions ({{\"images\": [{{\"id\", \"file_name\"}}], "
-                      "\"annotations\": [{{\"image_id\", \"caption\"}}]}}); images under {root}/{image_dir}")
+COCO_FORMAT_LAYOUT = (
+    '{root}/{ann_file}: COCO-format captions ({{"images": [{{"id", "file_name"}}], '
+    '"annotations": [{{"image_id", "caption"}}]}}); images under {root}/{image_dir}'
+)
 
 
 # -- readers ---------------------------------------------------------------------------------
-def karpathy_images(root, transform, splits: Sequence[str] = ("test",),
-                    ann_file: str = "dataset_coco.json", image_dir: str = "") -> Captioned:
+def karpathy_images(
+    root,
+    transform,
+    splits: Sequence[str] = ("test",),
+    ann_file: str = "dataset_coco.json",
+    image_dir: str = "",
+) -> Captioned:
     """The images of the Karpathy ``splits`` with their reference captions."""
     if isinstance(splits, str):
         splits = [splits]
@@ -65,8 +73,9 @@ def karpathy_images(root, transform, splits: Sequence[str] = ("test",),
     return Captioned([item for part in parts for item in part.items], transform)
 
 
-def coco_format_images(root, transform, ann_file: str, image_dir: str = "",
-                       name: str = "nocaps") -> Captioned:
+def coco_format_images(
+    root, transform, ann_file: str, image_dir: str = "", name: str = "nocaps"
+) -> Captioned:
     """Images with their captions from a COCO-format annotation file (nocaps,
     ``captions_val2014.json``), in the file's image order."""
     root = Path(root)
@@ -76,8 +85,9 @@ def coco_format_images(root, transform, ann_file: str, image_dir: str = "",
         raise DatasetNotFound(name, root, layout, why=f"no {ann}")
     data = json.loads(ann.read_text("utf-8"))
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        raise ConfigError(f"{ann}: expected COCO-format captions ({{'images': [...], "
-                          "'annotations': [...]}})")
+        raise ConfigError(
+            f"{ann}: expected COCO-format captions ({{'images': [...], 'annotations': [...]}}}})"
+        )
     refs: dict = {}
     for a in data["annotations"]:
         refs.setdefault(a["image_id"], []).append(a["caption"])
@@ -87,7 +97,9 @@ def coco_format_images(root, transform, ann_file: str, image_dir: str = "",
         raise ConfigError(f"{ann}: {len(without)} images have no caption, e.g. {without[0]}")
     missing = [p for p, _ in items if not p.is_file()]
     if missing:
-        raise DatasetNotFound(name, root, layout, why=f"{len(missing)} images missing, e.g. {missing[0]}")
+        raise DatasetNotFound(
+            name, root, layout, why=f"{len(missing)} images missing, e.g. {missing[0]}"
+        )
     return Captioned(items, transform)
 
 
@@ -129,8 +141,14 @@ class ShapesReferences(Dataset):
     independently (5, as COCO): ``(image, [captions])``. Its own seed stream: no scene of
     the training stream."""
 
-    def __init__(self, size: int = 200, image_size: int = 64, seed: int = 0, references: int = 5,
-                 split: str = "val"):
+    def __init__(
+        self,
+        size: int = 200,
+        image_size: int = 64,
+        seed: int = 0,
+        references: int = 5,
+        split: str = "val",
+    ):
         self.size, self.image_size, self.seed = size, image_size, seed
         self.references, self.split = references, split
         self.transform = to_normalized_tensor()  # no crops or flips: captions state positions
@@ -197,7 +215,7 @@ class CaptionDataModule(L.LightningDataModule):
         else:
             seen = {PAD_ID, UNK_ID, BOS_ID, EOS_ID}
             for i in range(0, len(captions), 65536):  # COCO: 566k captions, in chunks
-                seen.update(torch.unique(self.tokenizer(captions[i:i + 65536])).tolist())
+                seen.update(torch.unique(self.tokenizer(captions[i : i + 65536])).tolist())
             self.vocab = sorted(seen)
         self.to_decoder = torch.full((VOCAB_SIZE,), self.vocab.index(UNK_ID), dtype=torch.long)
         self.to_decoder[self.vocab] = torch.arange(len(self.vocab))
@@ -205,22 +223,31 @@ class CaptionDataModule(L.LightningDataModule):
     @property
     def task_args(self) -> dict:
         index = self.vocab.index
-        return {"vocab": self.vocab, "bos_id": index(BOS_ID), "eos_id": index(EOS_ID),
-                "pad_id": index(PAD_ID), "max_length": self.max_length,
-                "constant_caption": self.constant_caption}
+        return {
+            "vocab": self.vocab,
+            "bos_id": index(BOS_ID),
+            "eos_id": index(EOS_ID),
+            "pad_id": index(PAD_ID),
+            "max_length": self.max_length,
+            "constant_caption": self.constant_caption,
+        }
 
     def setup(self, stage: str) -> None:
         image = self.val_set[0][0]
         if tuple(image.shape[-2:]) != (self.image_size, self.image_size):
-            raise ValueError(f"data.image_size is {self.image_size} but the validation set "
-                             f"yields {tuple(image.shape)} images")
+            raise ValueError(
+                f"data.image_size is {self.image_size} but the validation set "
+                f"yields {tuple(image.shape)} images"
+            )
 
     def tokens(self, captions: Sequence[str]) -> torch.Tensor:
         """Captions -> (B, T) ``[CLS] w1 … wn [SEP] [PAD] …`` in decoder ids, trimmed to the
         longest."""
         ids = self.tokenizer(list(captions))  # (B, max_length - 1), [PAD]-filled
         n = (ids != PAD_ID).sum(1)
-        tokens = torch.cat([torch.full_like(ids[:, :1], BOS_ID), ids, torch.full_like(ids[:, :1], PAD_ID)], 1)
+        tokens = torch.cat(
+            [torch.full_like(ids[:, :1], BOS_ID), ids, torch.full_like(ids[:, :1], PAD_ID)], 1
+        )
         tokens[torch.arange(len(ids)), n + 1] = EOS_ID
         return self.to_decoder[tokens[:, : int(n.max()) + 2]]
 
@@ -231,19 +258,34 @@ class CaptionDataModule(L.LightningDataModule):
     def _val_collate(self, batch):
         indices, items = zip(*batch)
         images, refs = zip(*items)
-        return (torch.stack(images), self.tokens([r[0] for r in refs]), [list(r) for r in refs],
-                torch.tensor(indices))
+        return (
+            torch.stack(images),
+            self.tokens([r[0] for r in refs]),
+            [list(r) for r in refs],
+            torch.tensor(indices),
+        )
 
     def _loader(self, dataset, batch_size, shuffle, collate, drop_last):
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          collate_fn=collate, persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            collate_fn=collate,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def train_dataloader(self):
         if len(self.train_set) < self.batch_size:
-            raise ValueError(f"the training set has {len(self.train_set)} captions, fewer than one "
-                             f"batch ({self.batch_size}); lower batch.global or add data")
+            raise ValueError(
+                f"the training set has {len(self.train_set)} captions, fewer than one "
+                f"batch ({self.batch_size}); lower batch.global or add data"
+            )
         return self._loader(self.train_set, self.batch_size, True, self._train_collate, True)
 
     def val_dataloader(self):
-        return self._loader(_Indexed(self.val_set), self.val_batch_size, False, self._val_collate, False)
+        return self._loader(
+            _Indexed(self.val_set), self.val_batch_size, False, self._val_collate, False
+        )

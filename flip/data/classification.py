@@ -19,6 +19,7 @@ included. Item ``i`` has class ``i % 40`` (balanced); the scene is drawn from it
 stream ``(seed, split, i)``, so ``train`` and ``val`` never share an image, and neither
 shares one with pre-training (captions) or its zero-shot set.
 """
+
 import random
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -33,8 +34,15 @@ from flip.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 # MAE main_finetune.py defaults (FINETUNE.md commands add --reprob 0.25): RandAugment
 # m9 with magnitude noise 0.5 and increasing severity, random erasing of per-pixel noise,
 # no colour jitter under RandAugment, bicubic; timm's crop scale (0.08, 1) and flip 0.5
-MAE_AUGMENT = {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25, "re_mode": "pixel",
-               "re_count": 1, "color_jitter": None, "scale": (0.08, 1.0), "hflip": 0.5}
+MAE_AUGMENT = {
+    "auto_augment": "rand-m9-mstd0.5-inc1",
+    "re_prob": 0.25,
+    "re_mode": "pixel",
+    "re_count": 1,
+    "color_jitter": None,
+    "scale": (0.08, 1.0),
+    "hflip": 0.5,
+}
 
 
 def mae_eval_crop(image_size: int) -> float:
@@ -48,8 +56,14 @@ class ShapesClasses(Dataset):
 
     classes = [f"{c} {s}" for c, s in ALL_COMBOS]
 
-    def __init__(self, split: str = "train", size: int = 4000, image_size: int = 64,
-                 seed: int = 0, transform: Callable | None = None):
+    def __init__(
+        self,
+        split: str = "train",
+        size: int = 4000,
+        image_size: int = 64,
+        seed: int = 0,
+        transform: Callable | None = None,
+    ):
         if size < 1:
             raise ValueError(f"size must be positive, got {size}")
         self.split, self.size, self.image_size, self.seed = split, size, image_size, seed
@@ -93,12 +107,21 @@ class ClassificationDataModule(L.LightningDataModule):
         if augment.get("scale") is not None:
             augment["scale"] = tuple(augment["scale"])
         self.train_transform = create_transform(
-            image_size, is_training=True, interpolation="bicubic", mean=IMAGENET_MEAN,
-            std=IMAGENET_STD, **augment)
-        self.eval_transform = create_transform(
-            image_size, is_training=False, interpolation="bicubic", mean=IMAGENET_MEAN,
+            image_size,
+            is_training=True,
+            interpolation="bicubic",
+            mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
-            crop_pct=mae_eval_crop(image_size) if eval_crop_pct is None else eval_crop_pct)
+            **augment,
+        )
+        self.eval_transform = create_transform(
+            image_size,
+            is_training=False,
+            interpolation="bicubic",
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            crop_pct=mae_eval_crop(image_size) if eval_crop_pct is None else eval_crop_pct,
+        )
         self.train_set = train(transform=self.train_transform)
         self.val_set = val(transform=self.eval_transform)
         classes = list(self.train_set.classes)
@@ -107,20 +130,28 @@ class ClassificationDataModule(L.LightningDataModule):
             raise ValueError(
                 f"the training and validation sets have different classes ({len(classes)} "
                 f"vs {len(self.val_set.classes)}; differing: {', '.join(missing[:5])}): "
-                "labels would not mean the same class")
+                "labels would not mean the same class"
+            )
         # the trivial baseline predicts the most frequent training class
         majority = Counter(self.train_set.targets).most_common(1)[0][0]
         self.task_args = {"num_classes": len(classes), "majority_class": majority}
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and len(self.train_set) < self.batch_size:
-            raise ValueError(f"the training set has {len(self.train_set)} images, fewer than "
-                             f"one batch ({self.batch_size}); lower batch.global or add data")
+            raise ValueError(
+                f"the training set has {len(self.train_set)} images, fewer than "
+                f"one batch ({self.batch_size}); lower batch.global or add data"
+            )
 
     def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, pin_memory=self.pin_memory,
-                          **kwargs)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+            **kwargs,
+        )
 
     def train_dataloader(self) -> DataLoader:
         # full batches only: mixup pairs the batch with its reverse (an even size)

@@ -19,6 +19,7 @@ when num_workers > 0 (the DataModule's collate ships their deltas with each batc
 ``flip.data.quality``); ``check()`` scans every image once in the calling process for
 exact totals.
 """
+
 import csv
 import logging
 from collections import Counter
@@ -41,8 +42,15 @@ class CsvCaptions(Dataset):
     transform: PIL -> tensor; default ``train_transform(image_size)``.
     """
 
-    def __init__(self, path, image_root=None, image_size: int = 224, transform=None,
-                 max_consecutive_bad: int = 100, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self,
+        path,
+        image_root=None,
+        image_size: int = 224,
+        transform=None,
+        max_consecutive_bad: int = 100,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"caption CSV not found: {self.path}")
@@ -115,14 +123,16 @@ class CsvCaptions(Dataset):
         raise RuntimeError(
             f"{self.path}: {min(self.max_consecutive_bad, len(self))} consecutive rows from "
             f"row {index} have no readable image (looked under {self.root}); "
-            f"skipped so far: {dict(self.skipped)}")
+            f"skipped so far: {dict(self.skipped)}"
+        )
 
     def check(self) -> Counter:
         """Open every image once; Counter(ok=..., missing=..., corrupt=...). Slow on big sets."""
         before = self.skipped, self.converted, self.examples
         self.skipped, self.converted, self.examples = Counter(), Counter(), {}
-        ok = sum(self._caption(i) is not None and self._open(i) is not None
-                 for i in range(len(self)))
+        ok = sum(
+            self._caption(i) is not None and self._open(i) is not None for i in range(len(self))
+        )
         counts = Counter(ok=ok, **self.skipped)
         self.skipped, self.converted, self.examples = before  # leave the counters as they were
         return counts

@@ -10,6 +10,7 @@ dataset copy that counted them) adds the dataset's new ``skipped`` counts to the
 DataModule's ``SharedStats`` (``flip.data.quality``), where ``DataQualityCallback`` reads
 them; batches are plain ``(images, tokens)`` tuples.
 """
+
 from collections import Counter
 from functools import partial
 
@@ -50,12 +51,14 @@ class ImageTextDataModule(QualityMixin, L.LightningDataModule):
         if len(self.train_set) < self.batch_size:
             raise ValueError(
                 f"the training set has {len(self.train_set)} samples, fewer than one "
-                f"batch ({self.batch_size}); lower batch.global or add data")
+                f"batch ({self.batch_size}); lower batch.global or add data"
+            )
         image = self.train_set[0][0]
         if tuple(image.shape[-2:]) != (self.image_size, self.image_size):
             raise ValueError(
                 f"data.image_size is {self.image_size} but the training set yields "
-                f"{tuple(image.shape)} images")
+                f"{tuple(image.shape)} images"
+            )
         # the probe above is not training data: do not report its skips
         self.train_set._skips_reported = Counter(getattr(self.train_set, "skipped", {}))
         self.train_set._converted_reported = Counter(getattr(self.train_set, "converted", {}))
@@ -69,15 +72,25 @@ class ImageTextDataModule(QualityMixin, L.LightningDataModule):
         return torch.stack(images), self.tokenizer(list(captions))
 
     def _loader(self, dataset: Dataset, loader=DataLoader, **kwargs) -> DataLoader:
-        return loader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                      persistent_workers=self.num_workers > 0, pin_memory=self.pin_memory,
-                      **kwargs)
+        return loader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+            **kwargs,
+        )
 
     def train_dataloader(self) -> StatefulDataLoader:
         # drop_last keeps every step's contrastive batch at exactly the global batch;
         # a stateful loader lets a resumed run continue at the same data position
-        return self._loader(self.train_set, StatefulDataLoader, shuffle=True, drop_last=True,
-                            collate_fn=partial(self.collate, self.shared_stats()))
+        return self._loader(
+            self.train_set,
+            StatefulDataLoader,
+            shuffle=True,
+            drop_last=True,
+            collate_fn=partial(self.collate, self.shared_stats()),
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         return [] if self.zeroshot_set is None else self._loader(self.zeroshot_set)

@@ -7,6 +7,7 @@ the zero-shot evaluation; training items get a light random shift/scale/rotation
 caption from varied templates mixing words and numerals ("a handwritten seven",
 "the digit 7"). Items are deterministic functions of (seed, split, index).
 """
+
 import functools
 import random
 
@@ -58,8 +59,12 @@ def _upscaled(image_size: int) -> np.ndarray:
     """(N, S, S) uint8: every digit resized bicubically to image_size."""
     images, _ = _raw()
     return np.stack(
-        [np.asarray(Image.fromarray(x).resize((image_size, image_size), Image.Resampling.BICUBIC))
-         for x in images]
+        [
+            np.asarray(
+                Image.fromarray(x).resize((image_size, image_size), Image.Resampling.BICUBIC)
+            )
+            for x in images
+        ]
     )
 
 
@@ -141,7 +146,9 @@ class DigitsCaptions(_DigitsBase):
             img = _augment(img, rng)
         word = WORDS[label]
         caption = rng.choice(CAPTION_TEMPLATES).format(
-            w=word, n=label, a_w=("an " if word == "eight" else "a ") + word  # "a one"
+            w=word,
+            n=label,
+            a_w=("an " if word == "eight" else "a ") + word,  # "a one"
         )
         return self.transform(img), caption
 

@@ -13,6 +13,7 @@ layout, e.g. ImageNet val); class names are the folder names with ``_`` read as 
 transform (resize + centre crop). An unreadable image is logged, counted in ``skipped``
 and evaluated as a blank (mean-colour) image rather than stopping a training run at validation.
 """
+
 import logging
 from collections import Counter
 from pathlib import Path
@@ -36,22 +37,32 @@ DEFAULT_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}
 
 def list_images(root: Path) -> list[Path]:
     """Image files under ``root``, recursively, sorted, as paths relative to ``root``."""
-    return sorted(p.relative_to(root) for p in root.rglob("*")
-                  if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return sorted(
+        p.relative_to(root)
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
 
 
 class FolderCaptions(CsvCaptions):
     """(image (3, S, S) float, caption str) for ``root/**/x.jpg`` with ``x.txt``."""
 
-    def __init__(self, root, image_size: int = 224, transform=None,
-                 max_consecutive_bad: int = 100, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self,
+        root,
+        image_size: int = 224,
+        transform=None,
+        max_consecutive_bad: int = 100,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ):
         self.root = self.path = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}")
         self.rows = [(str(p), str(p.with_suffix(".txt"))) for p in list_images(self.root)]
         if not self.rows:
-            raise ValueError(f"{self.root}: no images ({' '.join(IMAGE_EXTENSIONS)}) in this "
-                             "folder or below it")
+            raise ValueError(
+                f"{self.root}: no images ({' '.join(IMAGE_EXTENSIONS)}) in this folder or below it"
+            )
         self._init_counters(image_size, transform, max_consecutive_bad, max_pixels)
 
     def _caption(self, index: int) -> str | None:
@@ -68,22 +79,34 @@ class FolderCaptions(CsvCaptions):
 class ImageFolderZeroShot(Dataset):
     """(image (3, S, S) float, label int) from ``root/<class>/*``."""
 
-    def __init__(self, root, image_size: int = 224, classnames=None, templates=None,
-                 transform=None, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self,
+        root,
+        image_size: int = 224,
+        classnames=None,
+        templates=None,
+        transform=None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"zero-shot image folder not found: {self.root}")
         folders = sorted(p.name for p in self.root.iterdir() if p.is_dir())
         if not folders:
             raise ValueError(f"{self.root}: expected one sub-folder of images per class")
-        self.classnames = list(classnames) if classnames is not None else [
-            f.replace("_", " ") for f in folders]
+        self.classnames = (
+            list(classnames) if classnames is not None else [f.replace("_", " ") for f in folders]
+        )
         if len(self.classnames) != len(folders):
-            raise ValueError(f"{self.root}: {len(folders)} class folders but "
-                             f"{len(self.classnames)} classnames")
+            raise ValueError(
+                f"{self.root}: {len(folders)} class folders but {len(self.classnames)} classnames"
+            )
         self.templates = list(templates) if templates is not None else list(DEFAULT_TEMPLATES)
-        self.items = [(folder + "/" + str(p), label) for label, folder in enumerate(folders)
-                      for p in list_images(self.root / folder)]
+        self.items = [
+            (folder + "/" + str(p), label)
+            for label, folder in enumerate(folders)
+            for p in list_images(self.root / folder)
+        ]
         if not self.items:
             raise ValueError(f"{self.root}: the class folders hold no images")
         self.image_size, self.max_pixels = image_size, max_pixels
@@ -99,7 +122,10 @@ class ImageFolderZeroShot(Dataset):
             img, _ = decode_image(self.root / path, self.max_pixels)
         except (OSError, BadSample) as err:
             self.skipped[getattr(err, "reason", "missing_image")] += 1
-            log.error("zero-shot image %s unreadable (%s); evaluated as a blank image",
-                      self.root / path, err)
+            log.error(
+                "zero-shot image %s unreadable (%s); evaluated as a blank image",
+                self.root / path,
+                err,
+            )
             return torch.zeros(3, self.image_size, self.image_size), label
         return self.transform(img), label

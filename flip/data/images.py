@@ -20,6 +20,7 @@ CMYK, 16-bit and palette images become RGB; images with transparency (RGBA, LA, 
 palette or greyscale with a transparent colour) are composited over white, so transparent
 pixels do not turn into whatever colour they happen to store (often black).
 """
+
 import io
 import os
 import warnings
@@ -57,9 +58,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(data: bytes | os.PathLike | str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 before_load: Callable[[Image.Image], None] | None = None
-                 ) -> tuple[Image.Image, str]:
+def decode_image(
+    data: bytes | os.PathLike | str,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    before_load: Callable[[Image.Image], None] | None = None,
+) -> tuple[Image.Image, str]:
     """(the image as RGB, its original mode) from bytes or a path; BadSample otherwise.
 
     ``before_load(img)`` runs once the header is read and checked, before any pixel is

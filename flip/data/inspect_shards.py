@@ -8,6 +8,7 @@ Prints: shards read and failed, samples good and skipped per reason (exactly wha
 distribution, and the caption length distribution in words and in WordPiece tokens with
 the share that the 32-token context truncates.
 """
+
 import argparse
 import itertools
 import logging
@@ -27,14 +28,25 @@ def percentiles(values, qs=(0, 5, 25, 50, 75, 95, 100)) -> str:
     return "  ".join(f"p{q}={v:g}" for q, v in zip(qs, p))
 
 
-def inspect(shards, limit: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-            context_length: int = 32) -> dict:
+def inspect(
+    shards,
+    limit: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    context_length: int = 32,
+) -> dict:
     """Statistics of one pass over ``shards`` (at most ``limit`` good samples)."""
     urls = expand_shards(shards)
     if not urls:
         raise DataError(f"{shards!r} matches no shard files")
-    stream = ShardStream(urls, 1, transform=lambda img: img, passes=1, shuffle_buffer=0,
-                         max_pixels=max_pixels, max_consecutive_bad=10**9)
+    stream = ShardStream(
+        urls,
+        1,
+        transform=lambda img: img,
+        passes=1,
+        shuffle_buffer=0,
+        max_pixels=max_pixels,
+        max_consecutive_bad=10**9,
+    )
     widths, heights, captions = [], [], []
     for image, caption, _, _ in itertools.islice(stream.samples(), limit):
         widths.append(image.width)
@@ -42,10 +54,16 @@ def inspect(shards, limit: int | None = None, max_pixels: int | None = DEFAULT_M
         captions.append(caption)
     tokens = Tokenizer(512)(captions) if captions else np.zeros((0, 512))
     token_lengths = (np.asarray(tokens) != 0).sum(axis=1)
-    return {"urls": urls, "stats": stream.state.stats, "widths": widths, "heights": heights,
-            "words": [len(c.split()) for c in captions], "tokens": token_lengths.tolist(),
-            "truncated": float((token_lengths > context_length).mean()) if captions else 0.0,
-            "context_length": context_length}
+    return {
+        "urls": urls,
+        "stats": stream.state.stats,
+        "widths": widths,
+        "heights": heights,
+        "words": [len(c.split()) for c in captions],
+        "tokens": token_lengths.tolist(),
+        "truncated": float((token_lengths > context_length).mean()) if captions else 0.0,
+        "context_length": context_length,
+    }
 
 
 def report(result: dict) -> str:
@@ -67,8 +85,9 @@ def report(result: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m flip.data.inspect_shards",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m flip.data.inspect_shards", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("shards", help="brace pattern, '::'-joined patterns or a directory")
     parser.add_argument("--limit", type=int, help="stop after this many good samples")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)

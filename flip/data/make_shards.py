@@ -19,6 +19,7 @@ image extension is re-encoded as JPEG); with ``--resize N`` the image is convert
 (``flip.data.images.to_rgb``), its shorter side resized to N (bicubic; never enlarged)
 and stored as JPEG at ``--quality``, like img2dataset's ``resize_mode=keep_ratio``.
 """
+
 import argparse
 import csv
 import io
@@ -78,9 +79,15 @@ def encode(img: Image.Image, resize: int | None, quality: int) -> bytes:
     return buffer.getvalue()
 
 
-def write_shards(items, out: Path, per_shard: int = 10_000, resize: int | None = None,
-                 quality: int = 95, verify: bool = True,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Counter:
+def write_shards(
+    items,
+    out: Path,
+    per_shard: int = 10_000,
+    resize: int | None = None,
+    quality: int = 95,
+    verify: bool = True,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> Counter:
     """Write ``items`` ((path or PIL image, caption)) as shards; Counter of written/skipped."""
     if not 1 <= per_shard <= 10_000:
         raise ValueError(f"--per-shard must be in 1..10000 (keys have 4 digits), got {per_shard}")
@@ -122,11 +129,14 @@ def write_shards(items, out: Path, per_shard: int = 10_000, resize: int | None =
             shard, index = shard + 1, 0
             writer = wds.TarWriter(str(out / f"{shard:05d}.tar"))
         key = f"{shard:05d}{index:04d}"
-        meta = {"key": key, "caption": caption, "source": name,
-                "width": img.width if img is not None else None,
-                "height": img.height if img is not None else None}
-        writer.write({"__key__": key, ext: data, "txt": caption,
-                      "json": json.dumps(meta).encode()})
+        meta = {
+            "key": key,
+            "caption": caption,
+            "source": name,
+            "width": img.width if img is not None else None,
+            "height": img.height if img is not None else None,
+        }
+        writer.write({"__key__": key, ext: data, "txt": caption, "json": json.dumps(meta).encode()})
         index += 1
         counts["written"] += 1
     if writer is not None:
@@ -137,21 +147,31 @@ def write_shards(items, out: Path, per_shard: int = 10_000, resize: int | None =
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m flip.data.make_shards", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="python -m flip.data.make_shards",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--csv", type=Path, help="image_path,caption CSV")
     src.add_argument("--folder", type=Path, help="folder of x.jpg with x.txt captions")
-    src.add_argument("--shapes", type=int, metavar="N",
-                     help="N samples of the embedded shapes data (fixture shards)")
+    src.add_argument(
+        "--shapes",
+        type=int,
+        metavar="N",
+        help="N samples of the embedded shapes data (fixture shards)",
+    )
     parser.add_argument("--image-root", type=Path, help="CSV paths are relative to this")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--per-shard", type=int, default=10_000)
     parser.add_argument("--resize", type=int, help="shorter side to N px, re-encode as JPEG")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality")
     parser.add_argument("--image-size", type=int, default=224, help="--shapes image size")
-    parser.add_argument("--no-verify", dest="verify", action="store_false",
-                        help="store image bytes without decoding them once")
+    parser.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="store image bytes without decoding them once",
+    )
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     args = parser.parse_args(argv)
     if args.csv:
@@ -164,12 +184,19 @@ def main(argv=None) -> None:
         items = from_folder(args.folder)
     else:
         items = from_shapes(args.shapes, args.image_size)
-    counts = write_shards(items, args.out, args.per_shard, args.resize, args.quality,
-                          args.verify, args.max_pixels)
+    counts = write_shards(
+        items, args.out, args.per_shard, args.resize, args.quality, args.verify, args.max_pixels
+    )
     skipped = {k: v for k, v in counts.items() if k not in ("written", "shards")}
-    print(f"wrote {counts['written']:,} samples in {counts['shards']:,} shards to {args.out}"
-          + (f"; skipped {sum(skipped.values()):,}: "
-             + ", ".join(f"{k} {v:,}" for k, v in sorted(skipped.items())) if skipped else ""))
+    print(
+        f"wrote {counts['written']:,} samples in {counts['shards']:,} shards to {args.out}"
+        + (
+            f"; skipped {sum(skipped.values()):,}: "
+            + ", ".join(f"{k} {v:,}" for k, v in sorted(skipped.items()))
+            if skipped
+            else ""
+        )
+    )
     if counts["shards"]:  # a directory means all its *.tar (no braces to quote for Hydra)
         print(f"train: python train.py data=laion data.shards={args.out}")
     else:

@@ -32,6 +32,7 @@ prefetched but training has not used yet (at most ``num_workers x prefetch_facto
 the one Lightning fetches ahead), and, in an endless stream, not the skips a reader met
 after its latest batch (they come with its next one).
 """
+
 from __future__ import annotations
 
 import logging
@@ -50,8 +51,14 @@ from flip.config import ConfigError
 log = logging.getLogger(__name__)
 
 SHARD_REASONS = ("unreadable_shard", "corrupt_shard")
-SAMPLE_REASONS = ("missing_image", "empty_image", "corrupt_image", "large_image",
-                  "missing_caption", "empty_caption")
+SAMPLE_REASONS = (
+    "missing_image",
+    "empty_image",
+    "corrupt_image",
+    "large_image",
+    "missing_caption",
+    "empty_caption",
+)
 REASONS = SHARD_REASONS + SAMPLE_REASONS
 MODES = (*Image.MODES, "other")  # original modes of converted images; "other": any new one
 EXAMPLE_BYTES = 512  # kept of each example in shared memory (UTF-8)
@@ -120,21 +127,33 @@ class LoaderStats:
 
     # ---- checkpoints: plain types only -------------------------------------------------
     def to_dict(self) -> dict:
-        return {"samples": self.samples, "shards": self.shards, "skipped": dict(self.skipped),
-                "converted": dict(self.converted), "examples": dict(self.examples)}
+        return {
+            "samples": self.samples,
+            "shards": self.shards,
+            "skipped": dict(self.skipped),
+            "converted": dict(self.converted),
+            "examples": dict(self.examples),
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> LoaderStats:
-        return cls(d["samples"], d["shards"], Counter(d["skipped"]), Counter(d["converted"]),
-                   dict(d["examples"]))
+        return cls(
+            d["samples"],
+            d["shards"],
+            Counter(d["skipped"]),
+            Counter(d["converted"]),
+            dict(d["examples"]),
+        )
 
     # ---- shared memory and sums over DDP ranks: a fixed-order vector --------------------
     def to_tensor(self, device=None, dtype=torch.float64) -> torch.Tensor:
         """samples, shards, skips per ``REASONS``, conversions per ``MODES``."""
         unknown = set(self.skipped) - set(REASONS)
         if unknown:
-            raise ValueError(f"skip reasons {sorted(unknown)} are not in "
-                             "flip.data.quality.REASONS; add them there")
+            raise ValueError(
+                f"skip reasons {sorted(unknown)} are not in "
+                "flip.data.quality.REASONS; add them there"
+            )
         modes = [self.converted[m] for m in MODES[:-1]]
         other = sum(self.converted.values()) - sum(modes)
         values = [self.samples, self.shards, *(self.skipped[r] for r in REASONS), *modes, other]
@@ -151,25 +170,39 @@ class LoaderStats:
 
     def metrics(self) -> dict[str, float]:
         out = {f"data/skipped_{r}": float(self.skipped[r]) for r in REASONS}
-        out.update({"data/samples_read": float(self.samples_read),
-                    "data/skip_rate": self.skip_rate,
-                    "data/converted_to_rgb": float(sum(self.converted.values()))})
+        out.update(
+            {
+                "data/samples_read": float(self.samples_read),
+                "data/skip_rate": self.skip_rate,
+                "data/converted_to_rgb": float(sum(self.converted.values())),
+            }
+        )
         if self.shards:
-            out.update({"data/shards_read": float(self.shards),
-                        "data/shard_failure_rate": self.shard_failure_rate})
+            out.update(
+                {
+                    "data/shards_read": float(self.shards),
+                    "data/shard_failure_rate": self.shard_failure_rate,
+                }
+            )
         return out
 
     def summary(self) -> str:
-        lines = [f"data: {self.samples:,} good samples, {self.sample_skips:,} skipped "
-                 f"({100 * self.skip_rate:.2f}% of {self.samples_read:,} read)"]
+        lines = [
+            f"data: {self.samples:,} good samples, {self.sample_skips:,} skipped "
+            f"({100 * self.skip_rate:.2f}% of {self.samples_read:,} read)"
+        ]
         if self.shards:
-            lines.append(f"  shards read: {self.shards:,}, failed: {self.shard_failures:,} "
-                         f"({100 * self.shard_failure_rate:.2f}%)")
+            lines.append(
+                f"  shards read: {self.shards:,}, failed: {self.shard_failures:,} "
+                f"({100 * self.shard_failure_rate:.2f}%)"
+            )
         for r in REASONS:
             if self.skipped[r]:
                 example = self.examples.get(r)
-                lines.append(f"  skipped {r}: {self.skipped[r]:,}"
-                             + (f"  (e.g. {example})" if example else ""))
+                lines.append(
+                    f"  skipped {r}: {self.skipped[r]:,}"
+                    + (f"  (e.g. {example})" if example else "")
+                )
         if self.converted:
             modes = ", ".join(f"{m} {n:,}" for m, n in sorted(self.converted.items()))
             lines.append(f"  converted to RGB (kept): {modes}")
@@ -189,8 +222,9 @@ class SharedStats:
     def __init__(self, readers: int):
         width = len(LoaderStats().to_tensor())
         self.counts = torch.zeros(readers, width, dtype=torch.int64).share_memory_()
-        self.examples = torch.zeros(readers, len(REASONS), EXAMPLE_BYTES,
-                                    dtype=torch.uint8).share_memory_()
+        self.examples = torch.zeros(
+            readers, len(REASONS), EXAMPLE_BYTES, dtype=torch.uint8
+        ).share_memory_()
 
     def add(self, stats: LoaderStats) -> None:
         """Add ``stats`` (a reader's counts since its last ``add``) to the caller's row."""
@@ -200,7 +234,7 @@ class SharedStats:
         for reason, example in stats.examples.items():
             text = np.zeros(EXAMPLE_BYTES, np.uint8)
             data = example.encode()[:EXAMPLE_BYTES]
-            text[:len(data)] = np.frombuffer(data, np.uint8)
+            text[: len(data)] = np.frombuffer(data, np.uint8)
             self.examples[row, REASONS.index(reason)] = torch.from_numpy(text)
 
     def read(self) -> LoaderStats:
@@ -321,13 +355,16 @@ class DataQualityCallback(L.Callback):
         if total.samples_read < datamodule.skip_rate_min_samples:
             return
         if total.skip_rate > limit or total.shard_failure_rate > limit:
-            what = (f"{100 * total.skip_rate:.1f}% of the {total.samples_read:,} samples read"
-                    if total.skip_rate > limit else
-                    f"{100 * total.shard_failure_rate:.1f}% of the {total.shards:,} shard reads")
+            what = (
+                f"{100 * total.skip_rate:.1f}% of the {total.samples_read:,} samples read"
+                if total.skip_rate > limit
+                else f"{100 * total.shard_failure_rate:.1f}% of the {total.shards:,} shard reads"
+            )
             raise DataError(
                 f"too much bad input: {what} failed, above data.max_skip_rate="
                 f"{limit:g}; fix or remove the bad files, or raise data.max_skip_rate.\n"
-                + total.summary())
+                + total.summary()
+            )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         stats = self._stats(trainer)
@@ -345,6 +382,9 @@ class DataQualityCallback(L.Callback):
             return
         self.total = self._reduce(trainer, pl_module, stats)
         if trainer.is_global_zero:
-            level = logging.WARNING if self.total.sample_skips or self.total.shard_failures \
+            level = (
+                logging.WARNING
+                if self.total.sample_skips or self.total.shard_failures
                 else logging.INFO
+            )
             log.log(level, "%s", self.total.summary())

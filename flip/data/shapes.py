@@ -17,6 +17,7 @@ them; ``ShapesZeroShot`` classifies single objects over all 40 pairs, seen and u
 Every item is a deterministic function of (seed, dataset kind, split, index): no cache,
 safe with DataLoader workers.
 """
+
 import functools
 import math
 import random
@@ -144,9 +145,7 @@ def heldout_combos(seed: int = 0, fraction: float = 0.25) -> frozenset[tuple[str
     raise RuntimeError("could not pick balanced held-out combinations")  # not reached
 
 
-def sample_scene(
-    rng: random.Random, combos=ALL_COMBOS, max_objects: int = 3
-) -> Scene:
+def sample_scene(rng: random.Random, combos=ALL_COMBOS, max_objects: int = 3) -> Scene:
     """Draw a scene whose objects use only the (colour, shape) pairs in ``combos``."""
     combos = list(combos)
     weights = (0.5, 0.3, 0.2)[:max_objects]
@@ -194,8 +193,20 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list:
         polar = [((1.15 if k % 2 == 0 else 0.5) * r, -90 + 36 * k) for k in range(10)]
     elif shape == "cross":  # plus sign: arms of half-width w and length r
         w, a = 0.35 * r, 1.05 * r
-        pts = [(w, -a), (w, -w), (a, -w), (a, w), (w, w), (w, a),
-               (-w, a), (-w, w), (-a, w), (-a, -w), (-w, -w), (-w, -a)]
+        pts = [
+            (w, -a),
+            (w, -w),
+            (a, -w),
+            (a, w),
+            (w, w),
+            (w, a),
+            (-w, a),
+            (-w, w),
+            (-a, w),
+            (-a, -w),
+            (-w, -w),
+            (-w, -a),
+        ]
         polar = [(math.hypot(x, y), math.degrees(math.atan2(y, x))) for x, y in pts]
     else:
         raise ValueError(f"unknown shape {shape!r}")

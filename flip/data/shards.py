@@ -52,6 +52,7 @@ reader that sees ``max_consecutive_bad`` failures in a row without one good samp
 ``DataError`` naming its shards, and ``setup('fit')`` fails at once, naming
 ``data.shards``, when no path exists or nothing can be read.
 """
+
 from __future__ import annotations
 
 import glob
@@ -183,6 +184,7 @@ class _ReaderState:
             detail = str(exn.args[0]).split(" @ ")[0] if exn.args else ""  # drop "@ <stream>"
             self.fail_shard(reason, f"{type(exn).__name__}: {detail}")
             return True  # skip and continue
+
         return handle
 
     def skip_sample(self, reason: str, example: str) -> None:
@@ -196,7 +198,8 @@ class _ReaderState:
             raise DataError(
                 f"{self.where}: {streak - 1} {what}; no readable sample "
                 f"(data.max_consecutive_bad={self.max_consecutive_bad}). Check data.shards. "
-                f"Counts so far:\n{self.stats.summary()}")
+                f"Counts so far:\n{self.stats.summary()}"
+            )
 
 
 # ------------------------------------------------------------------------ pipeline stages
@@ -230,8 +233,11 @@ def _check_shard_end(files, state: _ReaderState):
     """Pass tar members through; at each end-of-shard marker, catch silent truncation."""
     for item in files:
         if item == {} and state.tracker is not None and state.tracker.truncated():
-            state.fail_shard("corrupt_shard", f"tar ends after {state.tracker.nbytes} bytes "
-                                              "without an end-of-archive block (truncated)")
+            state.fail_shard(
+                "corrupt_shard",
+                f"tar ends after {state.tracker.nbytes} bytes "
+                "without an end-of-archive block (truncated)",
+            )
         yield item
 
 
@@ -292,12 +298,27 @@ class ShardStream(IterableDataset):
     of each decoded PIL image when one is given.
     """
 
-    def __init__(self, urls, batch_size: int, image_size: int = 224, tokenizer=None,
-                 shuffle_buffer: int = 5000, shuffle_initial: int = 1000, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, start: int = 0, passes: int | None = None,
-                 crop_scale=(0.5, 1.0), hflip: bool = True, draft: bool = True, transform=None,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS, max_consecutive_bad: int = 1000,
-                 stats: SharedStats | None = None):
+    def __init__(
+        self,
+        urls,
+        batch_size: int,
+        image_size: int = 224,
+        tokenizer=None,
+        shuffle_buffer: int = 5000,
+        shuffle_initial: int = 1000,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        start: int = 0,
+        passes: int | None = None,
+        crop_scale=(0.5, 1.0),
+        hflip: bool = True,
+        draft: bool = True,
+        transform=None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        max_consecutive_bad: int = 1000,
+        stats: SharedStats | None = None,
+    ):
         super().__init__()
         self.urls = expand_shards(urls) if isinstance(urls, str) else list(urls)
         if not self.urls:
@@ -305,9 +326,11 @@ class ShardStream(IterableDataset):
         self.batch_size, self.passes, self.seed, self.start = batch_size, passes, seed, start
         self.rank, self.world_size = rank, world_size
         self.tokenizer = tokenizer if tokenizer is not None else Tokenizer(32)
-        self.decode = (DecodeRandomResizedCrop(image_size, tuple(crop_scale), hflip=hflip,
-                                               draft=draft)
-                       if transform is None else _DecodeThen(transform))
+        self.decode = (
+            DecodeRandomResizedCrop(image_size, tuple(crop_scale), hflip=hflip, draft=draft)
+            if transform is None
+            else _DecodeThen(transform)
+        )
         self.shuffle_buffer, self.shuffle_initial = shuffle_buffer, shuffle_initial
         self.max_pixels, self.max_consecutive_bad = max_pixels, max_consecutive_bad
         self.stats = stats
@@ -326,7 +349,8 @@ class ShardStream(IterableDataset):
         name = f"rank {self.rank} worker {worker}"
         self.state = state = _ReaderState(
             f"{name} (shards {', '.join(urls[:3])}{', ...' if len(urls) > 3 else ''})",
-            self.max_consecutive_bad)
+            self.max_consecutive_bad,
+        )
         rng = random.Random(f"flip-shards/{self.seed}/{self.start}/{self.rank}/{worker}")
         stages = [
             partial(_shard_source, urls, rng if self.passes is None else None, self.passes),
@@ -337,10 +361,12 @@ class ShardStream(IterableDataset):
             partial(_samples_seen, state=state),
         ]
         if self.shuffle_buffer > 1:
-            stages.append(wds.shuffle(self.shuffle_buffer, self.shuffle_initial,
-                                      rng=random.Random(rng.random())))
-        stages.append(partial(_decode, state=state, decode=self.decode,
-                              max_pixels=self.max_pixels))
+            stages.append(
+                wds.shuffle(
+                    self.shuffle_buffer, self.shuffle_initial, rng=random.Random(rng.random())
+                )
+            )
+        stages.append(partial(_decode, state=state, decode=self.decode, max_pixels=self.max_pixels))
         return iter(wds.DataPipeline(*stages))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -367,15 +393,24 @@ def keep_batch(batch):
 
 def first_sample(urls: list[str], max_pixels: int | None, max_bad: int = 1000):
     """(image, caption, stats) of the first readable sample, in shard order; DataError if none."""
-    stream = ShardStream(urls, 1, transform=lambda img: img, passes=1, shuffle_buffer=0,
-                         max_pixels=max_pixels, max_consecutive_bad=max_bad)
+    stream = ShardStream(
+        urls,
+        1,
+        transform=lambda img: img,
+        passes=1,
+        shuffle_buffer=0,
+        max_pixels=max_pixels,
+        max_consecutive_bad=max_bad,
+    )
     try:
         for image, caption, _, _ in stream.samples():
             return image, caption, stream.state.stats
     except DataError:
         pass
-    raise DataError(f"no readable sample in {stream.state.stats.shards} shard(s) read:\n"
-                    f"{stream.state.stats.summary()}")
+    raise DataError(
+        f"no readable sample in {stream.state.stats.shards} shard(s) read:\n"
+        f"{stream.state.stats.summary()}"
+    )
 
 
 # --------------------------------------------------------------------------- datamodule
@@ -436,13 +471,20 @@ class ShardDataModule(QualityMixin, L.LightningDataModule):
         local = [u for u in self.urls if is_local(u)]
         missing = [u for u in local if not os.path.isfile(u)]
         if local and len(missing) == len(self.urls):
-            what = ("does not exist" if len(missing) == 1 else
-                    f"matches {len(missing):,} paths and none exists (first: {missing[0]})")
+            what = (
+                "does not exist"
+                if len(missing) == 1
+                else f"matches {len(missing):,} paths and none exists (first: {missing[0]})"
+            )
             raise DataPathError(f"data.shards={self.shards!r} {what}")
         if missing:
-            log.warning("data.shards: %d of %d shard paths do not exist (e.g. %s); reads of "
-                        "them are skipped and counted as unreadable_shard",
-                        len(missing), len(self.urls), missing[0])
+            log.warning(
+                "data.shards: %d of %d shard paths do not exist (e.g. %s); reads of "
+                "them are skipped and counted as unreadable_shard",
+                len(missing),
+                len(self.urls),
+                missing[0],
+            )
         absent = set(missing)
         readable = [u for u in self.urls if u not in absent]
         try:
@@ -452,33 +494,59 @@ class ShardDataModule(QualityMixin, L.LightningDataModule):
         _, world = self._rank()
         readers = world * max(1, self.num_workers)
         if len(self.urls) < readers:
-            log.warning("%d shards for %d readers (%d ranks x %d workers): readers share "
-                        "shards; write at least %d shards so each reads its own",
-                        len(self.urls), readers, world, max(1, self.num_workers), readers)
+            log.warning(
+                "%d shards for %d readers (%d ranks x %d workers): readers share "
+                "shards; write at least %d shards so each reads its own",
+                len(self.urls),
+                readers,
+                world,
+                max(1, self.num_workers),
+                readers,
+            )
 
     def stream(self) -> ShardStream:
         rank, world = self._rank()
         return ShardStream(
-            self.urls, self.batch_size, self.image_size, self.tokenizer,
-            shuffle_buffer=self.shuffle_buffer, shuffle_initial=self.shuffle_initial,
-            seed=self.seed, rank=rank, world_size=world,
+            self.urls,
+            self.batch_size,
+            self.image_size,
+            self.tokenizer,
+            shuffle_buffer=self.shuffle_buffer,
+            shuffle_initial=self.shuffle_initial,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
             start=self.batches_seen,  # restored from a checkpoint: fresh data on resume
-            crop_scale=self.crop_scale, hflip=self.hflip, draft=self.draft,
+            crop_scale=self.crop_scale,
+            hflip=self.hflip,
+            draft=self.draft,
             max_pixels=self.max_pixels,
-            max_consecutive_bad=self.max_consecutive_bad, stats=self.shared_stats())
+            max_consecutive_bad=self.max_consecutive_bad,
+            stats=self.shared_stats(),
+        )
 
     def train_dataloader(self) -> DataLoader:
         workers = self.num_workers
-        return DataLoader(self.stream(), batch_size=None, collate_fn=keep_batch,
-                          num_workers=workers, persistent_workers=workers > 0,
-                          prefetch_factor=2 if workers > 0 else None, pin_memory=self.pin_memory)
+        return DataLoader(
+            self.stream(),
+            batch_size=None,
+            collate_fn=keep_batch,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            prefetch_factor=2 if workers > 0 else None,
+            pin_memory=self.pin_memory,
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         if self.zeroshot_set is None:
             return []
-        return DataLoader(self.zeroshot_set, batch_size=self.batch_size,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          pin_memory=self.pin_memory)
+        return DataLoader(
+            self.zeroshot_set,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+        )
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Normalise uint8 training images where they now are (the device): a quarter of

@@ -14,6 +14,7 @@ conversion the decoders use: transparency composited over white, 16-bit scaled),
 greyscale, palette or RGBA images come out with three channels, the same in training and
 evaluation. All pieces are picklable (DataLoader workers).
 """
+
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
@@ -116,9 +117,14 @@ class DecodeRandomResizedCrop:
     torchvision's).
     """
 
-    def __init__(self, size: int, scale: tuple[float, float] = (0.5, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True,
-                 draft: bool = True):
+    def __init__(
+        self,
+        size: int,
+        scale: tuple[float, float] = (0.5, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: bool = True,
+        draft: bool = True,
+    ):
         self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
         self.hflip, self.draft = hflip, draft
 
@@ -130,8 +136,9 @@ class DecodeRandomResizedCrop:
                     return scale
         return 1
 
-    def __call__(self, data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS
-                 ) -> tuple[torch.Tensor, str]:
+    def __call__(
+        self, data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS
+    ) -> tuple[torch.Tensor, str]:
         crop = []  # (top, left, height, width): drawn once per image, by whichever decoder
 
         def draw(height: int, width: int) -> tuple[int, int, int, int]:
@@ -147,8 +154,16 @@ class DecodeRandomResizedCrop:
             top, bottom = round(top / scale), round((top + height) / scale)
             left, right = round(left / scale), round((left + width) / scale)
             height, width = bottom - top, right - left
-        out = TF.resized_crop(pixels, top, left, height, width, [self.size, self.size],
-                              InterpolationMode.BICUBIC, antialias=True)
+        out = TF.resized_crop(
+            pixels,
+            top,
+            left,
+            height,
+            width,
+            [self.size, self.size],
+            InterpolationMode.BICUBIC,
+            antialias=True,
+        )
         if self.hflip and torch.rand(1) < 0.5:
             out = TF.horizontal_flip(out)
         return out, mode
@@ -164,8 +179,13 @@ class DecodeRandomResizedCrop:
             return None  # PIL converts it, or raises large_image naming the limit
         scale = self.draft_scale(*draw(height, width)[2:])
         try:  # exactly 1/scale: the smallest libjpeg size with at least these dimensions
-            pixels = simplejpeg.decode_jpeg(data, "RGB", min_height=-(-height // scale),
-                                            min_width=-(-width // scale), min_factor=scale)
+            pixels = simplejpeg.decode_jpeg(
+                data,
+                "RGB",
+                min_height=-(-height // scale),
+                min_width=-(-width // scale),
+                min_factor=scale,
+            )
         except ValueError:  # truncated or corrupt: PIL decides, and names it
             return None
         return torch.from_numpy(pixels).permute(2, 0, 1), _SIMPLEJPEG_MODES[colorspace], scale

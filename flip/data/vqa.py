@@ -33,6 +33,7 @@ soft targets (``flip.eval.vqa_metrics.answer_scores``). Batches are dicts: ``ima
 (B, 3, S, S), ``tokens`` (B, L), ``targets`` (B, A) and, for the metric, ``answers`` (the
 human answers), ``answer_types`` and ``question_ids``.
 """
+
 from __future__ import annotations
 
 import json
@@ -81,16 +82,19 @@ def _load_json(path: Path, what: str) -> dict:
         return json.load(f)
 
 
-def read_vqav2(questions: str | Path, annotations: str | Path | None = None
-               ) -> tuple[list[VQARecord], str]:
+def read_vqav2(
+    questions: str | Path, annotations: str | Path | None = None
+) -> tuple[list[VQARecord], str]:
     """(the records in the questions file's order, its ``data_subtype``). Without
     ``annotations`` (test questions) the records have no answers; with it, every question
     must have its annotation."""
     questions = Path(questions)
     data = _load_json(questions, "questions")
     if "questions" not in data or "data_subtype" not in data:
-        raise ValueError(f"{questions}: not a VQA questions file (needs the keys "
-                         f"'questions' and 'data_subtype'; has {sorted(data)})")
+        raise ValueError(
+            f"{questions}: not a VQA questions file (needs the keys "
+            f"'questions' and 'data_subtype'; has {sorted(data)})"
+        )
     notes = {}
     if annotations is not None:
         annotations = Path(annotations)
@@ -102,14 +106,27 @@ def read_vqav2(questions: str | Path, annotations: str | Path | None = None
     for q in data["questions"]:
         a = notes.get(q["question_id"])
         if annotations is not None and a is None:
-            raise ValueError(f"{annotations} has no annotation of question {q['question_id']} "
-                             f"of {questions} (files of different splits?)")
-        records.append(VQARecord(
-            question_id=q["question_id"], image_id=q["image_id"], question=q["question"],
-            **({} if a is None else dict(
-                answers=tuple(x["answer"] for x in a["answers"]),
-                multiple_choice_answer=a["multiple_choice_answer"],
-                answer_type=a["answer_type"], question_type=a["question_type"]))))
+            raise ValueError(
+                f"{annotations} has no annotation of question {q['question_id']} "
+                f"of {questions} (files of different splits?)"
+            )
+        records.append(
+            VQARecord(
+                question_id=q["question_id"],
+                image_id=q["image_id"],
+                question=q["question"],
+                **(
+                    {}
+                    if a is None
+                    else dict(
+                        answers=tuple(x["answer"] for x in a["answers"]),
+                        multiple_choice_answer=a["multiple_choice_answer"],
+                        answer_type=a["answer_type"],
+                        question_type=a["question_type"],
+                    )
+                ),
+            )
+        )
     if not records:
         raise ValueError(f"{questions} holds no questions")
     return records, data["data_subtype"]
@@ -117,9 +134,14 @@ def read_vqav2(questions: str | Path, annotations: str | Path | None = None
 
 def vqa_transform(image_size: int) -> T.Compose:
     """RGB, resize to (image_size, image_size) bicubic (no crop, no flip), normalise."""
-    return T.Compose([to_rgb, T.Resize((image_size, image_size),
-                                       interpolation=InterpolationMode.BICUBIC),
-                      T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return T.Compose(
+        [
+            to_rgb,
+            T.Resize((image_size, image_size), interpolation=InterpolationMode.BICUBIC),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 class VQAv2(Dataset):
@@ -131,9 +153,17 @@ class VQAv2(Dataset):
     question it reports on).
     """
 
-    def __init__(self, questions, annotations=None, images=".", image_size: int = 224,
-                 transform=None, skip_unreadable: bool = True, max_consecutive_bad: int = 100,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self,
+        questions,
+        annotations=None,
+        images=".",
+        image_size: int = 224,
+        transform=None,
+        skip_unreadable: bool = True,
+        max_consecutive_bad: int = 100,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ):
         self.records, self.subtype = read_vqav2(questions, annotations)
         self.images = Path(images)
         if not self.images.is_dir():
@@ -159,8 +189,9 @@ class VQAv2(Dataset):
         except (FileNotFoundError, BadSample) as err:
             reason = err.reason if isinstance(err, BadSample) else "missing_image"
             if not self.skip_unreadable:
-                raise BadSample(reason, f"{file} (question {self.records[index].question_id})"
-                                ) from None
+                raise BadSample(
+                    reason, f"{file} (question {self.records[index].question_id})"
+                ) from None
             self.skipped[reason] += 1
             self.examples[reason] = str(file)
             if sum(self.skipped.values()) <= _MAX_WARNINGS:
@@ -176,16 +207,24 @@ class VQAv2(Dataset):
             img = self._image(i)
             if img is not None:
                 return self.transform(img), self.records[i]
-        raise RuntimeError(f"{self.max_consecutive_bad} consecutive questions from {index} "
-                           f"have no readable image under {self.images}; skipped so far: "
-                           f"{dict(self.skipped)}")
+        raise RuntimeError(
+            f"{self.max_consecutive_bad} consecutive questions from {index} "
+            f"have no readable image under {self.images}; skipped so far: "
+            f"{dict(self.skipped)}"
+        )
 
 
 # -- shapes miniature ------------------------------------------------------------------
 _AT = {  # (row, col) -> where, as a question says it
-    (0, 0): "at the top left", (0, 1): "at the top", (0, 2): "at the top right",
-    (1, 0): "on the left", (1, 1): "in the centre", (1, 2): "on the right",
-    (2, 0): "at the bottom left", (2, 1): "at the bottom", (2, 2): "at the bottom right",
+    (0, 0): "at the top left",
+    (0, 1): "at the top",
+    (0, 2): "at the top right",
+    (1, 0): "on the left",
+    (1, 1): "in the centre",
+    (1, 2): "on the right",
+    (2, 0): "at the bottom left",
+    (2, 1): "at the bottom",
+    (2, 2): "at the bottom right",
 }
 _ANSWER_TYPE_WEIGHTS = {"yes/no": 0.25, "number": 0.25, "other": 0.5}
 
@@ -201,10 +240,8 @@ class ShapesQuestion:
 def _count_question(scene: Scene, rng: random.Random) -> ShapesQuestion:
     objs = scene.objects
     asks = [("how many shapes are there?", len(objs))]
-    asks += [(f"how many {plural(s)} are there?", sum(o.shape == s for o in objs))
-             for s in SHAPES]
-    asks += [(f"how many {c} shapes are there?", sum(o.colour == c for o in objs))
-             for c in COLOURS]
+    asks += [(f"how many {plural(s)} are there?", sum(o.shape == s for o in objs)) for s in SHAPES]
+    asks += [(f"how many {c} shapes are there?", sum(o.colour == c for o in objs)) for c in COLOURS]
     answer = rng.choice(sorted({n for _, n in asks}))  # uniform over the counts on offer
     question = rng.choice([q for q, n in asks if n == answer])
     return ShapesQuestion(question, str(answer), "number", "how many")
@@ -218,8 +255,7 @@ def _yes_no_question(scene: Scene, rng: random.Random) -> ShapesQuestion:
     else:
         absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
         # hard negatives: the colour or the shape is in the scene, with another partner
-        near = [(c, s) for c, s in absent
-                if any(c == pc or s == ps for pc, ps in present)]
+        near = [(c, s) for c, s in absent if any(c == pc or s == ps for pc, ps in present)]
         colour, shape = rng.choice(near if near and rng.random() < 0.5 else absent)
         answer = "no"
     article = "an" if colour[0] in "aeiou" else "a"
@@ -229,11 +265,17 @@ def _yes_no_question(scene: Scene, rng: random.Random) -> ShapesQuestion:
 def _other_question(scene: Scene, rng: random.Random) -> ShapesQuestion:
     objs = scene.objects
     colour_of = [(f"what colour is the shape {_AT[o.row, o.col]}?", o.colour) for o in objs]
-    colour_of += [(f"what colour is the {o.shape}?", o.colour) for o in objs
-                  if sum(p.shape == o.shape for p in objs) == 1]
+    colour_of += [
+        (f"what colour is the {o.shape}?", o.colour)
+        for o in objs
+        if sum(p.shape == o.shape for p in objs) == 1
+    ]
     shape_of = [(f"what shape is {_AT[o.row, o.col]}?", o.shape) for o in objs]
-    shape_of += [(f"what shape is the {o.colour} one?", o.shape) for o in objs
-                 if sum(p.colour == o.colour for p in objs) == 1]
+    shape_of += [
+        (f"what shape is the {o.colour} one?", o.shape)
+        for o in objs
+        if sum(p.colour == o.colour for p in objs) == 1
+    ]
     if rng.random() < 0.5:
         question, answer = rng.choice(colour_of)
         return ShapesQuestion(question, answer, "other", "what colour is the")
@@ -244,8 +286,9 @@ def _other_question(scene: Scene, rng: random.Random) -> ShapesQuestion:
 def ask(scene: Scene, rng: random.Random) -> ShapesQuestion:
     """A question about ``scene`` and its true answer (see the module docstring)."""
     kind = rng.choices(list(_ANSWER_TYPE_WEIGHTS), weights=list(_ANSWER_TYPE_WEIGHTS.values()))[0]
-    return {"yes/no": _yes_no_question, "number": _count_question,
-            "other": _other_question}[kind](scene, rng)
+    return {"yes/no": _yes_no_question, "number": _count_question, "other": _other_question}[kind](
+        scene, rng
+    )
 
 
 class ShapesVQA(Dataset):
@@ -257,8 +300,14 @@ class ShapesVQA(Dataset):
 
     ANSWERS_PER_QUESTION = 10
 
-    def __init__(self, split: str = "train", size: int = 20000, image_size: int = 64,
-                 seed: int = 0, transform=None):
+    def __init__(
+        self,
+        split: str = "train",
+        size: int = 20000,
+        image_size: int = 64,
+        seed: int = 0,
+        transform=None,
+    ):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         self.split, self.size, self.image_size, self.seed = split, size, image_size, seed
@@ -276,10 +325,15 @@ class ShapesVQA(Dataset):
 
     def record(self, index: int) -> VQARecord:
         _, q = self.sample(index)
-        return VQARecord(question_id=index, image_id=index, question=q.question,
-                         answers=(q.answer,) * self.ANSWERS_PER_QUESTION,
-                         multiple_choice_answer=q.answer, answer_type=q.answer_type,
-                         question_type=q.question_type)
+        return VQARecord(
+            question_id=index,
+            image_id=index,
+            question=q.question,
+            answers=(q.answer,) * self.ANSWERS_PER_QUESTION,
+            multiple_choice_answer=q.answer,
+            answer_type=q.answer_type,
+            question_type=q.question_type,
+        )
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, VQARecord]:
         scene, _ = self.sample(index)
@@ -315,15 +369,22 @@ class VQADataModule(QualityMixin, L.LightningDataModule):
         self.pin_memory = pin_memory
         self.tokenizer = Tokenizer(context_length)
         train_answers = [train.record(i).multiple_choice_answer for i in range(len(train))]
-        counted = train_answers + ([val.record(i).multiple_choice_answer
-                                    for i in range(len(val))] if vocab_includes_val else [])
+        counted = train_answers + (
+            [val.record(i).multiple_choice_answer for i in range(len(val))]
+            if vocab_includes_val
+            else []
+        )
         self.answers = answer_vocabulary(counted, num_answers)
         self.answer_index = {a: i for i, a in enumerate(self.answers)}
         self.baseline_answer = answer_vocabulary(train_answers, 1)[0]
         covered = sum(normalize_answer(a) in self.answer_index for a in train_answers)
-        log.info("VQA: %d answers; they cover %.1f%% of the training questions' answers; "
-                 "most frequent training answer %r", len(self.answers),
-                 100 * covered / len(train_answers), self.baseline_answer)
+        log.info(
+            "VQA: %d answers; they cover %.1f%% of the training questions' answers; "
+            "most frequent training answer %r",
+            len(self.answers),
+            100 * covered / len(train_answers),
+            self.baseline_answer,
+        )
 
     @property
     def task_args(self) -> dict:
@@ -343,33 +404,46 @@ class VQADataModule(QualityMixin, L.LightningDataModule):
         images, records = zip(*batch)
         if stats is not None:  # training: ship the dataset copy's new skip counts
             info = get_worker_info()
-            stats.add(stats_of_dataset(info.dataset if info is not None else self.train_set,
-                                       len(batch)))
-        return {"images": torch.stack(images),
-                "tokens": self.tokenizer([r.question for r in records]),
-                "targets": self.targets(list(records)),
-                "answers": [list(r.answers) for r in records],
-                "answer_types": [r.answer_type for r in records],
-                "question_ids": [r.question_id for r in records]}
+            stats.add(
+                stats_of_dataset(info.dataset if info is not None else self.train_set, len(batch))
+            )
+        return {
+            "images": torch.stack(images),
+            "tokens": self.tokenizer([r.question for r in records]),
+            "targets": self.targets(list(records)),
+            "answers": [list(r.answers) for r in records],
+            "answer_types": [r.answer_type for r in records],
+            "question_ids": [r.question_id for r in records],
+        }
 
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return
         if len(self.train_set) < self.batch_size:
-            raise ValueError(f"the VQA training set has {len(self.train_set)} questions, fewer "
-                             f"than one batch ({self.batch_size}); lower batch.global")
+            raise ValueError(
+                f"the VQA training set has {len(self.train_set)} questions, fewer "
+                f"than one batch ({self.batch_size}); lower batch.global"
+            )
         image = self.train_set[0][0]
         if tuple(image.shape[-2:]) != (self.image_size, self.image_size):
-            raise ValueError(f"data.image_size is {self.image_size} but the training set "
-                             f"yields {tuple(image.shape)} images")
+            raise ValueError(
+                f"data.image_size is {self.image_size} but the training set "
+                f"yields {tuple(image.shape)} images"
+            )
         # the probe above is not training data: do not report its skips
         self.train_set._skips_reported = Counter(getattr(self.train_set, "skipped", {}))
         self.train_set._converted_reported = Counter(getattr(self.train_set, "converted", {}))
 
     def _loader(self, dataset: Dataset, stats: SharedStats | None, **kwargs) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, pin_memory=self.pin_memory,
-                          collate_fn=partial(self.collate, stats), **kwargs)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+            collate_fn=partial(self.collate, stats),
+            **kwargs,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.shared_stats(), shuffle=True, drop_last=True)

@@ -11,9 +11,10 @@ Add it to any training run, e.g. on the embedded held-out set::
     python train.py +callbacks.zeroshot._target_=flip.eval.callback.ZeroShotCallback \\
         '+callbacks.zeroshot.dataset=${data.zeroshot}' +callbacks.zeroshot.every_n_steps=100
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import lightning as L
 import torch
@@ -25,9 +26,16 @@ from flip.tokenizer import Tokenizer
 
 
 class ZeroShotCallback(L.Callback):
-    def __init__(self, dataset: Dataset, classnames: Sequence[str] | None = None,
-                 templates: Sequence[str] | None = None, every_n_steps: int = 500,
-                 name: str = "heldout", batch_size: int = 256, context_length: int = 32):
+    def __init__(
+        self,
+        dataset: Dataset,
+        classnames: Sequence[str] | None = None,
+        templates: Sequence[str] | None = None,
+        every_n_steps: int = 500,
+        name: str = "heldout",
+        batch_size: int = 256,
+        context_length: int = 32,
+    ):
         self.dataset, self.every_n_steps, self.name = dataset, every_n_steps, name
         self.classnames = list(classnames if classnames is not None else dataset.classnames)
         self.templates = list(templates if templates is not None else dataset.templates)
@@ -46,8 +54,14 @@ class ZeroShotCallback(L.Callback):
         was_training = model.training
         model.eval()
         device = pl_module.device
-        classifier = build_zero_shot_classifier(model.encode_text, self.tokenizer, self.classnames,
-                                                self.templates, device, classes_per_batch=32)
+        classifier = build_zero_shot_classifier(
+            model.encode_text,
+            self.tokenizer,
+            self.classnames,
+            self.templates,
+            device,
+            classes_per_batch=32,
+        )
         sampler = StridedSampler(len(self.dataset), trainer.global_rank, trainer.world_size)
         counts = torch.zeros(2, device=device)  # correct, total
         for images, labels in DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler):

@@ -13,6 +13,7 @@ We never let it: without the jars SPICE is NaN, with one log line saying why (co
 ``stanford-corenlp-3.6.0.jar`` and ``stanford-corenlp-3.6.0-models.jar`` to
 ``SPICE_LIB`` to enable it).
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,8 +44,10 @@ def spice_available() -> bool:
 
 def _check_java() -> None:
     if shutil.which("java") is None:
-        raise RuntimeError("caption metrics need Java (the PTB tokenizer and METEOR of "
-                           "pycocoevalcap): apt-get install -y default-jre-headless")
+        raise RuntimeError(
+            "caption metrics need Java (the PTB tokenizer and METEOR of "
+            "pycocoevalcap): apt-get install -y default-jre-headless"
+        )
 
 
 def _ptb(captions: Mapping) -> dict:
@@ -52,8 +55,9 @@ def _ptb(captions: Mapping) -> dict:
     return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
 
 
-def score_captions(references: Mapping, candidates: Mapping[str, Mapping],
-                   spice: bool = True) -> dict[str, dict[str, float]]:
+def score_captions(
+    references: Mapping, candidates: Mapping[str, Mapping], spice: bool = True
+) -> dict[str, dict[str, float]]:
     """Score several hypothesis sets (``candidates``: name -> {image_id: [caption]}) against
     the same references, tokenising the references and starting METEOR once.
     Returns name -> {metric: value x 100}; SPICE NaN when unavailable or not asked for."""
@@ -62,16 +66,23 @@ def score_captions(references: Mapping, candidates: Mapping[str, Mapping],
         raise ValueError("no references to score against")
     for name, hyps in candidates.items():
         if set(hyps) != set(references):
-            raise ValueError(f"{name}: hypotheses and references cover different images "
-                             f"({len(hyps)} vs {len(references)} ids)")
+            raise ValueError(
+                f"{name}: hypotheses and references cover different images "
+                f"({len(hyps)} vs {len(references)} ids)"
+            )
         bad = [k for k, v in hyps.items() if len(v) != 1]
         if bad:
-            raise ValueError(f"{name}: each image needs exactly one hypothesis, image {bad[0]} "
-                             f"has {len(hyps[bad[0]])}")
+            raise ValueError(
+                f"{name}: each image needs exactly one hypothesis, image {bad[0]} "
+                f"has {len(hyps[bad[0]])}"
+            )
     run_spice = spice and spice_available()
     if spice and not run_spice:
-        log.warning("SPICE unavailable offline: Stanford CoreNLP 3.6.0 is not in %s (pycocoevalcap "
-                    "would download it; we do not); SPICE reported as NaN", SPICE_LIB)
+        log.warning(
+            "SPICE unavailable offline: Stanford CoreNLP 3.6.0 is not in %s (pycocoevalcap "
+            "would download it; we do not); SPICE reported as NaN",
+            SPICE_LIB,
+        )
     gts = _ptb(references)
     meteor = Meteor()
     results = {}
@@ -83,14 +94,18 @@ def score_captions(references: Mapping, candidates: Mapping[str, Mapping],
             scores["METEOR"] = meteor.compute_score(gts, res)[0]
             scores["ROUGE-L"] = Rouge().compute_score(gts, res)[0]
             scores["CIDEr"] = Cider().compute_score(gts, res)[0]
-            scores["SPICE"] = spice_module.Spice().compute_score(gts, res)[0] if run_spice else math.nan
+            scores["SPICE"] = (
+                spice_module.Spice().compute_score(gts, res)[0] if run_spice else math.nan
+            )
             results[name] = {k: 100.0 * float(v) for k, v in scores.items()}
     finally:
         del meteor  # its __del__ stops the Java process
     return results
 
 
-def caption_metrics(references: Mapping, hypotheses: Mapping, spice: bool = True) -> dict[str, float]:
+def caption_metrics(
+    references: Mapping, hypotheses: Mapping, spice: bool = True
+) -> dict[str, float]:
     """{image_id: [reference, ...]} and {image_id: [hypothesis]} -> {metric: value x 100}
     (``METRICS``; SPICE NaN when unavailable offline)."""
     return score_captions(references, {"hypotheses": hypotheses}, spice)["hypotheses"]

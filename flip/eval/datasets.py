@@ -21,11 +21,12 @@ and the torchvision dataset folders — through CLIP_benchmark's own builders, n
 them download; datasets it has no builder for name one of our readers
 (``flip.eval.readers``), either directly or as ``otherwise:`` behind the export.
 """
+
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from torch.utils.data import Dataset
 
@@ -36,22 +37,53 @@ from flip.eval.readers import DatasetNotFound, not_found
 # CLIP_benchmark builders that only read an existing directory when called with
 # download=False. Its others fetch files whatever the flag says (imagenetv2 unless all
 # 10000 images are present, flickr30k/mscoco_captions their annotation files, vtab/tfds).
-READ_ONLY_BUILDERS = frozenset({
-    "cifar10", "cifar100", "food101", "sun397", "cars", "fgvc_aircraft", "dtd", "pets",
-    "caltech101", "flowers", "mnist", "stl10", "eurosat", "gtsrb", "country211", "pcam",
-    "renderedsst2", "voc2007", "voc2007_multilabel", "imagenet1k-unverified", "imagenet_sketch",
-    "imagenet-a", "imagenet-r"})
+READ_ONLY_BUILDERS = frozenset(
+    {
+        "cifar10",
+        "cifar100",
+        "food101",
+        "sun397",
+        "cars",
+        "fgvc_aircraft",
+        "dtd",
+        "pets",
+        "caltech101",
+        "flowers",
+        "mnist",
+        "stl10",
+        "eurosat",
+        "gtsrb",
+        "country211",
+        "pcam",
+        "renderedsst2",
+        "voc2007",
+        "voc2007_multilabel",
+        "imagenet1k-unverified",
+        "imagenet_sketch",
+        "imagenet-a",
+        "imagenet-r",
+    }
+)
 # builders that read the whole set whatever the split (a probe would train on the test set)
 UNSPLIT_BUILDERS = frozenset({"sun397", "eurosat", "caltech101"})
 # builders over a class-folder tree whose labels are its sorted folders, and the WordNet ids
 # those folders must be (metadata.label_space): a missing or misnamed folder shifts labels
-CLASS_FOLDERS = {"imagenet1k-unverified": "imagenet", "imagenet_sketch": "imagenet",
-                 "imagenet-a": "imagenet_a", "imagenet-r": "imagenet_r"}
+CLASS_FOLDERS = {
+    "imagenet1k-unverified": "imagenet",
+    "imagenet_sketch": "imagenet",
+    "imagenet-a": "imagenet_a",
+    "imagenet-r": "imagenet_r",
+}
 
 
-def clip_benchmark_set(name: str, root, split: str, transform: Callable,
-                       builder: str | None = None,
-                       otherwise: Callable[..., Dataset] | None = None) -> Dataset:
+def clip_benchmark_set(
+    name: str,
+    root,
+    split: str,
+    transform: Callable,
+    builder: str | None = None,
+    otherwise: Callable[..., Dataset] | None = None,
+) -> Dataset:
     """The dataset at ``root``: CLIP_benchmark's webdataset export when
     ``{root}/{split}/nshards.txt`` exists (streamed); else CLIP_benchmark's ``builder``
     (e.g. ``cifar10``: the torchvision folder, ``download=False``); else ``otherwise``
@@ -74,24 +106,35 @@ def clip_benchmark_set(name: str, root, split: str, transform: Callable,
     raise DatasetNotFound(name, root, wds, f"no {root / split / 'nshards.txt'}")
 
 
-def _clip_benchmark_builder(name: str, builder: str, root: Path, split: str, transform,
-                            wds: list[str]) -> Dataset:
+def _clip_benchmark_builder(
+    name: str, builder: str, root: Path, split: str, transform, wds: list[str]
+) -> Dataset:
     from clip_benchmark.datasets import builder as cb
 
     if builder not in READ_ONLY_BUILDERS:
-        raise ConfigError(f"eval_data {name}: CLIP_benchmark's {builder!r} builder may download "
-                          f"files; use one of {sorted(READ_ONLY_BUILDERS)} or our readers")
+        raise ConfigError(
+            f"eval_data {name}: CLIP_benchmark's {builder!r} builder may download "
+            f"files; use one of {sorted(READ_ONLY_BUILDERS)} or our readers"
+        )
     if builder in UNSPLIT_BUILDERS and split != "test":
-        raise ConfigError(f"eval_data {name}: CLIP_benchmark's {builder!r} builder has no "
-                          f"{split!r} split (it reads the whole set); use the webdataset export")
+        raise ConfigError(
+            f"eval_data {name}: CLIP_benchmark's {builder!r} builder has no "
+            f"{split!r} split (it reads the whole set); use the webdataset export"
+        )
     layouts = wds + not_found(name, root, ["clip_benchmark"], split, builder=builder).layouts
     if not root.is_dir():  # CLIP_benchmark downloads into a missing root
         raise DatasetNotFound(name, root, layouts, "no such directory")
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="split argument ignored")
-            ds = cb.build_dataset(builder, root=str(root), transform=transform, split=split,
-                                  download=False, task="zeroshot_classification")
+            ds = cb.build_dataset(
+                builder,
+                root=str(root),
+                transform=transform,
+                split=split,
+                download=False,
+                task="zeroshot_classification",
+            )
     except AssertionError as err:  # its split checks
         raise ConfigError(f"eval_data {name}: {err}") from None
     except (RuntimeError, FileNotFoundError, OSError) as err:
@@ -108,7 +151,8 @@ def _check_class_folders(name: str, folder, found: list[str], space: str) -> Non
         raise ConfigError(
             f"dataset {name}: the class folders of {folder} are not the {len(want)} WordNet ids "
             f"of {space} ({len(found)} folders; first difference: {odd[0] if odd else 'order'}); "
-            "labels are the sorted folders, so every class folder must be there")
+            "labels are the sorted folders, so every class folder must be there"
+        )
 
 
 class SingleCaptions(Dataset):
@@ -132,17 +176,20 @@ def class_names(entry, dataset) -> list[str]:
     if not names and entry.get("classnames") is not None:
         names = metadata.classnames(entry.classnames)
     if not names:
-        raise ConfigError("no class names: set the entry's classnames or put classnames.txt "
-                          "next to the data")
+        raise ConfigError(
+            "no class names: set the entry's classnames or put classnames.txt next to the data"
+        )
     return list(names)
 
 
 def prompt_templates(entry, dataset, imagenet_set: str) -> list[str]:
     """The entry's ``templates`` spec, else the dataset's own templates."""
     spec = entry.get("templates")
-    templates = (metadata.templates(spec, imagenet_set) if spec is not None
-                 else getattr(dataset, "templates", None))
+    templates = (
+        metadata.templates(spec, imagenet_set)
+        if spec is not None
+        else getattr(dataset, "templates", None)
+    )
     if not templates:
         raise ConfigError("no prompt templates: set the entry's templates")
     return list(templates)
-

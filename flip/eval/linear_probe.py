@@ -13,6 +13,7 @@ FLIP probe; the projection is trained for the contrastive task only.
    CLIP used L-BFGS), lr = ``base_lr × batch_size / 256`` with linear warm-up and a
    cosine decay per step, weight decay 0 by default.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,29 +45,45 @@ class FeatureExtractor(EvalModule):
 
     def on_test_epoch_end(self) -> None:
         got = self.store.compute()
-        _, self.features, self.labels = dedupe_by_index(got["index"], got["features"], got["labels"])
+        _, self.features, self.labels = dedupe_by_index(
+            got["index"], got["features"], got["labels"]
+        )
         self.features, self.labels = self.features.cpu(), self.labels.cpu()
         self.results = {"num_samples": float(len(self.labels))}
 
 
 class LinearProbe(L.LightningModule):
-    def __init__(self, train_features: torch.Tensor, train_labels: torch.Tensor,
-                 test_features: torch.Tensor, test_labels: torch.Tensor, num_classes: int,
-                 epochs: int = 90, batch_size: int = 4096, base_lr: float = 0.1,
-                 warmup_epochs: int = 10, momentum: float = 0.9, weight_decay: float = 0.0,
-                 num_workers: int = 0):
+    def __init__(
+        self,
+        train_features: torch.Tensor,
+        train_labels: torch.Tensor,
+        test_features: torch.Tensor,
+        test_labels: torch.Tensor,
+        num_classes: int,
+        epochs: int = 90,
+        batch_size: int = 4096,
+        base_lr: float = 0.1,
+        warmup_epochs: int = 10,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        num_workers: int = 0,
+    ):
         super().__init__()
-        self.save_hyperparameters(ignore=["train_features", "train_labels", "test_features",
-                                          "test_labels"])
+        self.save_hyperparameters(
+            ignore=["train_features", "train_labels", "test_features", "test_labels"]
+        )
         self.train_set = TensorDataset(train_features, train_labels)
         self.test_set = TensorDataset(test_features, test_labels)
         dim = train_features.shape[1]
-        self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6),
-                                  nn.Linear(dim, num_classes))
+        self.head = nn.Sequential(
+            nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes)
+        )
         nn.init.normal_(self.head[1].weight, std=0.01)
         nn.init.zeros_(self.head[1].bias)
         self.top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        self.top5 = MulticlassAccuracy(num_classes, top_k=5, average="micro") if num_classes > 5 else None
+        self.top5 = (
+            MulticlassAccuracy(num_classes, top_k=5, average="micro") if num_classes > 5 else None
+        )
         self.per_class = MulticlassStatScores(num_classes, average=None)
         self.results: dict[str, float] = {}
 
@@ -78,15 +95,26 @@ class LinearProbe(L.LightningModule):
         # so the training loader shards explicitly; Lightning calls set_epoch every epoch
         world = self.trainer.world_size
         per_device = max(1, self.hparams.batch_size // world)
-        sampler = (DistributedSampler(self.train_set, world, self.global_rank, shuffle=True,
-                                      seed=0) if world > 1 else RandomSampler(self.train_set))
-        return DataLoader(self.train_set, batch_size=per_device, sampler=sampler,
-                          num_workers=self.hparams.num_workers, drop_last=False)
+        sampler = (
+            DistributedSampler(self.train_set, world, self.global_rank, shuffle=True, seed=0)
+            if world > 1
+            else RandomSampler(self.train_set)
+        )
+        return DataLoader(
+            self.train_set,
+            batch_size=per_device,
+            sampler=sampler,
+            num_workers=self.hparams.num_workers,
+            drop_last=False,
+        )
 
     def test_dataloader(self) -> DataLoader:
         ds = Indexed(self.test_set)
-        return DataLoader(ds, batch_size=1024,
-                          sampler=StridedSampler(len(ds), self.global_rank, self.trainer.world_size))
+        return DataLoader(
+            ds,
+            batch_size=1024,
+            sampler=StridedSampler(len(ds), self.global_rank, self.trainer.world_size),
+        )
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -97,8 +125,9 @@ class LinearProbe(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         lr = hp.base_lr * hp.batch_size / 256
-        opt = torch.optim.SGD(self.head.parameters(), lr=lr, momentum=hp.momentum,
-                              weight_decay=hp.weight_decay)
+        opt = torch.optim.SGD(
+            self.head.parameters(), lr=lr, momentum=hp.momentum, weight_decay=hp.weight_decay
+        )
         steps_per_epoch = math.ceil(len(self.train_set) / max(1, hp.batch_size))
         total, warm = hp.epochs * steps_per_epoch, hp.warmup_epochs * steps_per_epoch
 
@@ -107,8 +136,10 @@ class LinearProbe(L.LightningModule):
                 return (step + 1) / warm
             return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
 
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": LambdaLR(opt, factor),
-                                                   "interval": "step"}}
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {"scheduler": LambdaLR(opt, factor), "interval": "step"},
+        }
 
     def test_step(self, batch, batch_idx):
         _, x, y = batch
@@ -122,9 +153,12 @@ class LinearProbe(L.LightningModule):
         stats = self.per_class.compute()
         tp, support = stats[:, 0].float(), stats[:, 4].float()
         present = support > 0
-        out = {"top1": self.top1.compute().item(),
-               "mean_per_class": (tp[present] / support[present]).mean().item(),
-               "num_samples": support.sum().item(), "num_train": float(len(self.train_set))}
+        out = {
+            "top1": self.top1.compute().item(),
+            "mean_per_class": (tp[present] / support[present]).mean().item(),
+            "num_samples": support.sum().item(),
+            "num_train": float(len(self.train_set)),
+        }
         if self.top5 is not None:
             out["top5"] = self.top5.compute().item()
         self.results = out

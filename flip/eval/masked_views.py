@@ -15,6 +15,7 @@ The noise is deterministic: sample ``i`` of a dataset draws its N uniforms from
 ``numpy.random.default_rng([seed, i])`` (``seed`` is ``eval.py``'s ``seed``), so the
 masks do not depend on batch size, order or the number of devices.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,7 +36,8 @@ def num_views(num_patches: int, ratio: float) -> int:
         raise ConfigError(
             f"masked_views=ensemble at mask={ratio} keeps k={k} of the model's {num_patches} "
             f"patches and {k} does not divide {num_patches}, so no set of such views covers "
-            "every patch exactly once; choose a mask whose kept count divides it (e.g. 0.5, 0.75)")
+            "every patch exactly once; choose a mask whose kept count divides it (e.g. 0.5, 0.75)"
+        )
     return num_patches // k
 
 
@@ -56,8 +58,14 @@ def complementary_masks(noise: torch.Tensor, ratio: float) -> list[Mask]:
 
 
 @torch.no_grad()
-def encode_image_views(model, images: torch.Tensor, index: torch.Tensor, ratio: float = 0.0,
-                       views: str = "single", seed: int = 0) -> torch.Tensor:
+def encode_image_views(
+    model,
+    images: torch.Tensor,
+    index: torch.Tensor,
+    ratio: float = 0.0,
+    views: str = "single",
+    seed: int = 0,
+) -> torch.Tensor:
     """(B, E) normalised image embeddings of ``images`` (B, 3, H, W), sample ids ``index``
     (B,), with masked inference at ``ratio`` (``views``: "single" or "ensemble")."""
     if views not in VIEWS:

@@ -9,6 +9,7 @@ A class-name or template *spec* in an ``eval_data`` config is one of:
   read from the installed ``clip_benchmark`` package;
 - a list of strings.
 """
+
 import functools
 import json
 from pathlib import Path
@@ -45,8 +46,11 @@ def imagenet_wnid_index() -> dict[str, int]:
 @functools.cache
 def label_space(name: str) -> tuple[str, ...]:
     """WordNet ids of a label space: ``imagenet`` (1000), ``imagenet_a`` / ``imagenet_r`` (200)."""
-    files = {"imagenet": "imagenet_synsets.txt", "imagenet_a": "imagenet_a_synsets.txt",
-             "imagenet_r": "imagenet_r_synsets.txt"}
+    files = {
+        "imagenet": "imagenet_synsets.txt",
+        "imagenet_a": "imagenet_a_synsets.txt",
+        "imagenet_r": "imagenet_r_synsets.txt",
+    }
     if name not in files:
         raise ValueError(f"unknown label space {name!r}; known: {sorted(files)}")
     return tuple(_lines(files[name]))
@@ -56,12 +60,16 @@ def label_space(name: str) -> tuple[str, ...]:
 def _clip_benchmark_classnames() -> dict:
     from importlib.resources import files
 
-    return json.loads(files("clip_benchmark.datasets").joinpath("en_classnames.json").read_text("utf-8"))
+    return json.loads(
+        files("clip_benchmark.datasets").joinpath("en_classnames.json").read_text("utf-8")
+    )
 
 
 def imagenet_templates(kind: str = "simple7") -> tuple[str, ...]:
     if kind not in IMAGENET_TEMPLATE_SETS:
-        raise ValueError(f"zeroshot.imagenet_templates={kind!r}: use one of {IMAGENET_TEMPLATE_SETS}")
+        raise ValueError(
+            f"zeroshot.imagenet_templates={kind!r}: use one of {IMAGENET_TEMPLATE_SETS}"
+        )
     return tuple(_lines(f"imagenet_templates_{kind}.txt"))
 
 
@@ -82,9 +90,13 @@ def classnames(spec) -> list[str]:
         if spec.startswith("cb:"):
             table = _clip_benchmark_classnames()
             if spec[3:] not in table:
-                raise ValueError(f"no CLIP_benchmark class names for {spec[3:]!r}; known: {sorted(table)}")
+                raise ValueError(
+                    f"no CLIP_benchmark class names for {spec[3:]!r}; known: {sorted(table)}"
+                )
             return list(table[spec[3:]])
-        raise ValueError(f"unknown class-name spec {spec!r} (imagenet | clip:<name> | cb:<name> | a list)")
+        raise ValueError(
+            f"unknown class-name spec {spec!r} (imagenet | clip:<name> | cb:<name> | a list)"
+        )
     return [str(s) for s in spec]
 
 

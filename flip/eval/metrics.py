@@ -8,7 +8,8 @@
 - :class:`Collect`: a torchmetrics ``Metric`` that gathers tensors from every process
   (uneven sizes allowed), for metrics that need the whole test set at once.
 """
-from typing import Sequence
+
+from collections.abc import Sequence
 
 import torch
 from torchmetrics import Metric
@@ -45,8 +46,11 @@ def dedupe_by_index(index: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.
 
 @torch.no_grad()
 def retrieval_recall(
-    image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor,
-    ks: Sequence[int] = (1, 5, 10), chunk: int = 1024,
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    text_to_image: torch.Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    chunk: int = 1024,
 ) -> dict[str, float]:
     """Recall@k both ways from embeddings (similarity = dot product).
 
@@ -60,15 +64,17 @@ def retrieval_recall(
     text_to_image = text_to_image.to(image_emb.device)
     i2t_rank = torch.empty(I, dtype=torch.long, device=image_emb.device)
     for s in range(0, I, chunk):
-        sim = image_emb[s:s + chunk] @ text_emb.T  # (b, T)
-        own = text_to_image[None, :] == torch.arange(s, s + sim.shape[0], device=sim.device)[:, None]
+        sim = image_emb[s : s + chunk] @ text_emb.T  # (b, T)
+        own = (
+            text_to_image[None, :] == torch.arange(s, s + sim.shape[0], device=sim.device)[:, None]
+        )
         best = sim.masked_fill(~own, float("-inf")).max(dim=1).values  # best caption per image
-        i2t_rank[s:s + chunk] = (sim > best[:, None]).sum(dim=1)
+        i2t_rank[s : s + chunk] = (sim > best[:, None]).sum(dim=1)
     t2i_rank = torch.empty(T, dtype=torch.long, device=image_emb.device)
     for s in range(0, T, chunk):
-        sim = text_emb[s:s + chunk] @ image_emb.T  # (b, I)
-        pos = sim.gather(1, text_to_image[s:s + chunk, None])
-        t2i_rank[s:s + chunk] = (sim > pos).sum(dim=1)
+        sim = text_emb[s : s + chunk] @ image_emb.T  # (b, I)
+        pos = sim.gather(1, text_to_image[s : s + chunk, None])
+        t2i_rank[s : s + chunk] = (sim > pos).sum(dim=1)
     out = {}
     for k in ks:
         out[f"image_to_text_R@{k}"] = (i2t_rank < k).sum().item() / I
@@ -77,8 +83,12 @@ def retrieval_recall(
     return out
 
 
-def pm_k(correct: torch.Tensor, pmsets: dict[int, Sequence[int]], k: int | None = None,
-         offsets: dict[int, Sequence[int]] | None = None) -> float:
+def pm_k(
+    correct: torch.Tensor,
+    pmsets: dict[int, Sequence[int]],
+    k: int | None = None,
+    offsets: dict[int, Sequence[int]] | None = None,
+) -> float:
     """PM-k accuracy: the fraction of anchors whose frame and all neighbours within ``k``
     frames are correct. correct (N,) bool per frame; pmsets {anchor: [neighbour frames]};
     offsets {anchor: [frame distance of each neighbour]} (``None``: every neighbour is
@@ -114,5 +124,7 @@ def average_precision_11pt(scores: torch.Tensor, targets: torch.Tensor) -> float
 
 def mean_average_precision_11pt(scores: torch.Tensor, targets: torch.Tensor) -> float:
     """Mean over classes (columns) of :func:`average_precision_11pt`; scores, targets (N, C)."""
-    return sum(average_precision_11pt(scores[:, c], targets[:, c])
-               for c in range(scores.shape[1])) / scores.shape[1]
+    return (
+        sum(average_precision_11pt(scores[:, c], targets[:, c]) for c in range(scores.shape[1]))
+        / scores.shape[1]
+    )

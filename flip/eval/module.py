@@ -1,5 +1,6 @@
 """The base of the evaluation LightningModules: a frozen model, its own test loader, and
 the sampling that shows every sample exactly once over all processes."""
+
 from __future__ import annotations
 
 import math
@@ -68,8 +69,9 @@ def first_item(dataset):
 class EvalModule(L.LightningModule):
     """Base of the evaluation modules: a frozen model and its own test loader."""
 
-    def __init__(self, model: nn.Module, dataset: Dataset, batch_size: int = 256,
-                 num_workers: int = 0):
+    def __init__(
+        self, model: nn.Module, dataset: Dataset, batch_size: int = 256, num_workers: int = 0
+    ):
         super().__init__()
         self.model, self.dataset = model, dataset
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -80,9 +82,15 @@ class EvalModule(L.LightningModule):
         return torch.utils.data.default_collate(batch)
 
     def test_dataloader(self) -> DataLoader:
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer else (0, 1)
-        loader = {"batch_size": self.batch_size, "num_workers": self.num_workers,
-                  "collate_fn": self.collate, "persistent_workers": False}
+        rank, world = (
+            (self.trainer.global_rank, self.trainer.world_size) if self._trainer else (0, 1)
+        )
+        loader = {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "collate_fn": self.collate,
+            "persistent_workers": False,
+        }
         if isinstance(self.dataset, IterableDataset):
             return DataLoader(IndexedStream(self.dataset, rank, world), **loader)
         ds = Indexed(self.dataset)

@@ -15,13 +15,14 @@ return ``(image, [captions])``.
 A missing dataset raises :class:`DatasetNotFound` naming the directory and the layout
 that would have been accepted (``LAYOUTS``).
 """
+
 from __future__ import annotations
 
 import json
 import os
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -33,26 +34,26 @@ from flip.eval import metadata
 
 LAYOUTS = {
     "wds": "the CLIP_benchmark webdataset export: {root}/{split}/nshards.txt, {root}/{split}/0.tar … "
-           "(samples <key>.webp|jpg|png + <key>.cls, <key>.npy (multi-label) or <key>.txt captions), "
-           "{root}/classnames.txt, {root}/zeroshot_classification_templates.txt, "
-           "{root}/dataset_type.txt (retrieval | multilabel)",
+    "(samples <key>.webp|jpg|png + <key>.cls, <key>.npy (multi-label) or <key>.txt captions), "
+    "{root}/classnames.txt, {root}/zeroshot_classification_templates.txt, "
+    "{root}/dataset_type.txt (retrieval | multilabel)",
     "clip_benchmark": "the folder CLIP_benchmark's `{builder}` builder reads (the torchvision "
-                      "dataset folder under {root}, as a download would leave it)",
+    "dataset folder under {root}, as a download would leave it)",
     "folder": "image folder: {root}/{split}/<class>/<image> (classes in sorted folder order, or "
-              "folders named 0 … C-1 by label; optional {root}/classnames.txt, one name per line)",
+    "folders named 0 … C-1 by label; optional {root}/classnames.txt, one name per line)",
     "imagenet_v2": "{root}/<label>/<image> with folders 0 … 999 (ImageNetV2's format-val release)",
     "objectnet": "{root}/objectnet-1.0/images/<folder>/<image> (or {root}/images/…) and the "
-                 "mapping files folder_to_objectnet_label.json, objectnet_to_imagenet_1k.json, "
-                 "pytorch_to_imagenet_2012_id.json, imagenet_to_label_2012_v2 in {root}, "
-                 "{root}/mappings or {root}/objectnet-1.0/mappings",
+    "mapping files folder_to_objectnet_label.json, objectnet_to_imagenet_1k.json, "
+    "pytorch_to_imagenet_2012_id.json, imagenet_to_label_2012_v2 in {root}, "
+    "{root}/mappings or {root}/objectnet-1.0/mappings",
     "video_pm": "{root}/metadata/labels.json ({frame: [class ids]}), {root}/metadata/pmsets.json "
-                "({anchor frame: [neighbour frames]}), frame paths relative to {root}, and the "
-                "class map {root}/metadata/rev_class_idx_map.json ({class id: [ImageNet ids]}) or "
-                "misc/<…>_class_index.json + misc/rev_wnid_map.json",
-    "captions": "{root}/{ann_file}: Karpathy JSON ({\"images\": [{\"filename\", \"filepath\", "
-                "\"split\", \"sentences\": [{\"raw\"}]}]}) or a list of {\"image\", \"caption\": "
-                "[…]}; images under {root}/{image_dir}",
-    "jsonl": "{root}/{split}.jsonl with one {\"img\": <path relative to root>, \"label\": 0|1} per line",
+    "({anchor frame: [neighbour frames]}), frame paths relative to {root}, and the "
+    "class map {root}/metadata/rev_class_idx_map.json ({class id: [ImageNet ids]}) or "
+    "misc/<…>_class_index.json + misc/rev_wnid_map.json",
+    "captions": '{root}/{ann_file}: Karpathy JSON ({"images": [{"filename", "filepath", '
+    '"split", "sentences": [{"raw"}]}]}) or a list of {"image", "caption": '
+    "[…]}; images under {root}/{image_dir}",
+    "jsonl": '{root}/{split}.jsonl with one {"img": <path relative to root>, "label": 0|1} per line',
 }
 
 
@@ -65,11 +66,13 @@ class DatasetNotFound(ConfigError, FileNotFoundError):
         super().__init__(
             f"dataset {name} not found at {root}{f' ({why})' if why else ''}; nothing is "
             f"downloaded, expected {'; or '.join(self.layouts)}. Set data_root=<dir> or "
-            "eval_data.<entry>.dataset.root=<dir>")
+            "eval_data.<entry>.dataset.root=<dir>"
+        )
 
 
-def not_found(name: str, root, formats: Sequence[str], split: str = "test", why: str = "",
-              **fmt) -> DatasetNotFound:
+def not_found(
+    name: str, root, formats: Sequence[str], split: str = "test", why: str = "", **fmt
+) -> DatasetNotFound:
     """A :class:`DatasetNotFound` listing the ``LAYOUTS`` of ``formats``."""
     values = {"root": root, "split": split, **fmt}
 
@@ -133,8 +136,10 @@ def image_folder(name: str, root, split: str, transform) -> ImageList:
         classnames = [n.replace("_", " ") for n in names]
     num = max(labels.values()) + 1
     if classnames is not None and len(classnames) < num:
-        raise ConfigError(f"dataset {name}: {folder} has labels up to {num - 1} but only "
-                          f"{len(classnames)} class names")
+        raise ConfigError(
+            f"dataset {name}: {folder} has labels up to {num - 1} but only "
+            f"{len(classnames)} class names"
+        )
     return ImageList(samples, transform, classnames)
 
 
@@ -169,10 +174,16 @@ def objectnet(name: str, root, split: str, transform) -> ImageList:
     """ObjectNet's 113 ImageNet-overlapping classes; each class's logit is the max over the
     logits of the ImageNet classes it maps to (the ImageNet-testbed / CLIP protocol)."""
     root = Path(root)
-    files = ["folder_to_objectnet_label.json", "objectnet_to_imagenet_1k.json",
-             "pytorch_to_imagenet_2012_id.json", "imagenet_to_label_2012_v2"]
+    files = [
+        "folder_to_objectnet_label.json",
+        "objectnet_to_imagenet_1k.json",
+        "pytorch_to_imagenet_2012_id.json",
+        "imagenet_to_label_2012_v2",
+    ]
     meta = _find(root, files, ["", "mappings", "objectnet-1.0/mappings"])
-    images = next((p for p in (root / "objectnet-1.0" / "images", root / "images") if p.is_dir()), None)
+    images = next(
+        (p for p in (root / "objectnet-1.0" / "images", root / "images") if p.is_dir()), None
+    )
     if meta is None or images is None:
         raise not_found(name, root, ["objectnet"], split)
     folder_label = json.loads((meta / files[0]).read_text())
@@ -182,13 +193,23 @@ def objectnet(name: str, root, split: str, transform) -> ImageList:
     id_to_pytorch = {v: k for k, v in pytorch_to_id.items()}
     line_names = (meta / files[3]).read_text().splitlines()
     name_to_pytorch = {n.strip(): id_to_pytorch[i] for i, n in enumerate(line_names) if n.strip()}
-    folder_groups = {label_folder[o]: sorted(name_to_pytorch[n] for n in inet.split("; "))
-                     for o, inet in to_imagenet.items()}
+    folder_groups = {
+        label_folder[o]: sorted(name_to_pytorch[n] for n in inet.split("; "))
+        for o, inet in to_imagenet.items()
+    }
     folders = sorted(folder_groups)
-    samples = [(p, k) for k, f in enumerate(folders) if (images / f).is_dir()
-               for p in _images_in(images / f)]
-    ds = ImageList(samples, transform, list(metadata.imagenet_classnames()),
-                   [folder_groups[f] for f in folders])
+    samples = [
+        (p, k)
+        for k, f in enumerate(folders)
+        if (images / f).is_dir()
+        for p in _images_in(images / f)
+    ]
+    ds = ImageList(
+        samples,
+        transform,
+        list(metadata.imagenet_classnames()),
+        [folder_groups[f] for f in folders],
+    )
     ds.labelnames = [folder_label[f] for f in folders]
     return ds
 
@@ -216,18 +237,29 @@ def video_pm(name: str, root, split: str, transform, class_index: str | None = N
         index_file = None
         if misc is not None:
             cands = ([class_index] if class_index else []) + sorted(  # the named file, else any
-                p.name for p in misc.glob("*_class_index.json") if not p.name.startswith("imagenet_class"))
+                p.name
+                for p in misc.glob("*_class_index.json")
+                if not p.name.startswith("imagenet_class")
+            )
             index_file = next((misc / c for c in cands if (misc / c).is_file()), None)
         if index_file is None:
             raise not_found(name, root, ["video_pm"], split, why="no class map")
         rev_wnid = json.loads((misc / "rev_wnid_map.json").read_text())
         cls_index = json.loads(index_file.read_text())  # {"0": [wnid, name], ...}
-        groups = [sorted(wnid[w] for w in rev_wnid[cls_index[str(k)][0]]) for k in range(len(cls_index))]
+        groups = [
+            sorted(wnid[w] for w in rev_wnid[cls_index[str(k)][0]]) for k in range(len(cls_index))
+        ]
     frames = sorted(set(pmsets) | {f for fs in pmsets.values() for f in fs})
     position = {f: i for i, f in enumerate(frames)}
     missing = [f for f in frames if not (root / f).is_file()]
     if missing:
-        raise not_found(name, root, ["video_pm"], split, why=f"{len(missing)} frames missing, e.g. {root / missing[0]}")
+        raise not_found(
+            name,
+            root,
+            ["video_pm"],
+            split,
+            why=f"{len(missing)} frames missing, e.g. {root / missing[0]}",
+        )
     samples = []
     for f in frames:
         target = torch.zeros(len(groups), dtype=torch.bool)
@@ -237,8 +269,11 @@ def video_pm(name: str, root, split: str, transform, class_index: str | None = N
     ds.frames = frames
     ds.pmsets = {position[a]: [position[f] for f in fs] for a, fs in pmsets.items()}
     number = {f: _frame_number(f) for f in frames}
-    ds.pm_offsets = None if None in number.values() else {
-        position[a]: [number[f] - number[a] for f in fs] for a, fs in pmsets.items()}
+    ds.pm_offsets = (
+        None
+        if None in number.values()
+        else {position[a]: [number[f] - number[a] for f in fs] for a, fs in pmsets.items()}
+    )
     return ds
 
 
@@ -263,14 +298,17 @@ class Captioned(Dataset):
         return self.transform(load_image(path)), list(captions)
 
 
-def captions_json(name: str, root, split: str, transform, ann_file: str, image_dir: str = "") -> Captioned:
+def captions_json(
+    name: str, root, split: str, transform, ann_file: str, image_dir: str = ""
+) -> Captioned:
     """Karpathy split JSON (``dataset_coco.json``, ``dataset_flickr30k.json``: images whose
     ``split`` equals ``split``) or a BLIP-style list of {"image", "caption"} (one file per split)."""
     root = Path(root)
     ann = root / ann_file
     if not ann.is_file():
-        raise not_found(name, root, ["captions"], split, why=f"no {ann}",
-                        ann_file=ann_file, image_dir=image_dir)
+        raise not_found(
+            name, root, ["captions"], split, why=f"no {ann}", ann_file=ann_file, image_dir=image_dir
+        )
     data = json.loads(ann.read_text("utf-8"))
     images: dict[str, list[str]] = {}
     if isinstance(data, dict) and "images" in data:
@@ -284,15 +322,24 @@ def captions_json(name: str, root, split: str, transform, ann_file: str, image_d
             caps = im["caption"]
             images.setdefault(im["image"], []).extend([caps] if isinstance(caps, str) else caps)
     else:
-        raise ConfigError(f"{ann}: expected Karpathy JSON ({{'images': [...]}}) or a list of "
-                          "{'image', 'caption'} records")
+        raise ConfigError(
+            f"{ann}: expected Karpathy JSON ({{'images': [...]}}) or a list of "
+            "{'image', 'caption'} records"
+        )
     if not images:
         raise ConfigError(f"{ann}: no images in split {split!r}")
     items = [(root / image_dir / rel, caps) for rel, caps in images.items()]
     missing = [p for p, _ in items if not p.is_file()]
     if missing:
-        raise not_found(name, root, ["captions"], split, why=f"{len(missing)} images missing, e.g. "
-                        f"{missing[0]}", ann_file=ann_file, image_dir=image_dir)
+        raise not_found(
+            name,
+            root,
+            ["captions"],
+            split,
+            why=f"{len(missing)} images missing, e.g. {missing[0]}",
+            ann_file=ann_file,
+            image_dir=image_dir,
+        )
     return Captioned(items, transform)
 
 

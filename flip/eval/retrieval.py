@@ -7,9 +7,10 @@ retrieval: a caption is a hit when its image is among the k nearest images).
 ``mask``, ``masked_views``, ``mask_seed``: masked inference on the images
 (``flip.eval.masked_views``); 0 = every patch.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -21,9 +22,18 @@ MAX_CAPTIONS = 1000  # caption slots per image in the text ordering key (index *
 
 
 class ZeroShotRetrieval(EvalModule):
-    def __init__(self, model, dataset, tokenizer, ks: Sequence[int] = (1, 5, 10),
-                 batch_size: int = 256, num_workers: int = 0, mask: float = 0.0,
-                 masked_views: str = "single", mask_seed: int = 0):
+    def __init__(
+        self,
+        model,
+        dataset,
+        tokenizer,
+        ks: Sequence[int] = (1, 5, 10),
+        batch_size: int = 256,
+        num_workers: int = 0,
+        mask: float = 0.0,
+        masked_views: str = "single",
+        mask_seed: int = 0,
+    ):
         super().__init__(model, dataset, batch_size, num_workers)
         self.tokenizer, self.ks = tokenizer, list(ks)
         self.mask, self.masked_views, self.mask_seed = mask, masked_views, mask_seed
@@ -39,13 +49,13 @@ class ZeroShotRetrieval(EvalModule):
             for j, c in enumerate(caps):
                 keys.append(i * MAX_CAPTIONS + j)
                 flat.append(c)
-        return (torch.tensor(index), torch.stack(images), torch.tensor(keys),
-                self.tokenizer(flat))
+        return (torch.tensor(index), torch.stack(images), torch.tensor(keys), self.tokenizer(flat))
 
     def test_step(self, batch, batch_idx):
         index, images, keys, tokens = batch
-        image = encode_image_views(self.model, images, index, self.mask, self.masked_views,
-                                   self.mask_seed)
+        image = encode_image_views(
+            self.model, images, index, self.mask, self.masked_views, self.mask_seed
+        )
         self.images.update(index=index, emb=image.float())
         self.texts.update(key=keys, emb=self.model.encode_text(tokens).float())
 

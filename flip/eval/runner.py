@@ -11,6 +11,7 @@ to ``<output_dir>/results.json`` and ``<output_dir>/results.md``. ``mask`` and
 ``masked_views`` give zero-shot and retrieval masked inference (Table 1d,
 ``flip.eval.masked_views``).
 """
+
 from __future__ import annotations
 
 import json
@@ -35,7 +36,9 @@ from flip.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-HELDOUT = "heldout"  # the eval_data entry whose zero-shot top-1 is also reported as val/zeroshot_top1
+HELDOUT = (
+    "heldout"  # the eval_data entry whose zero-shot top-1 is also reported as val/zeroshot_top1
+)
 
 
 def load_model(cfg: DictConfig) -> nn.Module:
@@ -45,8 +48,10 @@ def load_model(cfg: DictConfig) -> nn.Module:
     model = build_model(cfg.ckpt_path, override)
     size = model.visual.patch_embed.img_size[0]
     if cfg.image_size is not None and cfg.image_size != size:
-        raise ConfigError(f"image_size={cfg.image_size} contradicts {cfg.ckpt_path}, whose model "
-                          f"takes image.image_size={size}; drop image_size=…")
+        raise ConfigError(
+            f"image_size={cfg.image_size} contradicts {cfg.ckpt_path}, whose model "
+            f"takes image.image_size={size}; drop image_size=…"
+        )
     cfg.image_size = size
     return model
 
@@ -56,18 +61,22 @@ def check_masked_inference(cfg: DictConfig, model: nn.Module) -> None:
     patches), and no linear probe asked for with them (its features see every patch)."""
     check_mask(cfg)
     if cfg.masked_views not in VIEWS:
-        raise ConfigError(f"masked_views={cfg.masked_views!r} is invalid: use one of "
-                          f"{', '.join(VIEWS)}")
+        raise ConfigError(
+            f"masked_views={cfg.masked_views!r} is invalid: use one of {', '.join(VIEWS)}"
+        )
     if cfg.masked_views == "ensemble":
         num_views(model.visual.num_patches, cfg.mask)
     if cfg.mask == 0 and cfg.masked_views == "single":
         return
-    probed = [n for n, e in cfg.eval_data.items()
-              if "linear_probe" in protocols_for(cfg.eval_task, n, e)]
+    probed = [
+        n for n, e in cfg.eval_data.items() if "linear_probe" in protocols_for(cfg.eval_task, n, e)
+    ]
     if probed:
-        raise ConfigError(f"mask={cfg.mask} masked_views={cfg.masked_views} applies to zero-shot "
-                          f"and retrieval only, but eval_data.{probed[0]} runs a linear probe, "
-                          "whose features see every patch; evaluate it without mask=…")
+        raise ConfigError(
+            f"mask={cfg.mask} masked_views={cfg.masked_views} applies to zero-shot "
+            f"and retrieval only, but eval_data.{probed[0]} runs a linear probe, "
+            "whose features see every patch; evaluate it without mask=…"
+        )
 
 
 def protocols_for(task: DictConfig, name: str, entry: DictConfig) -> list[str]:
@@ -79,7 +88,8 @@ def protocols_for(task: DictConfig, name: str, entry: DictConfig) -> list[str]:
         raise ConfigError(
             f"eval_data.{name} is a {entry.kind} dataset; eval_task={task.name} runs "
             f"{task.protocol} on {' or '.join(task.kinds)} datasets only "
-            "(eval_task=suite runs each dataset's own protocols)")
+            "(eval_task=suite runs each dataset's own protocols)"
+        )
     return [task.protocol]
 
 
@@ -87,13 +97,17 @@ def build_split(name: str, entry: DictConfig, role: str):
     """``entry.dataset`` instantiated with the arguments of ``entry.splits.<role>``
     (``test``: the evaluated split; ``train``: what a linear probe trains on)."""
     if entry.get("dataset") is None:
-        raise ConfigError(f"eval_data.{name}.dataset is null: the data config has no held-out "
-                          "set (data.zeroshot); choose one with one (data=shapes, data=digits) "
-                          "or other eval_data")
+        raise ConfigError(
+            f"eval_data.{name}.dataset is null: the data config has no held-out "
+            "set (data.zeroshot); choose one with one (data=shapes, data=digits) "
+            "or other eval_data"
+        )
     splits = entry.get("splits") or {}
     if role not in splits:
-        raise ConfigError(f"eval_data.{name}.splits has no {role!r} split"
-                          + (" for a linear probe" if role == "train" else ""))
+        raise ConfigError(
+            f"eval_data.{name}.splits has no {role!r} split"
+            + (" for a linear probe" if role == "train" else "")
+        )
     try:
         return hydra.utils.instantiate(entry.dataset, **OmegaConf.to_container(splits[role]))
     except hydra.errors.InstantiationException as err:  # unwrap our one-sentence errors
@@ -115,21 +129,40 @@ def run_zeroshot(name, entry, model, cfg, trainer, classifiers) -> dict[str, flo
     key = (tuple(classnames), tuple(templates))
     pm = entry.get("pm") or {"pm0": 0, "pm10": None}
     module = ZeroShotClassification(
-        model, ds, classnames, templates, Tokenizer(model.text.context_length),
-        getattr(ds, "groups", None), pmsets=getattr(ds, "pmsets", None),
-        pm_offsets=getattr(ds, "pm_offsets", None), pm_names=list(pm), pm_ks=list(pm.values()),
-        classifier=classifiers.get(key), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-        mask=cfg.mask, masked_views=cfg.masked_views, mask_seed=cfg.seed)
+        model,
+        ds,
+        classnames,
+        templates,
+        Tokenizer(model.text.context_length),
+        getattr(ds, "groups", None),
+        pmsets=getattr(ds, "pmsets", None),
+        pm_offsets=getattr(ds, "pm_offsets", None),
+        pm_names=list(pm),
+        pm_ks=list(pm.values()),
+        classifier=classifiers.get(key),
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        mask=cfg.mask,
+        masked_views=cfg.masked_views,
+        mask_seed=cfg.seed,
+    )
     trainer.test(module, verbose=False)
     classifiers[key] = module.classifier
     return module.results
 
 
 def run_retrieval(name, entry, model, cfg, trainer, classifiers) -> dict[str, float]:
-    module = ZeroShotRetrieval(model, build_split(name, entry, "test"),
-                               Tokenizer(model.text.context_length), ks=list(cfg.retrieval.ks),
-                               batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                               mask=cfg.mask, masked_views=cfg.masked_views, mask_seed=cfg.seed)
+    module = ZeroShotRetrieval(
+        model,
+        build_split(name, entry, "test"),
+        Tokenizer(model.text.context_length),
+        ks=list(cfg.retrieval.ks),
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        mask=cfg.mask,
+        masked_views=cfg.masked_views,
+        mask_seed=cfg.seed,
+    )
     trainer.test(module, verbose=False)
     return module.results
 
@@ -138,43 +171,66 @@ def run_linear_probe(name, entry, model, cfg, trainer, classifiers) -> dict[str,
     feats = {}
     for role in ("train", "test"):
         ds = build_split(name, entry, role)
-        extractor = FeatureExtractor(model, ds, batch_size=cfg.batch_size,
-                                     num_workers=cfg.num_workers)
+        extractor = FeatureExtractor(
+            model, ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers
+        )
         trainer.test(extractor, verbose=False)
         feats[role] = (extractor.features, extractor.labels)
     num_classes = len(getattr(ds, "groups", None) or class_names(entry, ds))
     lp = cfg.linear_probe
-    module = LinearProbe(*feats["train"], *feats["test"], num_classes,
-                         epochs=lp.epochs, batch_size=lp.batch_size, base_lr=lp.base_lr,
-                         warmup_epochs=lp.warmup_epochs, momentum=lp.momentum,
-                         weight_decay=lp.weight_decay)
-    fit = _trainer(cfg, max_epochs=lp.epochs, max_steps=-1, val_check_interval=1.0,
-                   check_val_every_n_epoch=1, limit_val_batches=0, num_sanity_val_steps=0,
-                   enable_checkpointing=False, enable_model_summary=False,
-                   use_distributed_sampler=False)
+    module = LinearProbe(
+        *feats["train"],
+        *feats["test"],
+        num_classes,
+        epochs=lp.epochs,
+        batch_size=lp.batch_size,
+        base_lr=lp.base_lr,
+        warmup_epochs=lp.warmup_epochs,
+        momentum=lp.momentum,
+        weight_decay=lp.weight_decay,
+    )
+    fit = _trainer(
+        cfg,
+        max_epochs=lp.epochs,
+        max_steps=-1,
+        val_check_interval=1.0,
+        check_val_every_n_epoch=1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
     fit.fit(module)
     fit.test(module, verbose=False)
     return module.results
 
 
-RUNNERS = {"zeroshot": run_zeroshot, "retrieval": run_retrieval,
-           "linear_probe": run_linear_probe}
+RUNNERS = {"zeroshot": run_zeroshot, "retrieval": run_retrieval, "linear_probe": run_linear_probe}
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| dataset | protocol | metric | value | other metrics | samples |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| dataset | protocol | metric | value | other metrics | samples |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r.get("missing"):
-            lines.append(f"| {r['title']} | {r['protocol']} | {r['metric']} | missing | "
-                         f"{r['missing']} | |")
+            lines.append(
+                f"| {r['title']} | {r['protocol']} | {r['metric']} | missing | {r['missing']} | |"
+            )
             continue
         m = r["metrics"]
         n = m.get("num_samples", m.get("num_images", 0))
-        others = ", ".join(f"{k} {100 * v:.2f}" for k, v in m.items()
-                           if k != r["metric"] and not k.startswith("num_"))
-        lines.append(f"| {r['title']} | {r['protocol']} | {r['metric']} | "
-                     f"{100 * r['value']:.2f} | {others} | {int(n)} |")
+        others = ", ".join(
+            f"{k} {100 * v:.2f}"
+            for k, v in m.items()
+            if k != r["metric"] and not k.startswith("num_")
+        )
+        lines.append(
+            f"| {r['title']} | {r['protocol']} | {r['metric']} | "
+            f"{100 * r['value']:.2f} | {others} | {int(n)} |"
+        )
     return "\n".join(lines)
 
 
@@ -203,10 +259,15 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     for name, entry in cfg.eval_data.items():
         for protocol in protocols_for(cfg.eval_task, name, entry):
             if protocol not in RUNNERS:
-                raise ConfigError(f"eval_data.{name}: unknown protocol {protocol!r}; use one of "
-                                  f"{sorted(RUNNERS)}")
-            row = {"dataset": name, "title": entry.get("title", name), "protocol": protocol,
-                   "metric": headline(protocol, entry, {})}
+                raise ConfigError(
+                    f"eval_data.{name}: unknown protocol {protocol!r}; use one of {sorted(RUNNERS)}"
+                )
+            row = {
+                "dataset": name,
+                "title": entry.get("title", name),
+                "protocol": protocol,
+                "metric": headline(protocol, entry, {}),
+            }
             try:
                 metrics = RUNNERS[protocol](name, entry, model, cfg, trainer, classifiers)
             except DatasetNotFound as err:
@@ -217,8 +278,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 continue
             row["metric"] = headline(protocol, entry, metrics)
             if row["metric"] not in metrics:
-                raise ConfigError(f"eval_data.{name}.metric={row['metric']!r} is not computed for "
-                                  f"this data; available: {sorted(metrics)}")
+                raise ConfigError(
+                    f"eval_data.{name}.metric={row['metric']!r} is not computed for "
+                    f"this data; available: {sorted(metrics)}"
+                )
             rows.append({**row, "value": metrics[row["metric"]], "metrics": metrics})
             flat.update({f"{name}/{protocol}/{k}": v for k, v in metrics.items()})
     if (top1 := flat.get(f"{HELDOUT}/zeroshot/top1")) is not None:
@@ -227,10 +290,18 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         write_results(cfg, rows)
         log_results(cfg, flat)
         print(format_table(rows))
-        heldout = next((r for r in rows if r["dataset"] == HELDOUT and r["protocol"] == "zeroshot"
-                        and "value" in r), None)
+        heldout = next(
+            (
+                r
+                for r in rows
+                if r["dataset"] == HELDOUT and r["protocol"] == "zeroshot" and "value" in r
+            ),
+            None,
+        )
         if heldout is not None:
-            print(format_zero_shot(heldout["metrics"]["top1"], int(heldout["metrics"]["num_classes"])))
+            print(
+                format_zero_shot(heldout["metrics"]["top1"], int(heldout["metrics"]["num_classes"]))
+            )
     return flat
 
 
@@ -239,8 +310,13 @@ def log_results(cfg: DictConfig, flat: dict[str, float]) -> None:
     if not cfg.get("logger"):
         return
     logger = hydra.utils.instantiate(cfg.logger)
-    logger.log_hyperparams({"ckpt_path": str(cfg.ckpt_path), "eval_task": cfg.eval_task.name,
-                            "eval_data": list(cfg.eval_data)})
+    logger.log_hyperparams(
+        {
+            "ckpt_path": str(cfg.ckpt_path),
+            "eval_task": cfg.eval_task.name,
+            "eval_data": list(cfg.eval_data),
+        }
+    )
     logger.log_metrics({f"eval/{k}": v for k, v in flat.items()}, step=0)
     logger.finalize("success")
 
@@ -248,10 +324,14 @@ def log_results(cfg: DictConfig, flat: dict[str, float]) -> None:
 def write_results(cfg: DictConfig, rows: list[dict]) -> None:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"ckpt_path": str(cfg.ckpt_path), "eval_task": cfg.eval_task.name,
-              "image_size": cfg.image_size, "mask": cfg.mask, "masked_views": cfg.masked_views,
-              "results": rows}
+    record = {
+        "ckpt_path": str(cfg.ckpt_path),
+        "eval_task": cfg.eval_task.name,
+        "image_size": cfg.image_size,
+        "mask": cfg.mask,
+        "masked_views": cfg.masked_views,
+        "results": rows,
+    }
     (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
-    (out / "results.md").write_text(
-        f"# Evaluation of {cfg.ckpt_path}\n\n{format_table(rows)}\n")
+    (out / "results.md").write_text(f"# Evaluation of {cfg.ckpt_path}\n\n{format_table(rows)}\n")
     log.info("results written to %s/results.{json,md}", out)

@@ -17,9 +17,10 @@ frame sets (``pmsets``) ``pm0`` and ``pm<k>``.
 ``mask``, ``masked_views``, ``mask_seed``: masked inference on the images
 (``flip.eval.masked_views``); 0 = every patch.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,7 @@ def build_zero_shot_classifier(
     (1: one forward per class; more is faster for 1000-class sets)."""
     weights = []
     for start in range(0, len(classnames), classes_per_batch):
-        names = classnames[start:start + classes_per_batch]
+        names = classnames[start : start + classes_per_batch]
         tokens = tokenizer([t.format(name) for name in names for t in templates]).to(device)
         prompts = F.normalize(encode_text(tokens), dim=-1)  # (c * T, D)
         prompts = prompts.view(len(names), len(templates), -1)
@@ -62,22 +63,40 @@ def format_zero_shot(top1: float, num_classes: int) -> str:
 def group_max(logits: torch.Tensor, groups: Sequence[Sequence[int]]) -> torch.Tensor:
     """(B, R) -> (B, G): column j is the max of ``logits[:, groups[j]]``."""
     width = max(len(g) for g in groups)
-    index = torch.tensor([list(g) + [g[0]] * (width - len(g)) for g in groups],
-                         device=logits.device)  # (G, width), padded by repetition
+    index = torch.tensor(
+        [list(g) + [g[0]] * (width - len(g)) for g in groups], device=logits.device
+    )  # (G, width), padded by repetition
     return logits[:, index].amax(dim=-1)
 
 
 class ZeroShotClassification(EvalModule):
-    def __init__(self, model, dataset, classnames: Sequence[str], templates: Sequence[str],
-                 tokenizer, groups: Sequence[Sequence[int]] | None = None,
-                 pmsets: dict | None = None, pm_offsets: dict | None = None,
-                 pm_ks: Sequence[int | None] = (0, None), pm_names: Sequence[str] = ("pm0", "pm10"),
-                 classifier: torch.Tensor | None = None, classes_per_batch: int = 32,
-                 batch_size: int = 256, num_workers: int = 0, mask: float = 0.0,
-                 masked_views: str = "single", mask_seed: int = 0):
+    def __init__(
+        self,
+        model,
+        dataset,
+        classnames: Sequence[str],
+        templates: Sequence[str],
+        tokenizer,
+        groups: Sequence[Sequence[int]] | None = None,
+        pmsets: dict | None = None,
+        pm_offsets: dict | None = None,
+        pm_ks: Sequence[int | None] = (0, None),
+        pm_names: Sequence[str] = ("pm0", "pm10"),
+        classifier: torch.Tensor | None = None,
+        classes_per_batch: int = 32,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        mask: float = 0.0,
+        masked_views: str = "single",
+        mask_seed: int = 0,
+    ):
         super().__init__(model, dataset, batch_size, num_workers)
         self.mask, self.masked_views, self.mask_seed = mask, masked_views, mask_seed
-        self.classnames, self.templates, self.tokenizer = list(classnames), list(templates), tokenizer
+        self.classnames, self.templates, self.tokenizer = (
+            list(classnames),
+            list(templates),
+            tokenizer,
+        )
         self.classifier, self.classes_per_batch = classifier, classes_per_batch  # (C, D) if given
         self.groups = [list(g) for g in groups] if groups is not None else None
         self.pmsets, self.pm_offsets = pmsets, pm_offsets
@@ -95,13 +114,19 @@ class ZeroShotClassification(EvalModule):
     def on_test_start(self) -> None:
         if self.classifier is None:
             self.classifier = build_zero_shot_classifier(
-                self.model.encode_text, self.tokenizer, self.classnames, self.templates,
-                self.device, self.classes_per_batch)
+                self.model.encode_text,
+                self.tokenizer,
+                self.classnames,
+                self.templates,
+                self.device,
+                self.classes_per_batch,
+            )
         self.classifier = self.classifier.to(self.device)
 
     def logits(self, images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        image = encode_image_views(self.model, images, index, self.mask, self.masked_views,
-                                   self.mask_seed)
+        image = encode_image_views(
+            self.model, images, index, self.mask, self.masked_views, self.mask_seed
+        )
         logits = image @ self.classifier.T  # cosine similarities
         return group_max(logits, self.groups) if self.groups is not None else logits
 
@@ -122,14 +147,18 @@ class ZeroShotClassification(EvalModule):
         if self.multilabel:  # decided per dataset, the same on every process
             gathered = self.multi.compute()
             index, scores, targets = dedupe_by_index(
-                gathered["index"], gathered["scores"], gathered["targets"])
+                gathered["index"], gathered["scores"], gathered["targets"]
+            )
             return self.publish(self._multi_label_results(scores.cpu(), targets.cpu()))
         stats = self.per_class.compute()  # (C, 5): tp, fp, tn, fn, support
         tp, support = stats[:, 0].float(), stats[:, 4].float()
         present = support > 0
-        out = {"top1": self.top1.compute().item(),
-               "mean_per_class": (tp[present] / support[present]).mean().item(),
-               "num_samples": support.sum().item(), "num_classes": float(self.num_classes)}
+        out = {
+            "top1": self.top1.compute().item(),
+            "mean_per_class": (tp[present] / support[present]).mean().item(),
+            "num_samples": support.sum().item(),
+            "num_classes": float(self.num_classes),
+        }
         if self.top5 is not None:
             out["top5"] = self.top5.compute().item()
             out["mean_top1_top5"] = (out["top1"] + out["top5"]) / 2
@@ -139,8 +168,11 @@ class ZeroShotClassification(EvalModule):
 
     def _multi_label_results(self, scores: torch.Tensor, targets: torch.Tensor) -> dict:
         correct = targets.gather(1, scores.argmax(dim=1, keepdim=True)).squeeze(1)
-        out = {"top1": correct.float().mean().item(), "num_samples": float(len(scores)),
-               "num_classes": float(self.num_classes)}
+        out = {
+            "top1": correct.float().mean().item(),
+            "num_samples": float(len(scores)),
+            "num_classes": float(self.num_classes),
+        }
         if self.pmsets is not None:
             for name, k in zip(self.pm_names, self.pm_ks):
                 out[name] = pm_k(correct, self.pmsets, k, self.pm_offsets)

@@ -40,6 +40,7 @@ Command line:
     python -m flip.interop.official convert <unzipped checkpoint dir> <out.ckpt> [--model vit_l16|vit_h14]
 Needs ``msgpack`` and ``tensorstore`` (``pip install flip[official]``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,6 +81,7 @@ GELU = "tanh"  # flax.linen.gelu(approximate=True), models_flip.MlpBlock
 
 # --- reading the t5x layout -------------------------------------------------------------
 
+
 def find_checkpoint_file(path) -> Path:
     """The msgpack ``checkpoint`` file in ``path``: the file itself, ``path/checkpoint``, or
     the latest ``checkpoint_<step>/checkpoint`` within two levels (an unzipped release)."""
@@ -88,12 +90,20 @@ def find_checkpoint_file(path) -> Path:
         return path
     if (path / "checkpoint").is_file():
         return path / "checkpoint"
-    found = [p for pattern in ("checkpoint_*/checkpoint", "*/checkpoint_*/checkpoint", "*/checkpoint")
-             for p in path.glob(pattern) if p.is_file()]
+    found = [
+        p
+        for pattern in ("checkpoint_*/checkpoint", "*/checkpoint_*/checkpoint", "*/checkpoint")
+        for p in path.glob(pattern)
+        if p.is_file()
+    ]
     if not found:
-        raise CheckpointError(f"{path} holds no t5x checkpoint (no file named 'checkpoint' "
-                              "in it or in a checkpoint_<step> folder below it)")
-    step = lambda p: int(m.group(1)) if (m := re.search(r"checkpoint_(\d+)$", p.parent.name)) else -1
+        raise CheckpointError(
+            f"{path} holds no t5x checkpoint (no file named 'checkpoint' "
+            "in it or in a checkpoint_<step> folder below it)"
+        )
+    step = lambda p: (
+        int(m.group(1)) if (m := re.search(r"checkpoint_(\d+)$", p.parent.name)) else -1
+    )
     return max(found, key=step)
 
 
@@ -151,8 +161,9 @@ def read_official_params(path) -> tuple[dict[str, np.ndarray], Path]:
     import msgpack
 
     file = find_checkpoint_file(path)
-    contents = msgpack.unpackb(file.read_bytes(), ext_hook=_unpack_ext, raw=False,
-                               strict_map_key=False)
+    contents = msgpack.unpackb(
+        file.read_bytes(), ext_hook=_unpack_ext, raw=False, strict_map_key=False
+    )
     tree = contents.get("optimizer", contents) if isinstance(contents, dict) else None
     if not isinstance(tree, dict) or "target" not in tree:
         raise CheckpointError(f"{file} is not a t5x checkpoint (no optimizer/target tree)")
@@ -160,24 +171,31 @@ def read_official_params(path) -> tuple[dict[str, np.ndarray], Path]:
     for name, leaf in _flatten(tree["target"]).items():
         arr = _read_spec(leaf, file.parent) if _is_spec(leaf) else leaf
         if not isinstance(arr, np.ndarray):
-            raise CheckpointError(f"{file}: parameter {name} is neither an array nor a "
-                                  f"TensorStore spec ({type(arr).__name__})")
+            raise CheckpointError(
+                f"{file}: parameter {name} is neither an array nor a "
+                f"TensorStore spec ({type(arr).__name__})"
+            )
         params[name] = np.asarray(arr, dtype=np.float32)
     return params, file
 
 
 # --- the architecture --------------------------------------------------------------------
 
+
 def _depth(params: dict, tower: str) -> int:
-    blocks = {m.group(1) for n in params
-              if (m := re.match(rf"{tower}/Transformer/encoderblock_(\d+)/", n))}
+    blocks = {
+        m.group(1)
+        for n in params
+        if (m := re.match(rf"{tower}/Transformer/encoderblock_(\d+)/", n))
+    }
     return len(blocks)
 
 
 def _shape(params: dict, name: str) -> tuple:
     if name not in params:
-        raise CheckpointError(f"the official checkpoint lacks {name}: not a FLIP checkpoint "
-                              "(models_flip.py)")
+        raise CheckpointError(
+            f"the official checkpoint lacks {name}: not a FLIP checkpoint (models_flip.py)"
+        )
     return params[name].shape
 
 
@@ -185,11 +203,14 @@ def infer_arch(params: dict, name: str | None = None) -> tuple[str, OfficialArch
     """The entry of ``ARCHS`` whose shapes the parameters have (heads are not in the shapes,
     so the architecture must be a known one); ``name`` forces one and checks it."""
     kernel = _shape(params, "img_encoder/embedding/kernel")  # (p, p, 3, D)
-    seen = dict(patch_size=kernel[0], image_width=kernel[-1],
-                image_depth=_depth(params, "img_encoder"),
-                text_width=_shape(params, "txt_encoder/token_embedding/embedding")[1],
-                text_depth=_depth(params, "txt_encoder"),
-                embed_dim=_shape(params, "img_mlp1/kernel")[1])
+    seen = dict(
+        patch_size=kernel[0],
+        image_width=kernel[-1],
+        image_depth=_depth(params, "img_encoder"),
+        text_width=_shape(params, "txt_encoder/token_embedding/embedding")[1],
+        text_depth=_depth(params, "txt_encoder"),
+        embed_dim=_shape(params, "img_mlp1/kernel")[1],
+    )
 
     def matches(arch: OfficialArch) -> bool:
         return all(getattr(arch, k) == v for k, v in seen.items())
@@ -206,27 +227,52 @@ def infer_arch(params: dict, name: str | None = None) -> tuple[str, OfficialArch
     return found[0], ARCHS[found[0]]
 
 
-def flip_model_config(arch: OfficialArch, image_size: int = 224, context_length: int = 32,
-                      vocab_size: int = 30523, mlp_ratio: float = 4.0) -> dict:
+def flip_model_config(
+    arch: OfficialArch,
+    image_size: int = 224,
+    context_length: int = 32,
+    vocab_size: int = 30523,
+    mlp_ratio: float = 4.0,
+) -> dict:
     """This project's model config of an official architecture (official numerics)."""
-    common = dict(mlp_ratio=mlp_ratio, mask_ratio=0.0, grad_checkpointing=False,
-                  norm_eps=NORM_EPS, gelu_approximate=GELU)
+    common = dict(
+        mlp_ratio=mlp_ratio,
+        mask_ratio=0.0,
+        grad_checkpointing=False,
+        norm_eps=NORM_EPS,
+        gelu_approximate=GELU,
+    )
     return {
         "_target_": "flip.models.clip.FLIP",
         "embed_dim": arch.embed_dim,
-        "image": {"_target_": "flip.models.image_encoder.ImageEncoder",
-                  "image_size": image_size, "patch_size": arch.patch_size,
-                  "width": arch.image_width, "depth": arch.image_depth,
-                  "heads": arch.image_heads, "class_token": True, "pool": "avg",
-                  "sincos_layout": "official", "drop_path": 0.0, **common},
-        "text": {"_target_": "flip.models.text_encoder.TextEncoder",
-                 "vocab_size": vocab_size, "context_length": context_length,
-                 "width": arch.text_width, "depth": arch.text_depth,
-                 "heads": arch.text_heads, "pool": "first", **common},
+        "image": {
+            "_target_": "flip.models.image_encoder.ImageEncoder",
+            "image_size": image_size,
+            "patch_size": arch.patch_size,
+            "width": arch.image_width,
+            "depth": arch.image_depth,
+            "heads": arch.image_heads,
+            "class_token": True,
+            "pool": "avg",
+            "sincos_layout": "official",
+            "drop_path": 0.0,
+            **common,
+        },
+        "text": {
+            "_target_": "flip.models.text_encoder.TextEncoder",
+            "vocab_size": vocab_size,
+            "context_length": context_length,
+            "width": arch.text_width,
+            "depth": arch.text_depth,
+            "heads": arch.text_heads,
+            "pool": "first",
+            **common,
+        },
     }
 
 
 # --- the parameter map -------------------------------------------------------------------
+
 
 class _Params:
     """The official parameters, each taken once."""
@@ -252,7 +298,8 @@ def _tower_state(p: _Params, src: str, dst: str, depth: int) -> dict[str, torch.
         # (D, heads*head_dim) each; torch's fused qkv rows are [q; k; v], head-major as Flax
         out[f"{ours}.attn.qkv.weight"] = torch.cat([k.reshape(k.shape[0], -1).T for k in qkv])
         out[f"{ours}.attn.qkv.bias"] = torch.cat(
-            [p.take(f"{attn}/{n}/bias").reshape(-1) for n in ("query", "key", "value")])
+            [p.take(f"{attn}/{n}/bias").reshape(-1) for n in ("query", "key", "value")]
+        )
         proj = p.take(f"{attn}/out/kernel")  # (heads*head_dim, D)
         out[f"{ours}.attn.proj.weight"] = proj.reshape(-1, proj.shape[-1]).T
         out[f"{ours}.attn.proj.bias"] = p.take(f"{attn}/out/bias")
@@ -270,12 +317,19 @@ def convert_params(params: dict[str, np.ndarray], model) -> dict[str, torch.Tens
     p = _Params(params)
     pos = p.take("img_encoder/posembed_encoder/pos_embedding")[0]  # (1 + N, D), row 0 unused
     ours = model.visual.pos_embed[0]
-    if pos.shape != (1 + ours.shape[0], ours.shape[1]) or \
-            not torch.allclose(pos[1:], ours, atol=1e-5) or pos[0].abs().max() > 0:
-        raise CheckpointError("the official image position embedding is not the fixed 2-D "
-                              "sin-cos table of the converted model (layout 'official')")
+    if (
+        pos.shape != (1 + ours.shape[0], ours.shape[1])
+        or not torch.allclose(pos[1:], ours, atol=1e-5)
+        or pos[0].abs().max() > 0
+    ):
+        raise CheckpointError(
+            "the official image position embedding is not the fixed 2-D "
+            "sin-cos table of the converted model (layout 'official')"
+        )
     state = {
-        "visual.patch_embed.proj.weight": p.take("img_encoder/embedding/kernel").permute(3, 2, 0, 1),
+        "visual.patch_embed.proj.weight": p.take("img_encoder/embedding/kernel").permute(
+            3, 2, 0, 1
+        ),
         "visual.patch_embed.proj.bias": p.take("img_encoder/embedding/bias"),
         "visual.cls_token": p.take("img_encoder/cls"),
         **_tower_state(p, "img_encoder", "visual", len(model.visual.blocks)),
@@ -287,16 +341,20 @@ def convert_params(params: dict[str, np.ndarray], model) -> dict[str, torch.Tens
         "logit_scale": p.take("logit_scale").reshape(()),
     }
     if p.left:
-        raise CheckpointError(f"{len(p.left)} official parameters have no place in the model "
-                              f"(not converted): {', '.join(sorted(p.left))}")
+        raise CheckpointError(
+            f"{len(p.left)} official parameters have no place in the model "
+            f"(not converted): {', '.join(sorted(p.left))}"
+        )
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     if missing:
         raise CheckpointError(f"the conversion leaves model weights unset: {', '.join(missing)}")
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointError(f"{name}: official shape {tuple(tensor.shape)} does not fit "
-                                  f"the model's {tuple(expected[name].shape)}")
+            raise CheckpointError(
+                f"{name}: official shape {tuple(tensor.shape)} does not fit "
+                f"the model's {tuple(expected[name].shape)}"
+            )
     return {k: v.contiguous() for k, v in state.items()}  # load_state_dict copies them
 
 
@@ -310,10 +368,15 @@ def convert(src, out_ckpt, model: str | OfficialArch | None = None) -> Path:
     grid = math.isqrt(n_img)
     d_img = arch.image_width
     cfg = flip_model_config(
-        arch, image_size=grid * arch.patch_size,
+        arch,
+        image_size=grid * arch.patch_size,
         context_length=_shape(params, "txt_encoder/posembed_encoder/pos_embedding")[1],
         vocab_size=_shape(params, "txt_encoder/token_embedding/embedding")[0],
-        mlp_ratio=_shape(params, "img_encoder/Transformer/encoderblock_00/MlpBlock_0/Dense_0/kernel")[1] / d_img)
+        mlp_ratio=_shape(
+            params, "img_encoder/Transformer/encoderblock_00/MlpBlock_0/Dense_0/kernel"
+        )[1]
+        / d_img,
+    )
     flip = hydra.utils.instantiate(cfg)
     flip.load_state_dict(convert_params(params, flip))
     out = Path(out_ckpt)
@@ -326,21 +389,28 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m flip.interop.official",
         description="Convert an official FLIP (JAX/t5x) checkpoint into a FLIP checkpoint of "
-                    "this project (weights + model config; optimizer state dropped).")
+        "this project (weights + model config; optimizer state dropped).",
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     conv = sub.add_parser("convert", help="t5x checkpoint folder -> .ckpt")
     conv.add_argument("src", help="the unzipped release (or its checkpoint_<step> folder)")
     conv.add_argument("out", help="the FLIP checkpoint to write")
-    conv.add_argument("--model", choices=sorted(ARCHS), default=None,
-                      help="the architecture (default: recognised from the shapes)")
+    conv.add_argument(
+        "--model",
+        choices=sorted(ARCHS),
+        default=None,
+        help="the architecture (default: recognised from the shapes)",
+    )
     args = parser.parse_args(argv)
     try:
         out = convert(args.src, args.out, args.model)
     except CheckpointError as err:
         raise SystemExit(f"error: {err}") from None
     except ModuleNotFoundError as err:
-        raise SystemExit(f"error: {err.name} is needed to read t5x checkpoints: "
-                         "pip install 'flip[official]' (msgpack, tensorstore)") from None
+        raise SystemExit(
+            f"error: {err.name} is needed to read t5x checkpoints: "
+            "pip install 'flip[official]' (msgpack, tensorstore)"
+        ) from None
     print(f"wrote {out}; evaluate with: python eval.py ckpt_path={out}")
 
 

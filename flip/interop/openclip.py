@@ -36,6 +36,7 @@ Files that carry no FLIP model config (older checkpoints, other OpenCLIP folders
 the architecture named as for training, e.g. ``model=vit_b16 data.image_size=224``;
 named next to a file that carries one, it must agree with it.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,15 @@ import hydra
 import torch
 from omegaconf import OmegaConf
 
-from flip.checkpoint import (CheckpointError, load_checkpoint, load_weights, merge_model_config,
-                             model_config, model_state, save_flip_checkpoint)
+from flip.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_weights,
+    merge_model_config,
+    model_config,
+    model_state,
+    save_flip_checkpoint,
+)
 from flip.config import ConfigError
 from flip.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from flip.models.clip import FLIP
@@ -61,8 +69,12 @@ CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_pytorch_model.bin"
 
 _BLOCK = {  # timm Block -> OpenCLIP ResidualAttentionBlock
-    "norm1": "ln_1", "attn.qkv": "attn.in_proj", "attn.proj": "attn.out_proj",
-    "norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+    "norm1": "ln_1",
+    "attn.qkv": "attn.in_proj",
+    "attn.proj": "attn.out_proj",
+    "norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
 }
 
 
@@ -73,8 +85,10 @@ class NotExportable(ValueError):
 def _attn_pool(model: FLIP) -> bool:
     visual = model.visual
     if visual.cls_token is None:
-        raise NotExportable("a FLIP image encoder without class token (model.image.class_token=false) "
-                            "has no OpenCLIP equivalent: OpenCLIP's ViT always prepends one")
+        raise NotExportable(
+            "a FLIP image encoder without class token (model.image.class_token=false) "
+            "has no OpenCLIP equivalent: OpenCLIP's ViT always prepends one"
+        )
     if model.text.pool != "first":
         raise NotExportable("text pool='mean' has no OpenCLIP equivalent (use pool=first)")
     return visual.pool == "avg"
@@ -87,19 +101,32 @@ def openclip_config(model: FLIP) -> dict:
     embed = model.image_proj.out_features + (1 if attn_pool else 0)
     blk_v, blk_t = v.blocks[0], t.blocks[0]
     vision = {
-        "image_size": v.patch_embed.img_size[0], "patch_size": v.patch_embed.patch_size[0],
-        "width": v.width, "layers": len(v.blocks), "head_width": v.width // blk_v.attn.num_heads,
-        "mlp_ratio": blk_v.mlp.fc1.out_features / v.width, "no_ln_pre": True,
-        "pos_embed_type": "learnable", "pool_type": "tok", "final_ln_after_pool": False,
+        "image_size": v.patch_embed.img_size[0],
+        "patch_size": v.patch_embed.patch_size[0],
+        "width": v.width,
+        "layers": len(v.blocks),
+        "head_width": v.width // blk_v.attn.num_heads,
+        "mlp_ratio": blk_v.mlp.fc1.out_features / v.width,
+        "no_ln_pre": True,
+        "pos_embed_type": "learnable",
+        "pool_type": "tok",
+        "final_ln_after_pool": False,
     }
     if attn_pool:
         vision.update(attentional_pool=True, attn_pooler_queries=1, attn_pooler_heads=1)
     text = {
-        "context_length": t.context_length, "vocab_size": t.token_embed.num_embeddings,
-        "hf_tokenizer_name": "bert-base-uncased", "tokenizer_kwargs": {"strip_sep_token": True},
-        "width": t.width, "heads": blk_t.attn.num_heads, "layers": len(t.blocks),
-        "mlp_ratio": blk_t.mlp.fc1.out_features / t.width, "no_causal_mask": True,
-        "pool_type": "first", "proj_bias": False, "pad_id": 0,
+        "context_length": t.context_length,
+        "vocab_size": t.token_embed.num_embeddings,
+        "hf_tokenizer_name": "bert-base-uncased",
+        "tokenizer_kwargs": {"strip_sep_token": True},
+        "width": t.width,
+        "heads": blk_t.attn.num_heads,
+        "layers": len(t.blocks),
+        "mlp_ratio": blk_t.mlp.fc1.out_features / t.width,
+        "no_causal_mask": True,
+        "pool_type": "first",
+        "proj_bias": False,
+        "pad_id": 0,
     }
     for cfg, tower in ((vision, v), (text, t)):  # official-weight options (LayerNorm eps, GELU)
         if tower.norm.eps != 1e-5:
@@ -114,8 +141,11 @@ def _blocks(sd: dict, prefix: str, blocks, out: str) -> dict:
     for i in range(len(blocks)):
         for ours, theirs in _BLOCK.items():
             for p in ("weight", "bias"):
-                res[f"{out}.resblocks.{i}.{theirs}_{p}" if theirs == "attn.in_proj"
-                    else f"{out}.resblocks.{i}.{theirs}.{p}"] = sd[f"{prefix}.{i}.{ours}.{p}"]
+                res[
+                    f"{out}.resblocks.{i}.{theirs}_{p}"
+                    if theirs == "attn.in_proj"
+                    else f"{out}.resblocks.{i}.{theirs}.{p}"
+                ] = sd[f"{prefix}.{i}.{ours}.{p}"]
     return res
 
 
@@ -138,34 +168,52 @@ def to_openclip_state_dict(model: FLIP) -> dict[str, torch.Tensor]:
         D = E + 1
         value = torch.cat([W_img, -W_img.sum(0, keepdim=True)])  # (E + 1, W): mean 0
         pre = "visual.attn_pool"
-        out.update({
-            f"{pre}.query": torch.zeros(1, D),
-            f"{pre}.ln_q.weight": torch.ones(D), f"{pre}.ln_q.bias": torch.zeros(D),
-            f"{pre}.ln_k.weight": sd["visual.norm.weight"], f"{pre}.ln_k.bias": sd["visual.norm.bias"],
-            f"{pre}.attn.in_proj_bias": torch.zeros(3 * D),
-            f"{pre}.attn.out_proj.weight": torch.eye(D), f"{pre}.attn.out_proj.bias": torch.zeros(D),
-            "visual.ln_post.weight": torch.ones(D), "visual.ln_post.bias": torch.zeros(D),
-            "visual.proj": torch.diag(torch.cat([torch.ones(E), torch.zeros(1)])),
-        })
+        out.update(
+            {
+                f"{pre}.query": torch.zeros(1, D),
+                f"{pre}.ln_q.weight": torch.ones(D),
+                f"{pre}.ln_q.bias": torch.zeros(D),
+                f"{pre}.ln_k.weight": sd["visual.norm.weight"],
+                f"{pre}.ln_k.bias": sd["visual.norm.bias"],
+                f"{pre}.attn.in_proj_bias": torch.zeros(3 * D),
+                f"{pre}.attn.out_proj.weight": torch.eye(D),
+                f"{pre}.attn.out_proj.bias": torch.zeros(D),
+                "visual.ln_post.weight": torch.ones(D),
+                "visual.ln_post.bias": torch.zeros(D),
+                "visual.proj": torch.diag(torch.cat([torch.ones(E), torch.zeros(1)])),
+            }
+        )
         if v.width == D:  # nn.MultiheadAttention packs q, k, v when kdim == embed_dim
             out[f"{pre}.attn.in_proj_weight"] = torch.cat([torch.zeros(2 * D, D), value])
         else:
-            out.update({f"{pre}.attn.q_proj_weight": torch.zeros(D, D),
-                        f"{pre}.attn.k_proj_weight": torch.zeros(D, v.width),
-                        f"{pre}.attn.v_proj_weight": value})
+            out.update(
+                {
+                    f"{pre}.attn.q_proj_weight": torch.zeros(D, D),
+                    f"{pre}.attn.k_proj_weight": torch.zeros(D, v.width),
+                    f"{pre}.attn.v_proj_weight": value,
+                }
+            )
         text_proj = torch.cat([sd["text_proj.weight"].T, torch.zeros(model.text.width, 1)], 1)
     else:
-        out.update({"visual.ln_post.weight": sd["visual.norm.weight"],
-                    "visual.ln_post.bias": sd["visual.norm.bias"], "visual.proj": W_img.T})
+        out.update(
+            {
+                "visual.ln_post.weight": sd["visual.norm.weight"],
+                "visual.ln_post.bias": sd["visual.norm.bias"],
+                "visual.proj": W_img.T,
+            }
+        )
         text_proj = sd["text_proj.weight"].T
-    out.update({
-        "token_embedding.weight": sd["text.token_embed.weight"],
-        "positional_embedding": sd["text.pos_embed"][0],
-        **_blocks(sd, "text.blocks", model.text.blocks, "transformer"),
-        "ln_final.weight": sd["text.norm.weight"], "ln_final.bias": sd["text.norm.bias"],
-        "text_projection": text_proj,
-        "logit_scale": sd["logit_scale"].reshape(()),
-    })
+    out.update(
+        {
+            "token_embedding.weight": sd["text.token_embed.weight"],
+            "positional_embedding": sd["text.pos_embed"][0],
+            **_blocks(sd, "text.blocks", model.text.blocks, "transformer"),
+            "ln_final.weight": sd["text.norm.weight"],
+            "ln_final.bias": sd["text.norm.bias"],
+            "text_projection": text_proj,
+            "logit_scale": sd["logit_scale"].reshape(()),
+        }
+    )
     return {k: t.contiguous().clone() for k, t in out.items()}
 
 
@@ -176,10 +224,16 @@ def export_openclip(model: FLIP, out_dir, model_cfg: Mapping | None = None) -> P
     out.mkdir(parents=True, exist_ok=True)
     config = {
         "model_cfg": openclip_config(model),
-        "preprocess_cfg": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-                           "interpolation": "bicubic", "resize_mode": "shortest"},
-        "flip": {"note": "tokenise with flip.tokenizer.Tokenizer (BERT uncased, no [CLS]/[SEP], "
-                         "length 32); embeddings may carry one extra zero component"},
+        "preprocess_cfg": {
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "interpolation": "bicubic",
+            "resize_mode": "shortest",
+        },
+        "flip": {
+            "note": "tokenise with flip.tokenizer.Tokenizer (BERT uncased, no [CLS]/[SEP], "
+            "length 32); embeddings may carry one extra zero component"
+        },
     }
     if model_cfg is not None:
         config["flip"]["model_config"] = dict(model_cfg)
@@ -189,7 +243,9 @@ def export_openclip(model: FLIP, out_dir, model_cfg: Mapping | None = None) -> P
 
 
 @torch.no_grad()
-def from_openclip_state_dict(state: dict[str, torch.Tensor], model: FLIP, atol: float = 1e-4) -> FLIP:
+def from_openclip_state_dict(
+    state: dict[str, torch.Tensor], model: FLIP, atol: float = 1e-4
+) -> FLIP:
     """Load an export of :func:`to_openclip_state_dict` back into ``model`` (same config).
 
     The conv bias is recovered from the positional embedding (minus the sin-cos one);
@@ -198,42 +254,60 @@ def from_openclip_state_dict(state: dict[str, torch.Tensor], model: FLIP, atol: 
     v = model.visual
     E = model.image_proj.out_features
     inv = {}
-    for tower, blocks, src in (("visual.blocks", v.blocks, "visual.transformer"),
-                               ("text.blocks", model.text.blocks, "transformer")):
+    for tower, blocks, src in (
+        ("visual.blocks", v.blocks, "visual.transformer"),
+        ("text.blocks", model.text.blocks, "transformer"),
+    ):
         for i in range(len(blocks)):
             for ours, theirs in _BLOCK.items():
                 for p in ("weight", "bias"):
-                    key = (f"{src}.resblocks.{i}.{theirs}_{p}" if theirs == "attn.in_proj"
-                           else f"{src}.resblocks.{i}.{theirs}.{p}")
+                    key = (
+                        f"{src}.resblocks.{i}.{theirs}_{p}"
+                        if theirs == "attn.in_proj"
+                        else f"{src}.resblocks.{i}.{theirs}.{p}"
+                    )
                     inv[f"{tower}.{i}.{ours}.{p}"] = state[key]
     pos = state["visual.positional_embedding"]
     sincos = v.pos_embed[0].float().cpu()  # the model's fixed table (its channel layout)
     bias = (pos[1:] - sincos).mean(0)
     if (pos[1:] - sincos - bias).abs().max() > atol or pos[0].abs().max() > atol:
-        raise NotExportable("this OpenCLIP model's position embedding is not FLIP's fixed sin-cos "
-                            "plus a constant; it cannot be loaded into a FLIP image encoder")
-    inv.update({
-        "visual.patch_embed.proj.weight": state["visual.conv1.weight"],
-        "visual.patch_embed.proj.bias": bias,
-        "visual.cls_token": state["visual.class_embedding"].reshape(1, 1, -1),
-        "text.token_embed.weight": state["token_embedding.weight"],
-        "text.pos_embed": state["positional_embedding"][None],
-        "text.norm.weight": state["ln_final.weight"], "text.norm.bias": state["ln_final.bias"],
-        "logit_scale": state["logit_scale"].reshape(model.logit_scale.shape),
-    })
+        raise NotExportable(
+            "this OpenCLIP model's position embedding is not FLIP's fixed sin-cos "
+            "plus a constant; it cannot be loaded into a FLIP image encoder"
+        )
+    inv.update(
+        {
+            "visual.patch_embed.proj.weight": state["visual.conv1.weight"],
+            "visual.patch_embed.proj.bias": bias,
+            "visual.cls_token": state["visual.class_embedding"].reshape(1, 1, -1),
+            "text.token_embed.weight": state["token_embedding.weight"],
+            "text.pos_embed": state["positional_embedding"][None],
+            "text.norm.weight": state["ln_final.weight"],
+            "text.norm.bias": state["ln_final.bias"],
+            "logit_scale": state["logit_scale"].reshape(model.logit_scale.shape),
+        }
+    )
     if attn_pool:
         pre = "visual.attn_pool"
         packed = state.get(f"{pre}.attn.in_proj_weight")
-        value = packed[2 * (E + 1):] if packed is not None else state[f"{pre}.attn.v_proj_weight"]
-        inv.update({"visual.norm.weight": state[f"{pre}.ln_k.weight"],
-                    "visual.norm.bias": state[f"{pre}.ln_k.bias"],
-                    "image_proj.weight": value[:E],
-                    "text_proj.weight": state["text_projection"][:, :E].T})
+        value = packed[2 * (E + 1) :] if packed is not None else state[f"{pre}.attn.v_proj_weight"]
+        inv.update(
+            {
+                "visual.norm.weight": state[f"{pre}.ln_k.weight"],
+                "visual.norm.bias": state[f"{pre}.ln_k.bias"],
+                "image_proj.weight": value[:E],
+                "text_proj.weight": state["text_projection"][:, :E].T,
+            }
+        )
     else:
-        inv.update({"visual.norm.weight": state["visual.ln_post.weight"],
-                    "visual.norm.bias": state["visual.ln_post.bias"],
-                    "image_proj.weight": state["visual.proj"].T,
-                    "text_proj.weight": state["text_projection"].T})
+        inv.update(
+            {
+                "visual.norm.weight": state["visual.ln_post.weight"],
+                "visual.norm.bias": state["visual.ln_post.bias"],
+                "image_proj.weight": state["visual.proj"].T,
+                "text_proj.weight": state["text_projection"].T,
+            }
+        )
     model.load_state_dict(inv)
     return model
 
@@ -259,10 +333,13 @@ def _architecture(stored: Mapping | None, overrides: list[str], source: str) -> 
     or the one ``overrides`` name."""
     requested = compose_model_config(overrides) if overrides else None
     if stored is None and requested is None:
-        raise CheckpointError(f"{source} stores no FLIP model config; name the architecture, "
-                              "e.g. model=vit_b16 data.image_size=224")
-    return dict(requested) if stored is None else merge_model_config(stored, requested,
-                                                                     source=source)
+        raise CheckpointError(
+            f"{source} stores no FLIP model config; name the architecture, "
+            "e.g. model=vit_b16 data.image_size=224"
+        )
+    return (
+        dict(requested) if stored is None else merge_model_config(stored, requested, source=source)
+    )
 
 
 def export_checkpoint(ckpt_path, out_dir, overrides: list[str] = ()) -> Path:
@@ -273,8 +350,10 @@ def export_checkpoint(ckpt_path, out_dir, overrides: list[str] = ()) -> Path:
     left_out = load_weights(model, model_state(ckpt), str(ckpt_path))
     if left_out:
         modules = sorted({k.split(".")[0] for k in left_out})
-        print(f"not exported: {len(left_out)} tensors of the checkpoint outside the CLIP model "
-              f"(modules: {', '.join(modules)})")
+        print(
+            f"not exported: {len(left_out)} tensors of the checkpoint outside the CLIP model "
+            f"(modules: {', '.join(modules)})"
+        )
     return export_openclip(model, out_dir, cfg)
 
 
@@ -301,12 +380,16 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if cmd == "export":
             out = export_checkpoint(src, dst, overrides)
-            print(f"wrote {out / CONFIG_FILE} and {out / WEIGHTS_FILE}; load with "
-                  f"open_clip.create_model('local-dir:{out}')")
+            print(
+                f"wrote {out / CONFIG_FILE} and {out / WEIGHTS_FILE}; load with "
+                f"open_clip.create_model('local-dir:{out}')"
+            )
         else:
             out = import_folder(src, dst, overrides)
-            print(f"wrote {out} (FLIP weights and model config; evaluate with "
-                  f"python eval.py ckpt_path={out})")
+            print(
+                f"wrote {out} (FLIP weights and model config; evaluate with "
+                f"python eval.py ckpt_path={out})"
+            )
     except (NotExportable, ConfigError) as err:
         raise SystemExit(f"error: {err}") from None
 

@@ -26,6 +26,7 @@ are summed in float64 so that ranking the beams never merges two float32
 log-probabilities: with ``beam_size=1`` beam search returns exactly the greedy captions.
 No key/value cache: every step re-runs the prefix (captions are short).
 """
+
 from __future__ import annotations
 
 import torch
@@ -52,16 +53,25 @@ class CaptionDecoder(nn.Module):
         super().__init__()
         specials = (bos_id, eos_id, pad_id)
         if len(set(specials)) != 3 or not all(0 <= i < vocab_size for i in specials):
-            raise ValueError(f"bos_id={bos_id}, eos_id={eos_id}, pad_id={pad_id} must be distinct "
-                             f"ids of the vocabulary (size {vocab_size})")
+            raise ValueError(
+                f"bos_id={bos_id}, eos_id={eos_id}, pad_id={pad_id} must be distinct "
+                f"ids of the vocabulary (size {vocab_size})"
+            )
         self.vocab_size, self.max_length = vocab_size, max_length
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.memory_proj = nn.Linear(memory_width, width)
         self.token_embed = nn.Embedding(vocab_size, width)
         self.pos_embed = nn.Parameter(torch.zeros(1, max_length, width))
         layer = nn.TransformerDecoderLayer(
-            width, heads, int(width * mlp_ratio), dropout, activation="gelu",
-            layer_norm_eps=norm_eps, batch_first=True, norm_first=True)
+            width,
+            heads,
+            int(width * mlp_ratio),
+            dropout,
+            activation="gelu",
+            layer_norm_eps=norm_eps,
+            batch_first=True,
+            norm_first=True,
+        )
         self.layers = nn.TransformerDecoder(layer, depth, norm=nn.LayerNorm(width, eps=norm_eps))
         self.head = nn.Linear(width, vocab_size, bias=False)
         self._init_weights()
@@ -88,7 +98,9 @@ class CaptionDecoder(nn.Module):
         if T > self.max_length:
             raise ValueError(f"{T} input tokens exceed the decoder's max_length={self.max_length}")
         x = self.token_embed(tokens) + self.pos_embed[:, :T]
-        causal = nn.Transformer.generate_square_subsequent_mask(T, device=tokens.device, dtype=x.dtype)
+        causal = nn.Transformer.generate_square_subsequent_mask(
+            T, device=tokens.device, dtype=x.dtype
+        )
         return self.layers(x, memory, tgt_mask=causal, tgt_is_causal=True)
 
     def forward(self, image_tokens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -106,12 +118,17 @@ class CaptionDecoder(nn.Module):
         out = []
         for row in tokens[:, 1:].tolist():
             row = [t for t in row if t != self.pad_id]
-            out.append(row[:row.index(self.eos_id)] if self.eos_id in row else row)
+            out.append(row[: row.index(self.eos_id)] if self.eos_id in row else row)
         return out
 
     @torch.no_grad()
-    def generate(self, image_tokens: torch.Tensor, beam_size: int = 1, max_length: int | None = None,
-                 length_penalty: float = 0.0) -> list[list[int]]:
+    def generate(
+        self,
+        image_tokens: torch.Tensor,
+        beam_size: int = 1,
+        max_length: int | None = None,
+        length_penalty: float = 0.0,
+    ) -> list[list[int]]:
         """Captions of a batch of images as word-piece ids (no [CLS]/[SEP]/[PAD]).
 
         max_length: generated tokens, [SEP] included (default and at most the decoder's
@@ -141,7 +158,9 @@ class CaptionDecoder(nn.Module):
                 break
         return self._strip(tokens)
 
-    def _beam(self, memory: torch.Tensor, steps: int, K: int, length_penalty: float) -> list[list[int]]:
+    def _beam(
+        self, memory: torch.Tensor, steps: int, K: int, length_penalty: float
+    ) -> list[list[int]]:
         B, device = memory.shape[0], memory.device
         memory = memory.repeat_interleave(K, dim=0)  # (B K, N, D), beams of an image adjacent
         tokens = torch.full((B * K, 1), self.bos_id, dtype=torch.long, device=device)

@@ -5,6 +5,7 @@ A plain ``nn.Module`` usable without Lightning, with OpenCLIP's interface:
 ``logit_scale.exp()``. ``forward_features`` also returns each tower's tokens and kept
 indices, for objectives and heads that need more than the pooled embedding.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,11 @@ def no_decay_names(module: nn.Module) -> set[str]:
     """The official FLIP code's no-decay set of any module: biases, LayerNorm scales and
     position embeddings (``opt_util.filter_bias_and_norm`` and ``filter_posembed``)."""
     norms = {f"{name}.weight" for name, m in module.named_modules() if isinstance(m, nn.LayerNorm)}
-    return {n for n, _ in module.named_parameters()
-            if n.endswith(".bias") or n in norms or "pos_embed" in n}
+    return {
+        n
+        for n, _ in module.named_parameters()
+        if n.endswith(".bias") or n in norms or "pos_embed" in n
+    }
 
 
 class FLIP(nn.Module):
@@ -73,15 +77,21 @@ class FLIP(nn.Module):
         drawn now so that any part of the batch can be re-run with the same mask."""
         image = Mask(self.visual.mask_ratio if self.training else 0.0)
         text = Mask(self.text.mask_ratio if self.training else 0.0, kind=self.text.mask_kind)
-        return (image.drawn(batch, self.visual.num_patches, device),
-                text.drawn(batch, self.text.num_tokens, device))
+        return (
+            image.drawn(batch, self.visual.num_patches, device),
+            text.drawn(batch, self.text.num_tokens, device),
+        )
 
     def forward_features(
-        self, images: torch.Tensor, tokens: torch.Tensor,
-        image_mask: Mask | None = None, text_mask: Mask | None = None,
+        self,
+        images: torch.Tensor,
+        tokens: torch.Tensor,
+        image_mask: Mask | None = None,
+        text_mask: Mask | None = None,
     ) -> Features:
-        return Features(**self.forward_image(images, image_mask),
-                        **self.forward_text(tokens, text_mask))
+        return Features(
+            **self.forward_image(images, image_mask), **self.forward_text(tokens, text_mask)
+        )
 
     def forward_image(self, images: torch.Tensor, mask: Mask | None = None) -> dict:
         """The image tower's fields of ``Features`` (gradient caching runs a tower alone)."""
@@ -95,13 +105,15 @@ class FLIP(nn.Module):
         text = self.text_proj(self.text.forward_head(x, tokens, keep))
         return {"text": F.normalize(text, dim=-1), "text_tokens": x, "text_keep": keep}
 
-    def encode_image(self, images: torch.Tensor, mask: Mask | None = None,
-                     normalize: bool = True) -> torch.Tensor:
+    def encode_image(
+        self, images: torch.Tensor, mask: Mask | None = None, normalize: bool = True
+    ) -> torch.Tensor:
         x = self.image_proj(self.visual(images, mask))
         return F.normalize(x, dim=-1) if normalize else x
 
-    def encode_text(self, tokens: torch.Tensor, mask: Mask | None = None,
-                    normalize: bool = True) -> torch.Tensor:
+    def encode_text(
+        self, tokens: torch.Tensor, mask: Mask | None = None, normalize: bool = True
+    ) -> torch.Tensor:
         x = self.text_proj(self.text(tokens, mask))
         return F.normalize(x, dim=-1) if normalize else x
 
@@ -119,8 +131,14 @@ class FLIP(nn.Module):
         self.logit_scale.clamp_(0.0, self.max_logit_scale)
 
     def forward(
-        self, images: torch.Tensor, tokens: torch.Tensor,
-        image_mask: Mask | None = None, text_mask: Mask | None = None,
+        self,
+        images: torch.Tensor,
+        tokens: torch.Tensor,
+        image_mask: Mask | None = None,
+        text_mask: Mask | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (self.encode_image(images, image_mask), self.encode_text(tokens, text_mask),
-                self.scale())
+        return (
+            self.encode_image(images, image_mask),
+            self.encode_text(tokens, text_mask),
+            self.scale(),
+        )

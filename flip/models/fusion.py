@@ -25,6 +25,7 @@ METER fuses with co-attention (two streams with cross-attention, 6 layers of wid
 pools the first token of each stream through a Linear + tanh pooler; a single stream is
 simpler and fits the tiny miniature.
 """
+
 import math
 
 import torch
@@ -62,8 +63,12 @@ class FusionTransformer(nn.Module):
     def out_features(self) -> int:
         return 2 * self.width
 
-    def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor,
-                text_padding: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        image_tokens: torch.Tensor,
+        text_tokens: torch.Tensor,
+        text_padding: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """image_tokens (B, Ti, Di), text_tokens (B, Tt, Dt), text_padding (B, Tt) bool
         (True: padding, neither attended to nor pooled) -> pooled feature (B, 2 width):
         [mean image token | mean question token]."""
@@ -73,12 +78,14 @@ class FusionTransformer(nn.Module):
         x = torch.cat([image, text], dim=1)
         if text_padding is None:
             text_padding = torch.zeros(text.shape[:2], dtype=torch.bool, device=x.device)
-        ignored = torch.cat([torch.zeros(b, ti, dtype=torch.bool, device=x.device),
-                             text_padding], dim=1)
+        ignored = torch.cat(
+            [torch.zeros(b, ti, dtype=torch.bool, device=x.device), text_padding], dim=1
+        )
         # additive key mask, broadcast over heads and queries; image tokens are never
         # masked, so no attention row is empty
         bias = torch.zeros(ignored.shape, dtype=x.dtype, device=x.device).masked_fill(
-            ignored, float("-inf"))[:, None, None, :]
+            ignored, float("-inf")
+        )[:, None, None, :]
         for block in self.blocks:
             x = block(x, attn_mask=bias)
         x = self.norm(x)
@@ -98,8 +105,12 @@ class AnswerClassifier(nn.Sequential):
     """
 
     def __init__(self, in_features: int, num_answers: int):
-        super().__init__(nn.Linear(in_features, in_features), nn.LayerNorm(in_features),
-                         nn.GELU(), nn.Linear(in_features, num_answers))
+        super().__init__(
+            nn.Linear(in_features, in_features),
+            nn.LayerNorm(in_features),
+            nn.GELU(),
+            nn.Linear(in_features, num_answers),
+        )
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)

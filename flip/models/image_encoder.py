@@ -14,6 +14,7 @@ Differences from a classification ViT, following the paper and the official code
 ``posembed_util.get_2d_sincos_pos_embed``, as MAE: [sin w | cos w | sin h | cos h]). Same
 frequencies; only weights trained with one layout work with it.
 """
+
 from typing import Literal
 
 import torch
@@ -58,8 +59,9 @@ class ImageEncoder(nn.Module):
             pos = pos.view(pos.shape[0], 4, width // 4)[:, [1, 3, 0, 2]].flatten(1)
         self.register_buffer("pos_embed", pos.unsqueeze(0), persistent=False)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if class_token else None
-        self.blocks = transformer_blocks(width, depth, heads, mlp_ratio, drop_path,
-                                         norm_eps, gelu_approximate)
+        self.blocks = transformer_blocks(
+            width, depth, heads, mlp_ratio, drop_path, norm_eps, gelu_approximate
+        )
         self.norm = nn.LayerNorm(width, eps=norm_eps)
         self._init_weights()
 

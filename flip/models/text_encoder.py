@@ -17,6 +17,7 @@ Pooling under masking: with ``pool="first"`` position 0 is always kept and comes
 position as without masking; ``random``/``prioritized`` draw the other k - 1 among the
 rest. With ``pool="mean"`` all k are drawn and the kept non-padding tokens are averaged.
 """
+
 from typing import Literal
 
 import torch
@@ -54,8 +55,9 @@ class TextEncoder(nn.Module):
         self.grad_checkpointing = grad_checkpointing
         self.token_embed = nn.Embedding(vocab_size, width)
         self.pos_embed = nn.Parameter(torch.zeros(1, context_length, width))
-        self.blocks = transformer_blocks(width, depth, heads, mlp_ratio,
-                                         norm_eps=norm_eps, gelu_approximate=gelu_approximate)
+        self.blocks = transformer_blocks(
+            width, depth, heads, mlp_ratio, norm_eps=norm_eps, gelu_approximate=gelu_approximate
+        )
         self.norm = nn.LayerNorm(width, eps=norm_eps)
         nn.init.normal_(self.token_embed.weight, std=0.02)
         nn.init.normal_(self.pos_embed, std=0.01)
@@ -64,8 +66,11 @@ class TextEncoder(nn.Module):
         """(B, L) bias added to the mask noise in [0, 1) (small is kept): +1 on padding
         for ``prioritized`` (dropped before any real token), and position 0 pinned to -1
         when it is the pooled token (kept, and first among the kept)."""
-        bias = (tokens == PAD_ID).float() if kind == "prioritized" else \
-            torch.zeros(tokens.shape, device=tokens.device)
+        bias = (
+            (tokens == PAD_ID).float()
+            if kind == "prioritized"
+            else torch.zeros(tokens.shape, device=tokens.device)
+        )
         if self.pool == "first":
             bias[:, 0] = -1.0
         return bias
@@ -90,8 +95,9 @@ class TextEncoder(nn.Module):
         x, keep = mask.apply(x, bias)  # (B, k, D)
         return self.norm(run_blocks(self.blocks, x, self.grad_checkpointing)), keep
 
-    def forward_head(self, x: torch.Tensor, tokens: torch.Tensor,
-                     keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_head(
+        self, x: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x (B, k, D) from ``forward_features`` of ``tokens`` (B, L) -> pooled (B, D)."""
         if self.pool == "first":
             return x[:, 0]

@@ -5,6 +5,7 @@
 ``flax.linen.gelu`` (tanh approximation by default) in ``models_flip.MlpBlock``; the
 ``vit_*`` configs set them so that the released weights compute the official function.
 """
+
 from functools import partial
 
 import torch
@@ -13,20 +14,35 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 
-def transformer_blocks(width: int, depth: int, heads: int, mlp_ratio: float = 4.0,
-                       drop_path: float = 0.0, norm_eps: float = 1e-5,
-                       gelu_approximate: str = "none") -> nn.Sequential:
+def transformer_blocks(
+    width: int,
+    depth: int,
+    heads: int,
+    mlp_ratio: float = 4.0,
+    drop_path: float = 0.0,
+    norm_eps: float = 1e-5,
+    gelu_approximate: str = "none",
+) -> nn.Sequential:
     """``depth`` timm Blocks with xavier-uniform Linear weights and zero biases (MAE/timm).
     drop_path: the stochastic-depth rate of the last block; block i drops at
     ``drop_path * i / (depth - 1)`` (timm's and MAE's linear rule, used by fine-tuning).
     gelu_approximate: "none" (exact erf) or "tanh", as ``torch.nn.GELU``."""
     if gelu_approximate not in ("none", "tanh"):
         raise ValueError(f"gelu_approximate must be 'none' or 'tanh', got {gelu_approximate!r}")
-    blocks = nn.Sequential(*[
-        Block(width, heads, mlp_ratio, qkv_bias=True, drop_path=rate,
-              norm_layer=partial(nn.LayerNorm, eps=norm_eps),
-              act_layer=partial(nn.GELU, approximate=gelu_approximate))
-        for rate in torch.linspace(0, drop_path, depth, device="cpu").tolist()])
+    blocks = nn.Sequential(
+        *[
+            Block(
+                width,
+                heads,
+                mlp_ratio,
+                qkv_bias=True,
+                drop_path=rate,
+                norm_layer=partial(nn.LayerNorm, eps=norm_eps),
+                act_layer=partial(nn.GELU, approximate=gelu_approximate),
+            )
+            for rate in torch.linspace(0, drop_path, depth, device="cpu").tolist()
+        ]
+    )
     for m in blocks.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)

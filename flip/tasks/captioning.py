@@ -16,6 +16,7 @@ Logged: ``val/CIDEr``, ``val/BLEU-4``, ``val/METEOR``, ``val/ROUGE-L`` (``val/SP
 SPICE can run offline), ``val/baseline_<metric>``, ``val/loss`` (teacher-forced, first
 reference).
 """
+
 from __future__ import annotations
 
 import logging
@@ -82,8 +83,19 @@ class CaptioningModule(TransferModule):
         self.save_hyperparameters()
         self.visual = build_tower(model_config, "visual", drop_path=drop_path)
         self.decoder = CaptionDecoder(
-            len(vocab), self.visual.width, decoder_width, decoder_depth, decoder_heads,
-            decoder_mlp_ratio, max_length, decoder_dropout, bos_id, eos_id, pad_id, tie_embeddings)
+            len(vocab),
+            self.visual.width,
+            decoder_width,
+            decoder_depth,
+            decoder_heads,
+            decoder_mlp_ratio,
+            max_length,
+            decoder_dropout,
+            bos_id,
+            eos_id,
+            pad_id,
+            tie_embeddings,
+        )
         if freeze_encoder:
             self.visual.requires_grad_(False)
         self.tokenizer = Tokenizer(max_length - 1)  # WordPiece ids -> text
@@ -112,8 +124,11 @@ class CaptioningModule(TransferModule):
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         hidden = self.decoder.hidden(self.decoder.project_memory(image_tokens), inputs)
         keep = targets != self.hparams.pad_id
-        return F.cross_entropy(self.decoder.head(hidden[keep]).float(), targets[keep],
-                               label_smoothing=self.hparams.label_smoothing)
+        return F.cross_entropy(
+            self.decoder.head(hidden[keep]).float(),
+            targets[keep],
+            label_smoothing=self.hparams.label_smoothing,
+        )
 
     def training_step(self, batch, batch_idx):
         images, tokens = batch
@@ -128,7 +143,9 @@ class CaptioningModule(TransferModule):
 
     def _decode(self, image_tokens: torch.Tensor) -> list[str]:
         hp = self.hparams
-        ids = self.decoder.generate(image_tokens, hp.beam_size, hp.decode_max_length, hp.length_penalty)
+        ids = self.decoder.generate(
+            image_tokens, hp.beam_size, hp.decode_max_length, hp.length_penalty
+        )
         # decoder ids -> WordPiece ids -> text (word pieces merged)
         return [self.tokenizer.decode([hp.vocab[i] for i in seq]) for seq in ids]
 
@@ -153,11 +170,18 @@ class CaptioningModule(TransferModule):
         scores = None
         if self.trainer.is_global_zero:
             constant = {i: [self.hparams.constant_caption] for i in references}
-            scores = score_captions(references, {"model": {i: [c] for i, c in captions.items()},
-                                                 "baseline": constant}, spice=self.hparams.spice)
+            scores = score_captions(
+                references,
+                {"model": {i: [c] for i, c in captions.items()}, "baseline": constant},
+                spice=self.hparams.spice,
+            )
             for i in sorted(captions)[:3]:
-                log.info("caption of val image %d: %r (first reference %r)", i, captions[i],
-                         references[i][0])
+                log.info(
+                    "caption of val image %d: %r (first reference %r)",
+                    i,
+                    captions[i],
+                    references[i][0],
+                )
         scores = self.trainer.strategy.broadcast(scores, src=0)
         for name, prefix in (("model", "val/"), ("baseline", "val/baseline_")):
             for metric, value in scores[name].items():
@@ -166,19 +190,30 @@ class CaptioningModule(TransferModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        groups = part_param_groups([("visual", self.visual, hp.lr * hp.encoder_lr_scale),
-                                    ("decoder", self.decoder, hp.lr)], hp.weight_decay)
+        groups = part_param_groups(
+            [
+                ("visual", self.visual, hp.lr * hp.encoder_lr_scale),
+                ("decoder", self.decoder, hp.lr),
+            ],
+            hp.weight_decay,
+        )
         optimizer = torch.optim.AdamW(groups, betas=tuple(hp.betas), eps=hp.eps)
         total = self.trainer.estimated_stepping_batches
         warmup = round(total * hp.warmup_epochs / hp.epochs)
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup, total))
+            optimizer, lambda step: warmup_cosine(step, warmup, total)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def summary(self, metrics: Mapping[str, float]) -> str:
         model = " ".join(f"{m} {metrics[f'val/{m}']:.1f}" for m in REPORTED)
-        spice = (f" SPICE {metrics['val/SPICE']:.1f}" if "val/SPICE" in metrics
-                 else " (SPICE unavailable offline)")
+        spice = (
+            f" SPICE {metrics['val/SPICE']:.1f}"
+            if "val/SPICE" in metrics
+            else " (SPICE unavailable offline)"
+        )
         baseline = " ".join(f"{m} {metrics[f'val/baseline_{m}']:.1f}" for m in REPORTED)
-        return (f"captioning {model}{spice}; constant caption baseline "
-                f"({self.hparams.constant_caption!r}): {baseline}")
+        return (
+            f"captioning {model}{spice}; constant caption baseline "
+            f"({self.hparams.constant_caption!r}): {baseline}"
+        )

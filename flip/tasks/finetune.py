@@ -24,6 +24,7 @@ Validation: top-1/top-5 of the live weights (``val/top1``, ``val/top5``), of the
 (``val/ema_top1``, ``val/ema_top5``) when on, and the trivial baseline that always answers
 the most frequent training class (``val/baseline_majority``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -113,16 +114,26 @@ class FinetuneModule(TransferModule):
         self.lr = base_lr * global_batch / 256
         self.mixup = None
         if mixup > 0 or cutmix > 0:  # smoothing then lives in the soft targets
-            self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob,
-                               switch_prob=mixup_switch_prob, mode=mixup_mode,
-                               label_smoothing=smoothing, num_classes=num_classes)
+            self.mixup = Mixup(
+                mixup_alpha=mixup,
+                cutmix_alpha=cutmix,
+                prob=mixup_prob,
+                switch_prob=mixup_switch_prob,
+                mode=mixup_mode,
+                label_smoothing=smoothing,
+                num_classes=num_classes,
+            )
             self.criterion = SoftTargetCrossEntropy()
         else:
             self.criterion = nn.CrossEntropyLoss(label_smoothing=smoothing)
         self.top_k = min(5, num_classes)
-        self.val_metrics = nn.ModuleDict({
-            f"{prefix}top{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro")
-            for prefix in (("", "ema_") if ema else ("",)) for k in sorted({1, self.top_k})})
+        self.val_metrics = nn.ModuleDict(
+            {
+                f"{prefix}top{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro")
+                for prefix in (("", "ema_") if ema else ("",))
+                for k in sorted({1, self.top_k})
+            }
+        )
         self.val_loss, self.val_baseline = MeanMetric(), MeanMetric()
 
     @property
@@ -140,15 +151,20 @@ class FinetuneModule(TransferModule):
     def on_fit_start(self) -> None:
         batch = getattr(self.trainer.datamodule, "batch_size", None)
         if self.mixup is not None and batch is not None and batch % 2:
-            raise ConfigError(f"mixup/cutmix mixes each batch with its reverse and needs an "
-                              f"even per-device batch, got {batch}: change batch.global")
+            raise ConfigError(
+                f"mixup/cutmix mixes each batch with its reverse and needs an "
+                f"even per-device batch, got {batch}: change batch.global"
+            )
 
     def training_step(self, batch, batch_idx):
         images, labels = batch
         loss = self.loss(images, labels)
         self.log("train/loss", loss, prog_bar=True, batch_size=labels.shape[0])
-        self.log("train/lr", max(g["lr"] for g in self.optimizers().param_groups),
-                 batch_size=labels.shape[0])
+        self.log(
+            "train/lr",
+            max(g["lr"] for g in self.optimizers().param_groups),
+            batch_size=labels.shape[0],
+        )
         return loss
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -171,8 +187,9 @@ class FinetuneModule(TransferModule):
         ema_logits = self.ema(images) if self.ema is not None else None
         for name, metric in self.val_metrics.items():
             metric.update(ema_logits if name.startswith("ema_") else logits, labels)
-        self.log_dict({f"val/{k}": m for k, m in self.val_metrics.items()},
-                      batch_size=labels.shape[0])
+        self.log_dict(
+            {f"val/{k}": m for k, m in self.val_metrics.items()}, batch_size=labels.shape[0]
+        )
         self.log("val/loss", self.val_loss, batch_size=labels.shape[0])
         self.log("val/baseline_majority", self.val_baseline, batch_size=labels.shape[0])
 
@@ -180,9 +197,12 @@ class FinetuneModule(TransferModule):
         """AdamW groups with layer-wise lr decay (each group's ``lr_scale``, its lr set to
         the peak lr times it) and weight decay (0 for biases, norms, class token)."""
         hp = self.hparams
-        groups = param_groups_layer_decay(self.model, hp.weight_decay,
-                                          no_weight_decay_list=self.model.no_weight_decay(),
-                                          layer_decay=hp.layer_decay)
+        groups = param_groups_layer_decay(
+            self.model,
+            hp.weight_decay,
+            no_weight_decay_list=self.model.no_weight_decay(),
+            layer_decay=hp.layer_decay,
+        )
         for group in groups:
             group["lr"] = self.lr * group["lr_scale"]
         return groups
@@ -193,8 +213,7 @@ class FinetuneModule(TransferModule):
         total = self.trainer.estimated_stepping_batches
         warmup = round(hp.warmup_epochs * total / hp.epochs)
         schedule = LambdaLR(optimizer, lambda step: self.lr_factor(step, warmup, total))
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def lr_factor(self, step: int, warmup: int, total: int) -> float:
         """Multiplier of the peak lr before optimiser step ``step`` (MAE
@@ -206,11 +225,17 @@ class FinetuneModule(TransferModule):
 
     def summary(self, metrics: Mapping[str, float]) -> str:
         k = self.top_k
-        line = (f"fine-tune top-1: {100 * metrics['val/top1']:.1f}% "
-                f"(top-{k} {100 * metrics[f'val/top{k}']:.1f}%)")
+        line = (
+            f"fine-tune top-1: {100 * metrics['val/top1']:.1f}% "
+            f"(top-{k} {100 * metrics[f'val/top{k}']:.1f}%)"
+        )
         if self.ema is not None:
-            line += (f"; EMA top-1: {100 * metrics['val/ema_top1']:.1f}% "
-                     f"(top-{k} {100 * metrics[f'val/ema_top{k}']:.1f}%)")
-        return (line + "; trivial baseline: most frequent class "
-                f"{100 * metrics['val/baseline_majority']:.1f}%, "
-                f"chance {100 / self.hparams.num_classes:.1f}%")
+            line += (
+                f"; EMA top-1: {100 * metrics['val/ema_top1']:.1f}% "
+                f"(top-{k} {100 * metrics[f'val/ema_top{k}']:.1f}%)"
+            )
+        return (
+            line + "; trivial baseline: most frequent class "
+            f"{100 * metrics['val/baseline_majority']:.1f}%, "
+            f"chance {100 / self.hparams.num_classes:.1f}%"
+        )

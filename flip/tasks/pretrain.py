@@ -1,14 +1,16 @@
 """Masked CLIP pre-training (FLIP) as a LightningModule.
 
 Owns the model, the objective (global-batch contrastive loss plus optional per-sample
-terms, ``flip/objective.py``), the held-out zero-shot metric and the optimiser. lr = base_lr x global_batch / 256, linear warm-up then cosine to 0,
-both counted in samples seen (global_step x global_batch).
+terms, ``flip/objective.py``), the held-out zero-shot metric and the optimiser.
+lr = base_lr x global_batch / 256, linear warm-up then cosine to 0, both counted in
+samples seen (global_step x global_batch).
 
 Optimisation is manual so that one step can contrast a per-device batch larger than
 fits in memory: with ``micro_batch`` smaller than the per-device batch the step runs
 gradient caching (``flip/grad_cache.py``), still one optimiser step and one
 data-parallel gradient sync per global batch.
 """
+
 import logging
 import time
 from contextlib import nullcontext
@@ -21,12 +23,12 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from torchmetrics.classification import MulticlassAccuracy
 
+from flip.eval.zeroshot import build_zero_shot_classifier
 from flip.grad_cache import cached_backward
 from flip.masking import num_visible
 from flip.models.clip import FLIP, no_decay_names
 from flip.objective import Objective
 from flip.schedule import warmup_cosine
-from flip.eval.zeroshot import build_zero_shot_classifier
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +69,9 @@ class PretrainModule(L.LightningModule):
         if no_decay not in ("official", "config_comment"):
             raise ValueError(f"no_decay must be 'official' or 'config_comment', got {no_decay!r}")
         if optimizer_impl not in ADAMW_IMPLS:
-            raise ValueError(f"optimizer_impl must be one of {', '.join(ADAMW_IMPLS)}, "
-                             f"got {optimizer_impl!r}")
+            raise ValueError(
+                f"optimizer_impl must be one of {', '.join(ADAMW_IMPLS)}, got {optimizer_impl!r}"
+            )
         self.save_hyperparameters(ignore=["model", "objective"])
         self.model = model
         self.objective = objective if objective is not None else Objective()
@@ -98,8 +101,11 @@ class PretrainModule(L.LightningModule):
         torch.manual_seed(self.hparams.seed + self.global_step * world + rank)
         micro = self.hparams.micro_batch or images.shape[0]
         loss, parts, scale = self._backward(images, tokens, micro, optimizer)
-        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
-            [p.grad for p in self.parameters() if p.grad is not None])))
+        grad_norm = torch.linalg.vector_norm(
+            torch.stack(
+                torch._foreach_norm([p.grad for p in self.parameters() if p.grad is not None])
+            )
+        )
         if not self._finite(loss, grad_norm):
             optimizer.zero_grad(set_to_none=True)
             return None
@@ -110,8 +116,9 @@ class PretrainModule(L.LightningModule):
         schedule.step()
         self._log_train(loss, scale, lr, images.shape[0], images.shape[0] // micro)
         if len(parts) > 1:
-            self.log_dict({f"train/loss_{k}": v for k, v in parts.items()},
-                          batch_size=images.shape[0])
+            self.log_dict(
+                {f"train/loss_{k}": v for k, v in parts.items()}, batch_size=images.shape[0]
+            )
         self.log("train/grad_norm", grad_norm, batch_size=images.shape[0])
         return loss
 
@@ -119,14 +126,23 @@ class PretrainModule(L.LightningModule):
         """Gradients of the objective on this rank's batch into ``.grad``: in one pass, or
         by gradient caching over micro-batches. Returns (loss, its parts, logit scale)."""
         # never switch off an autocast the Trainer's precision turned on
-        bf16 = torch.autocast(self.device.type, torch.bfloat16) if self.hparams.bf16_autocast \
+        bf16 = (
+            torch.autocast(self.device.type, torch.bfloat16)
+            if self.hparams.bf16_autocast
             else nullcontext()
+        )
         with bf16:
             if micro < images.shape[0]:
-                return cached_backward(self.model, self.objective, images, tokens, micro,
-                                       self.manual_backward,
-                                       lambda: optimizer.toggle_model(sync_grad=False),
-                                       self.hparams.keep_text_graph)
+                return cached_backward(
+                    self.model,
+                    self.objective,
+                    images,
+                    tokens,
+                    micro,
+                    self.manual_backward,
+                    lambda: optimizer.toggle_model(sync_grad=False),
+                    self.hparams.keep_text_graph,
+                )
             image_mask, text_mask = self.model.draw_masks(images.shape[0], images.device)
             features = self.model.forward_features(images, tokens, image_mask, text_mask)
             scale = self.model.scale()
@@ -147,10 +163,12 @@ class PretrainModule(L.LightningModule):
         raise FloatingPointError(
             f"non-finite loss ({loss.item()}) or gradient norm ({grad_norm.item()}) at step "
             f"{self.global_step}; last good checkpoint: {checkpoint}. Resume from it with a "
-            "lower schedule.base_lr, or set task.nonfinite=skip to skip such steps")
+            "lower schedule.base_lr, or set task.nonfinite=skip to skip such steps"
+        )
 
-    def _log_train(self, loss: torch.Tensor, scale: torch.Tensor, lr: float, batch: int,
-                   micro_batches: int) -> None:
+    def _log_train(
+        self, loss: torch.Tensor, scale: torch.Tensor, lr: float, batch: int, micro_batches: int
+    ) -> None:
         now = time.perf_counter()
         if self._last_step_time is not None:
             rate = self.hparams.global_batch / (now - self._last_step_time)
@@ -158,14 +176,17 @@ class PretrainModule(L.LightningModule):
         self._last_step_time = now
         visual = self.model.visual
         self.log("train/loss", loss, prog_bar=True, batch_size=batch)
-        self.log_dict({
-            "train/logit_scale": scale,
-            "train/lr": lr,
-            "train/samples_seen": float(self.global_step * self.hparams.global_batch),
-            "train/global_batch": float(self.hparams.global_batch),
-            "train/micro_batches": float(micro_batches),
-            "train/visible_tokens": float(num_visible(visual.num_patches, visual.mask_ratio)),
-        }, batch_size=batch)
+        self.log_dict(
+            {
+                "train/logit_scale": scale,
+                "train/lr": lr,
+                "train/samples_seen": float(self.global_step * self.hparams.global_batch),
+                "train/global_batch": float(self.hparams.global_batch),
+                "train/micro_batches": float(micro_batches),
+                "train/visible_tokens": float(num_visible(visual.num_patches, visual.mask_ratio)),
+            },
+            batch_size=batch,
+        )
 
     # -- held-out zero-shot classification -------------------------------------------
     def setup(self, stage: str) -> None:
@@ -190,7 +211,8 @@ class PretrainModule(L.LightningModule):
         hp = self.hparams
         official = hp.no_decay == "official"
         no_decay = {f"model.{n}" for n in self.model.no_weight_decay(official)} | {
-            f"objective.{n}" for n in no_decay_names(self.objective)}
+            f"objective.{n}" for n in no_decay_names(self.objective)
+        }
         decay, rest = [], []
         for name, p in self.named_parameters():
             if p.requires_grad:
@@ -198,9 +220,14 @@ class PretrainModule(L.LightningModule):
         # Lightning calls this after moving the module to its device: the kernel fits it
         kernel = adamw_kernel(hp.optimizer_impl, decay + rest)
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay},
-             {"params": rest, "weight_decay": 0.0}],
-            lr=self.lr, betas=tuple(hp.betas), eps=hp.eps, **kernel,
+            [
+                {"params": decay, "weight_decay": hp.weight_decay},
+                {"params": rest, "weight_decay": 0.0},
+            ],
+            lr=self.lr,
+            betas=tuple(hp.betas),
+            eps=hp.eps,
+            **kernel,
         )
 
         # loading a state restores its groups' kernel flags too: a resumed run steps with
@@ -210,10 +237,13 @@ class PretrainModule(L.LightningModule):
                 group.update(kernel)
 
         optimizer.register_load_state_dict_post_hook(keep_kernel)
-        schedule = LambdaLR(optimizer, lambda step: warmup_cosine(
-            (step + 1) * hp.global_batch, hp.warmup_samples, hp.total_samples))
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        schedule = LambdaLR(
+            optimizer,
+            lambda step: warmup_cosine(
+                (step + 1) * hp.global_batch, hp.warmup_samples, hp.total_samples
+            ),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 def adamw_kernel(impl: str, params: list[torch.Tensor]) -> dict[str, bool]:
@@ -231,8 +261,11 @@ def adamw_kernel(impl: str, params: list[torch.Tensor]) -> dict[str, bool]:
         if not without:
             return {"fused": True, "foreach": False}
         if rank_zero_only.rank == 0:  # our logger: quiet_console hides Lightning's info lines
-            log.info("AdamW: torch has no fused kernel on %s (it has on %s); "
-                     "task.optimizer_impl=fused uses foreach", ", ".join(without),
-                     ", ".join(supported))
+            log.info(
+                "AdamW: torch has no fused kernel on %s (it has on %s); "
+                "task.optimizer_impl=fused uses foreach",
+                ", ".join(without),
+                ", ".join(supported),
+            )
         impl = "foreach"
     return {"fused": False, "foreach": impl == "foreach"}

@@ -20,6 +20,7 @@ Length: ``task.epochs`` passes over the training set; validation after every
 settings) do not apply; ``batch.global`` is the task's global batch (``batch.micro``
 must be null).
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,14 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from flip.checkpoint import (CheckpointError, load_checkpoint, load_weights, merge_model_config,
-                             model_config, model_state)
+from flip.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_weights,
+    merge_model_config,
+    model_config,
+    model_state,
+)
 from flip.config import ConfigError, check_hardware, per_device_batch
 from flip.console import quiet_console
 from flip.models.clip import no_decay_names
@@ -52,8 +59,11 @@ def build_tower(model_config: Mapping, part: str, **runtime) -> nn.Module:
     return hydra.utils.instantiate(cfg[TOWERS[part]])
 
 
-def part_param_groups(parts: Iterable[tuple[str, nn.Module, float]], weight_decay: float,
-                      also_no_decay: Iterable[str] = ()) -> list[dict]:
+def part_param_groups(
+    parts: Iterable[tuple[str, nn.Module, float]],
+    weight_decay: float,
+    also_no_decay: Iterable[str] = (),
+) -> list[dict]:
     """AdamW groups of a task with a learning rate per part: for each (name, module, lr),
     its decayed weights and, without decay, the official no-decay set (biases, norm scales,
     position embeddings; ``no_decay_names``) plus ``also_no_decay`` (full names,
@@ -62,15 +72,21 @@ def part_param_groups(parts: Iterable[tuple[str, nn.Module, float]], weight_deca
     also = set(also_no_decay)
     groups = []
     for name, module, lr in parts:
-        no_decay = no_decay_names(module) | {n[len(name) + 1:] for n in also
-                                             if n.startswith(name + ".")}
+        no_decay = no_decay_names(module) | {
+            n[len(name) + 1 :] for n in also if n.startswith(name + ".")
+        }
         params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         for decay in (True, False):
             chosen = [p for n, p in params if (n not in no_decay) == decay]
             if chosen:
-                groups.append({"params": chosen, "lr": lr,
-                               "name": f"{name}/{'decay' if decay else 'no_decay'}",
-                               "weight_decay": weight_decay if decay else 0.0})
+                groups.append(
+                    {
+                        "params": chosen,
+                        "lr": lr,
+                        "name": f"{name}/{'decay' if decay else 'no_decay'}",
+                        "weight_decay": weight_decay if decay else 0.0,
+                    }
+                )
     return groups
 
 
@@ -86,7 +102,7 @@ class TransferModule(L.LightningModule):
         towers) are not needed by the task."""
         for part, attribute in self.pretrained_parts.items():
             prefix = part + "."
-            weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             if not weights:
                 raise CheckpointError(f"{source} holds no weights of the {part} tower")
             load_weights(getattr(self, attribute), weights, f"{source} ({part})")
@@ -102,8 +118,10 @@ def is_transfer_task(cfg: DictConfig) -> bool:
 
 
 def _data_follows_checkpoint(cfg: DictConfig, model_cfg: Mapping) -> None:
-    follow = {"image_size": model_cfg["image"]["image_size"],
-              "context_length": model_cfg["text"]["context_length"]}
+    follow = {
+        "image_size": model_cfg["image"]["image_size"],
+        "context_length": model_cfg["text"]["context_length"],
+    }
     with open_dict(cfg):
         for key, value in follow.items():
             if key in cfg.data and cfg.data[key] != value:
@@ -118,10 +136,13 @@ def train_transfer(cfg: DictConfig) -> dict[str, float]:
     if not cfg.get("init_from"):
         raise ConfigError(
             f"{task} trains on pre-trained encoders: give init_from=<checkpoint> (e.g. "
-            "outputs/<date>/<time>/checkpoints/last.ckpt of a `python train.py` run)")
+            "outputs/<date>/<time>/checkpoints/last.ckpt of a `python train.py` run)"
+        )
     if cfg.batch.micro is not None:
-        raise ConfigError(f"batch.micro={cfg.batch.micro} is gradient caching for the "
-                          "contrastive loss; downstream tasks take batch.micro=null")
+        raise ConfigError(
+            f"batch.micro={cfg.batch.micro} is gradient caching for the "
+            "contrastive loss; downstream tasks take batch.micro=null"
+        )
     check_hardware(cfg.trainer.accelerator)
     quiet_console(cfg.trainer.accelerator, cfg.get("verbose", False))
     L.seed_everything(cfg.seed, workers=True)
@@ -129,8 +150,10 @@ def train_transfer(cfg: DictConfig) -> dict[str, float]:
     ckpt = load_checkpoint(cfg.init_from)
     model_cfg = model_config(ckpt)
     if model_cfg is None:
-        raise CheckpointError(f"init_from={cfg.init_from} stores no model config (not a "
-                              "checkpoint written by flip's pre-training)")
+        raise CheckpointError(
+            f"init_from={cfg.init_from} stores no model config (not a "
+            "checkpoint written by flip's pre-training)"
+        )
     _data_follows_checkpoint(cfg, model_cfg)
     logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else False
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -138,22 +161,33 @@ def train_transfer(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams(resolved)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, max_epochs=cfg.task.epochs, max_steps=-1, val_check_interval=1.0,
-        check_val_every_n_epoch=cfg.task.get("eval_every", 1), logger=logger,
-        callbacks=callbacks)
+        cfg.trainer,
+        max_epochs=cfg.task.epochs,
+        max_steps=-1,
+        val_check_interval=1.0,
+        check_val_every_n_epoch=cfg.task.get("eval_every", 1),
+        logger=logger,
+        callbacks=callbacks,
+    )
     data = hydra.utils.instantiate(cfg.data, batch_size=per_device_batch(cfg, trainer.world_size))
     module: TransferModule = hydra.utils.instantiate(cfg.task, _partial_=True)(
-        model_config=model_cfg, **data.task_args)
+        model_config=model_cfg, **data.task_args
+    )
     module.load_pretrained(model_state(ckpt), f"init_from={cfg.init_from}")
     log.info("initialised %s from %s", ", ".join(module.pretrained_parts), cfg.init_from)
 
     trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
     if trainer.checkpoint_callback is not None:
-        trainer.save_checkpoint(Path(trainer.checkpoint_callback.dirpath) / "last.ckpt",
-                                weights_only=False)
+        trainer.save_checkpoint(
+            Path(trainer.checkpoint_callback.dirpath) / "last.ckpt", weights_only=False
+        )
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    metrics.update({k: float(v) for k, v in
-                    trainer.validate(module, datamodule=data, verbose=False)[0].items()})
+    metrics.update(
+        {
+            k: float(v)
+            for k, v in trainer.validate(module, datamodule=data, verbose=False)[0].items()
+        }
+    )
     if trainer.is_global_zero:
         print(module.summary(metrics))
         record = {"metrics": metrics, "config": resolved}

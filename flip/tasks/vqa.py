@@ -18,6 +18,7 @@ Validation: the official VQA accuracy (``flip.eval.vqa_metrics``) of the top-sco
 overall and per answer type, beside the same accuracy of the most frequent training answer
 given to every question (``val/baseline_acc*``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -66,8 +67,14 @@ class VQAModule(TransferModule):
         self.baseline_answer = baseline_answer if baseline_answer is not None else answers[0]
         self.visual = build_tower(model_config, "visual", drop_path=drop_path)
         self.text = build_tower(model_config, "text")
-        self.fusion = FusionTransformer(self.visual.width, self.text.width, fusion_width,
-                                        fusion_depth, fusion_heads, drop_path=drop_path)
+        self.fusion = FusionTransformer(
+            self.visual.width,
+            self.text.width,
+            fusion_width,
+            fusion_depth,
+            fusion_heads,
+            drop_path=drop_path,
+        )
         self.classifier = AnswerClassifier(self.fusion.out_features, len(self.answers))
         self.val_acc = VQAAccuracy(ANSWER_TYPES)
         self.val_baseline = VQAAccuracy(ANSWER_TYPES)
@@ -81,14 +88,19 @@ class VQAModule(TransferModule):
     @staticmethod
     def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """BCE with logits against the soft scores, summed over answers, mean over questions."""
-        return nn.functional.binary_cross_entropy_with_logits(
-            logits, targets, reduction="sum") / logits.shape[0]
+        return (
+            nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="sum")
+            / logits.shape[0]
+        )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.loss(self(batch["images"], batch["tokens"]), batch["targets"])
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["images"]))
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"],
-                 batch_size=len(batch["images"]))
+        self.log(
+            "train/lr",
+            self.trainer.optimizers[0].param_groups[0]["lr"],
+            batch_size=len(batch["images"]),
+        )
         return loss
 
     def predict_answers(self, logits: torch.Tensor) -> list[str]:
@@ -98,14 +110,16 @@ class VQAModule(TransferModule):
         logits = self(batch["images"], batch["tokens"])
         n = len(batch["images"])
         self.log("val/loss", self.loss(logits, batch["targets"]), batch_size=n, sync_dist=True)
-        self.val_acc.update(self.predict_answers(logits), batch["answers"],
-                            batch["answer_types"])
-        self.val_baseline.update([self.baseline_answer] * n, batch["answers"],
-                                 batch["answer_types"])
+        self.val_acc.update(self.predict_answers(logits), batch["answers"], batch["answer_types"])
+        self.val_baseline.update(
+            [self.baseline_answer] * n, batch["answers"], batch["answer_types"]
+        )
 
     def on_validation_epoch_end(self) -> None:
-        for prefix, metric in (("val/vqa_acc", self.val_acc),
-                               ("val/baseline_acc", self.val_baseline)):
+        for prefix, metric in (
+            ("val/vqa_acc", self.val_acc),
+            ("val/baseline_acc", self.val_baseline),
+        ):
             values = metric.compute()
             self.log(prefix, values["all"])
             for kind, key in _TYPE_KEYS.items():
@@ -116,23 +130,32 @@ class VQAModule(TransferModule):
     def configure_optimizers(self):
         hp = self.hparams
         groups = part_param_groups(
-            [("visual", self.visual, hp.lr), ("text", self.text, hp.lr),
-             ("fusion", self.fusion, hp.lr * hp.fusion_lr_mult),
-             ("classifier", self.classifier, hp.lr * hp.head_lr_mult)],
-            hp.weight_decay, also_no_decay={"fusion.type_embed.weight"})
+            [
+                ("visual", self.visual, hp.lr),
+                ("text", self.text, hp.lr),
+                ("fusion", self.fusion, hp.lr * hp.fusion_lr_mult),
+                ("classifier", self.classifier, hp.lr * hp.head_lr_mult),
+            ],
+            hp.weight_decay,
+            also_no_decay={"fusion.type_embed.weight"},
+        )
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
         total = self.trainer.estimated_stepping_batches
         warmup = int(hp.warmup_fraction * total)
         schedule = LambdaLR(optimizer, lambda step: warmup_cosine(step + 1, warmup, total))
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def summary(self, metrics: Mapping[str, float]) -> str:
         def per_type(prefix: str) -> str:
-            parts = [f"{kind} {metrics[f'{prefix}_{key}']:.1%}"
-                     for kind, key in _TYPE_KEYS.items() if f"{prefix}_{key}" in metrics]
+            parts = [
+                f"{kind} {metrics[f'{prefix}_{key}']:.1%}"
+                for kind, key in _TYPE_KEYS.items()
+                if f"{prefix}_{key}" in metrics
+            ]
             return f" ({', '.join(parts)})" if parts else ""
 
-        return (f"VQA accuracy {metrics['val/vqa_acc']:.1%}{per_type('val/vqa_acc')}; "
-                f"most-frequent-answer baseline {metrics['val/baseline_acc']:.1%} "
-                f"(\"{self.baseline_answer}\"){per_type('val/baseline_acc')}")
+        return (
+            f"VQA accuracy {metrics['val/vqa_acc']:.1%}{per_type('val/vqa_acc')}; "
+            f"most-frequent-answer baseline {metrics['val/baseline_acc']:.1%} "
+            f'("{self.baseline_answer}"){per_type("val/baseline_acc")}'
+        )
