@@ -24,17 +24,13 @@ import torch
 from lightning.fabric.utilities.data import AttributeDict
 from torch import nn
 
-from flip.config import ConfigError
+from flip.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
 CONFIG_KEY = "model_config"  # checkpoint["hyper_parameters"][CONFIG_KEY]
 RUNTIME_KEYS = frozenset({"mask_ratio", "mask_kind", "grad_checkpointing", "drop_path"})
 SAFE_TYPES = [AttributeDict]  # Lightning's hyper-parameter container
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint that cannot be used as asked; the message names the file."""
 
 
 def load_checkpoint(path) -> dict:

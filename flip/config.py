@@ -1,29 +1,10 @@
 """Start-up checks of a composed run config: fail early, naming the key and what is allowed."""
 
-from collections.abc import Callable
-from typing import TypeVar
-
 import torch
 from omegaconf import DictConfig
 
+from flip.errors import ConfigError
 from flip.masking import KINDS
-
-T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """An invalid run configuration; the message names the offending key."""
-
-
-def run_or_exit(run: Callable[[DictConfig], T], cfg: DictConfig) -> T:
-    """Entry points: a bad config or unusable data (flip.data.quality.DataError) ends the
-    process with its one sentence, no traceback."""
-    from flip.data.quality import DataError  # flip.data imports this module
-
-    try:
-        return run(cfg)
-    except (ConfigError, DataError) as err:
-        raise SystemExit(f"error: {err}") from None
 
 
 def _is_ratio(value) -> bool:

@@ -1,5 +1,5 @@
-"""What a run prints: the progress bar, the data summary, warnings that matter and the
-result line — not Lightning's start-up chatter.
+"""What a run prints: the progress bar (``flip.callbacks.progress``), the data summary,
+warnings that matter and the result line — not Lightning's start-up chatter.
 
 ``quiet_console(accelerator, verbose)`` (called by the entry points before the Trainer is
 built) silences, unless ``verbose=true``:
@@ -15,8 +15,6 @@ built) silences, unless ``verbose=true``:
 import logging
 import os
 import warnings
-
-from lightning.pytorch.callbacks import RichProgressBar
 
 LIGHTNING_INFO = (
     "lightning.pytorch.utilities.rank_zero",
@@ -35,13 +33,3 @@ def quiet_console(accelerator: str, verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     if accelerator != "tpu":
         os.environ.setdefault("PJRT_DEVICE", "CPU")
-
-
-class StepProgressBar(RichProgressBar):
-    """Lightning's bar for runs counted in steps (``max_epochs=-1``): "Epoch 3", where
-    Lightning prints the limit minus one, "Epoch 3/-2"."""
-
-    def _get_train_description(self, current_epoch: int) -> str:
-        if self.trainer.max_epochs != -1:
-            return super()._get_train_description(current_epoch)
-        return f"Epoch {current_epoch}".ljust(len(self.validation_description))

@@ -1,12 +1,11 @@
-"""Build everything from a composed Hydra config and run pre-training."""
+"""Pre-training's part of a run: checks, the model (from ``init_from`` when given), the
+closing zero-shot line, the chained unmasked tuning. ``flip.run.train`` runs it."""
 
-import json
 import logging
 from pathlib import Path
 
 import hydra
 import lightning as L
-from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from flip.checkpoint import (
@@ -17,17 +16,8 @@ from flip.checkpoint import (
     model_state,
     resample_patch_embedding,
 )
-from flip.config import (
-    check_hardware,
-    check_mask,
-    check_reconstruction,
-    check_text_mask,
-    check_tuning,
-    per_device_batch,
-)
-from flip.console import StepProgressBar, quiet_console
+from flip.config import check_mask, check_reconstruction, check_text_mask, check_tuning
 from flip.eval.zeroshot import format_zero_shot
-from flip.tasks.transfer import is_transfer_task, train_transfer
 
 log = logging.getLogger(__name__)
 
@@ -76,65 +66,50 @@ def resolve_model_config(cfg: DictConfig, ckpt: dict | None) -> dict:
     return merged
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Pre-train, then evaluate held-out zero-shot accuracy; returns the final metrics.
-    A downstream task (``task=finetune|captioning|vqa``) runs ``train_transfer``."""
-    if is_transfer_task(cfg):
-        return train_transfer(cfg)
-    check_mask(cfg)
-    check_text_mask(cfg)
-    check_reconstruction(cfg)
-    check_hardware(cfg.trainer.accelerator)
-    check_tuning(cfg)
-    quiet_console(cfg.trainer.accelerator, cfg.get("verbose", False))
-    L.seed_everything(cfg.seed, workers=True)
+class Pretraining:
+    """Pre-training's part of a run (``flip.run.train``): the checks, the model (its
+    architecture from ``init_from`` when given, with this run's run-time settings; the data's
+    image size follows), the Trainer's length in steps, the closing held-out zero-shot line
+    and, with ``unmasked_tuning``, the tuning run that follows."""
 
-    ckpt = load_checkpoint(cfg.init_from) if cfg.init_from else None
-    model_cfg = resolve_model_config(cfg, ckpt)
-    logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else False
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    if logger:  # the whole resolved run config, next to the metrics
-        logger.log_hyperparams(resolved)
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    if cfg.trainer.get("enable_progress_bar", True):
-        callbacks.append(StepProgressBar())
-    module = hydra.utils.instantiate(cfg.task, _partial_=True)(
-        model=hydra.utils.instantiate(model_cfg),
-        objective=hydra.utils.instantiate(cfg.objective),
-        model_config=model_cfg,
-    )
-    if ckpt is not None:
-        state = model_state(ckpt)
-        if cfg.get("init_resample_patch"):
-            state = resample_patch_embedding(state, model_cfg["image"]["patch_size"])
-        load_weights(module.model, state, f"init_from={cfg.init_from}")
-        log.info("initialised weights from %s", cfg.init_from)
-    trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, max_steps=module.total_steps, logger=logger, callbacks=callbacks
-    )
-    data = hydra.utils.instantiate(cfg.data, batch_size=per_device_batch(cfg, trainer.world_size))
+    def __init__(self, cfg: DictConfig):
+        check_mask(cfg)
+        check_text_mask(cfg)
+        check_reconstruction(cfg)
+        check_tuning(cfg)
+        self.cfg = cfg
+        ckpt = load_checkpoint(cfg.init_from) if cfg.init_from else None
+        model_cfg = resolve_model_config(cfg, ckpt)
+        self.lightning_module = hydra.utils.instantiate(cfg.task, _partial_=True)(
+            model=hydra.utils.instantiate(model_cfg),
+            objective=hydra.utils.instantiate(cfg.objective),
+            model_config=model_cfg,
+        )
+        if ckpt is not None:
+            state = model_state(ckpt)
+            if cfg.get("init_resample_patch"):
+                state = resample_patch_embedding(state, model_cfg["image"]["patch_size"])
+            load_weights(self.lightning_module.model, state, f"init_from={cfg.init_from}")
+            log.info("initialised weights from %s", cfg.init_from)
 
-    trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
-    if trainer.checkpoint_callback is not None:  # the final weights, whatever the interval
-        trainer.save_checkpoint(
-            Path(trainer.checkpoint_callback.dirpath) / "last.ckpt", weights_only=False
-        )  # resumable: optimiser and loop state too
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if data.classnames:
+    def trainer_args(self) -> dict:
+        return {"max_steps": self.lightning_module.total_steps}
+
+    def module(self, data: L.LightningDataModule) -> L.LightningModule:
+        return self.lightning_module
+
+    def report(self, trainer: L.Trainer, module, data) -> dict[str, float]:
+        """Held-out zero-shot top-1 of the final weights, printed next to chance."""
+        if not data.classnames:
+            return {}
         top1 = trainer.validate(module, datamodule=data, verbose=False)[0]["val/zeroshot_top1"]
-        metrics["val/zeroshot_top1"] = top1
         if trainer.is_global_zero:
             print(format_zero_shot(top1, len(data.classnames)))
-    if trainer.is_global_zero:  # one record per run, read by experiments/collect.py
-        record = {"metrics": metrics, "config": resolved}
-        (Path(cfg.output_dir) / "result.json").write_text(json.dumps(record, indent=1) + "\n")
-    if isinstance(logger, WandbLogger) and trainer.is_global_zero:
-        logger.experiment.finish()  # the next job of a multirun starts its own W&B run
-    if cfg.get("unmasked_tuning"):  # Table 1e chained: tune the weights just trained
-        last = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
-        tuned = train(unmasked_tuning_config(cfg, last))
-        return {**tuned, **{f"pretrain/{k}": v for k, v in metrics.items()}}
-    return metrics
+        return {"val/zeroshot_top1": top1}
+
+    def then(self, last: Path) -> DictConfig | None:
+        """The run that tunes these weights (Table 1e chained), if ``unmasked_tuning``."""
+        return unmasked_tuning_config(self.cfg, last) if self.cfg.get("unmasked_tuning") else None
 
 
 def unmasked_tuning_config(cfg: DictConfig, last: Path) -> DictConfig:

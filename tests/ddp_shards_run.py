@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from flip.data.quality import DataQualityCallback
+from flip.callbacks.data_quality import DataQualityCallback
 from flip.data.shards import ShardDataModule, ShardStream
 
 

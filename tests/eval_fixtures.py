@@ -1,4 +1,4 @@
-"""Writers of tiny evaluation sets in the real on-disk layouts (``flip.eval.readers.LAYOUTS``):
+"""Writers of tiny evaluation sets in the real on-disk layouts (``flip.data.benchmarks.readers.LAYOUTS``):
 every function writes files exactly where CLIP_benchmark's builders or our readers look."""
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def write_video_pm(
             json.dumps({str(k): list(g) for k, g in enumerate(groups)})
         )
     else:
-        from flip.eval.metadata import imagenet_classnames, imagenet_wnids
+        from flip.data.benchmarks.metadata import imagenet_classnames, imagenet_wnids
 
         wnids = imagenet_wnids()
         (root / "misc").mkdir(exist_ok=True)
@@ -184,7 +184,7 @@ def write_objectnet(root, classes: dict[str, tuple[str, list[int], list[Image.Im
     in {root}/objectnet-1.0/mappings. ``classes``: folder -> (ObjectNet name, ImageNet label
     ids, images). ``imagenet_to_label_2012_v2`` lists fake names ``inet<k>`` in a shuffled
     "2012 id" order, mapped back by ``pytorch_to_imagenet_2012_id.json`` (as in the real files)."""
-    from flip.eval.metadata import imagenet_classnames
+    from flip.data.benchmarks.metadata import imagenet_classnames
 
     root = Path(root)
     base = root / "objectnet-1.0"

@@ -18,17 +18,12 @@ from hydra.utils import instantiate
 from PIL import Image
 from torch.utils.data import Dataset
 
-import flip.eval.caption_metrics as cm
+import flip.metrics.captions as cm
 from flip.checkpoint import save_flip_checkpoint
-from flip.data.captions import (
-    BOS_ID,
-    EOS_ID,
-    CaptionDataModule,
-    ShapesReferences,
-    ShapesTrainCaptions,
-    coco_format_images,
-)
-from flip.eval.readers import DatasetNotFound
+from flip.data.benchmarks.readers import DatasetNotFound
+from flip.data.captions import BOS_ID, EOS_ID, CaptionDataModule
+from flip.data.coco_captions import coco_format_images
+from flip.data.shapes_captions import ShapesReferences, ShapesTrainCaptions
 from flip.models.caption_decoder import CaptionDecoder
 from flip.tasks.captioning import CaptioningModule
 from flip.tokenizer import PAD_ID, VOCAB_SIZE

@@ -15,8 +15,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from step_benchmark import analytic_flops
 
-from flip.eval.runner import evaluate
-from flip.train import train
+from flip.run import evaluate, train
 from tests.conftest import CONF, FAST, compose_fast
 
 CURVE = ["logger=csv", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1"]

@@ -67,7 +67,7 @@ def test_progress_bar_of_a_step_counted_run_shows_no_epoch_limit():
     "Epoch 3/-2" of Lightning's bar; runs with an epoch limit keep "Epoch 3/4"."""
     from types import SimpleNamespace
 
-    from flip.console import StepProgressBar
+    from flip.callbacks.progress import StepProgressBar
 
     bar = StepProgressBar()
     for max_epochs, expected in ((-1, "Epoch 3"), (5, "Epoch 3/4")):

@@ -22,7 +22,7 @@ from flip.data.transforms import (
     to_normalized_tensor,
     train_transform,
 )
-from flip.train import train
+from flip.run import train
 from tests.shard_fixtures import encode, noise_image
 
 

@@ -10,9 +10,10 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data._utils.pin_memory import pin_memory
 
+from flip.callbacks.data_quality import DataQualityCallback
 from flip.checkpoint import load_checkpoint
 from flip.config import ConfigError
-from flip.data.quality import DataError, DataQualityCallback, LoaderStats, SharedStats
+from flip.data.quality import LoaderStats, SharedStats
 from flip.data.shards import (
     ShardDataModule,
     ShardStream,
@@ -21,8 +22,9 @@ from flip.data.shards import (
     keep_batch,
 )
 from flip.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, to_normalized_tensor
+from flip.errors import DataError
+from flip.run import train
 from flip.tokenizer import Tokenizer
-from flip.train import train
 from tests.conftest import compose_fast
 from tests.ddp_shards_run import OnePass
 from tests.ddp_shards_run import main as run_ddp

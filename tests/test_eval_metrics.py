@@ -10,16 +10,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from flip.eval.metrics import (
+from flip.eval.module import StridedSampler
+from flip.eval.retrieval import ZeroShotRetrieval
+from flip.eval.zeroshot import ZeroShotClassification, build_zero_shot_classifier, group_max
+from flip.metrics.zeroshot import (
     average_precision_11pt,
     dedupe_by_index,
     mean_average_precision_11pt,
     pm_k,
     retrieval_recall,
 )
-from flip.eval.module import StridedSampler
-from flip.eval.retrieval import ZeroShotRetrieval
-from flip.eval.zeroshot import ZeroShotClassification, build_zero_shot_classifier, group_max
 
 
 # -- retrieval --------------------------------------------------------------------------------

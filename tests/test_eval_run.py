@@ -16,11 +16,11 @@ from omegaconf import OmegaConf
 
 from flip.checkpoint import build_model, save_flip_checkpoint
 from flip.config import ConfigError
+from flip.data.benchmarks import metadata
 from flip.data.transforms import eval_transform
-from flip.eval import metadata
-from flip.eval.runner import evaluate
 from flip.eval.zeroshot import build_zero_shot_classifier
 from flip.masking import Mask
+from flip.run import evaluate
 from flip.tokenizer import Tokenizer
 from tests import eval_fixtures as fx
 from tests.conftest import CONF, FAST
@@ -281,7 +281,7 @@ def test_linear_probe_learns_separable_features():
 
 
 def test_missing_dataset_is_one_sentence_at_the_entry_point(ckpt, tmp_path):
-    from flip.config import run_or_exit  # what eval.py's main does with evaluate
+    from flip.cli import run_or_exit  # what eval.py's main does with evaluate
 
     cfg = compose_eval(
         f"ckpt_path={ckpt}",

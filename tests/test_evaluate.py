@@ -7,8 +7,7 @@ import sys
 import pytest
 from hydra import compose, initialize_config_dir
 
-from flip.eval.runner import evaluate
-from flip.train import train
+from flip.run import evaluate, train
 from tests.conftest import CONF
 
 

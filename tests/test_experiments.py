@@ -291,7 +291,7 @@ def test_mini_experiments_have_their_tables_axes_on_the_compute_bound_miniature(
 def test_one_mini_experiment_per_table_trains_and_writes_its_result(tmp_path):
     import json  # noqa: PLC0415
 
-    from flip.train import train  # noqa: PLC0415
+    from flip.run import train  # noqa: PLC0415
 
     ckpt = None
     for name in MINI_SMOKE:

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationValidationError
 
 from flip.checkpoint import load_checkpoint
-from flip.train import train
+from flip.run import train
 from tests.conftest import CONF, FAST, compose_fast
 
 ROOT = CONF.parent

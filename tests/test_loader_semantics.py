@@ -29,7 +29,7 @@ from flip.data.transforms import (
     normalize,
     train_transform,
 )
-from flip.train import train
+from flip.run import train
 from tests.conftest import compose_fast, compose_train
 
 MEAN, STD = torch.tensor(IMAGENET_MEAN).view(-1, 1, 1), torch.tensor(IMAGENET_STD).view(-1, 1, 1)

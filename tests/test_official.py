@@ -397,7 +397,7 @@ def test_converted_checkpoint_evaluates(converted, tmp_path):
     """eval.py's in-process runner reads the converted file with no architecture named."""
     from hydra import compose, initialize_config_dir
 
-    from flip.eval.runner import evaluate
+    from flip.run import evaluate
     from tests.conftest import CONF
 
     _, out = converted

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from flip.checkpoint import load_checkpoint
-from flip.train import train
+from flip.run import train
 from tests.conftest import CONF, FAST, compose_fast
 from tests.test_train import by_step, read_metrics
 

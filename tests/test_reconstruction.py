@@ -130,7 +130,7 @@ def test_decoder_unshuffles_kept_tokens_and_fills_the_mask_token(class_token):
 
 
 def test_reconstruction_needs_image_masking(fast_cfg):
-    from flip.train import train
+    from flip.run import train
 
     with pytest.raises(
         ConfigError,
@@ -146,8 +146,8 @@ def test_train_logs_the_reconstruction_loss_of_the_first_batch(
     """One step of objective=reconstruction through the real configs: the logged
     train/loss_reconstruction equals the term recomputed on that batch with the step's
     weights and masks; the checkpoint's decoder tensors are reported as unused by the model."""
+    from flip.run import train
     from flip.tasks.pretrain import PretrainModule
-    from flip.train import train
 
     seen = {}
     original = PretrainModule._backward

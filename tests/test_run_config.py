@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from flip.checkpoint import load_checkpoint, model_config
 from flip.config import ConfigError
-from flip.train import train
+from flip.run import train
 from tests.conftest import CONF, FAST, compose_fast, compose_train
 
 NOT_MODEL = [o for o in FAST if not o.startswith("model.")]

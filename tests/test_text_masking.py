@@ -138,7 +138,7 @@ def test_config_keys_exist_and_build_the_encoder():
     ],
 )
 def test_bad_text_mask_fails_at_start_up_in_one_sentence(override, message):
-    from flip.train import train
+    from flip.run import train
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
         train(compose_train(override))
@@ -146,7 +146,7 @@ def test_bad_text_mask_fails_at_start_up_in_one_sentence(override, message):
 
 def test_train_with_prioritized_text_masking_encodes_16_of_32_tokens(fast_cfg, monkeypatch):
     import flip.models.text_encoder as text_encoder
-    from flip.train import train
+    from flip.run import train
 
     lengths = []  # (training?, sequence length) of every text-tower pass
 

@@ -10,8 +10,8 @@ from PIL import Image
 
 from flip.checkpoint import build_model, load_checkpoint
 from flip.config import ConfigError
+from flip.run import train
 from flip.tokenizer import Tokenizer
-from flip.train import train
 from tests.conftest import compose_fast
 
 

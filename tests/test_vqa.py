@@ -15,10 +15,12 @@ from PIL import Image
 
 from flip.checkpoint import load_checkpoint
 from flip.data.images import BadSample
-from flip.data.quality import DataPathError
 from flip.data.shapes import COLOURS, SHAPES, plural
-from flip.data.vqa import ShapesVQA, VQADataModule, VQAv2, read_vqav2
-from flip.eval.vqa_metrics import (
+from flip.data.shapes_vqa import ShapesVQA
+from flip.data.vqa import VQADataModule
+from flip.data.vqav2 import VQAv2, read_vqav2
+from flip.errors import DataPathError
+from flip.metrics.vqa import (
     VQAAccuracy,
     answer_scores,
     answer_vocabulary,
@@ -28,8 +30,8 @@ from flip.eval.vqa_metrics import (
     vqa_accuracy,
 )
 from flip.models.fusion import AnswerClassifier, FusionTransformer
+from flip.run import train
 from flip.tasks.vqa import VQAModule
-from flip.train import train
 from tests.conftest import compose_train
 from tests.test_run_config import run_train
 from tests.test_transfer import pretrained_checkpoint
@@ -515,7 +517,7 @@ def test_vqav2_run_reports_official_accuracy_beside_the_baseline(tmp_path, capsy
 def test_table7_experiment_composes_with_metered_values():
     cfg = compose_train("experiment=table7_vqa", "data_root=/data", "init_from=x.ckpt")
     assert cfg.task._target_ == "flip.tasks.vqa.VQAModule" and cfg.needs_init_from
-    assert cfg.data.train._target_ == "flip.data.vqa.VQAv2"
+    assert cfg.data.train._target_ == "flip.data.vqav2.VQAv2"
     assert cfg.data.train.images == "/data/vqav2/train2014"
     assert cfg.data.val.annotations == "/data/vqav2/v2_mscoco_val2014_annotations.json"
     assert cfg.data.num_answers == 3129 and cfg.data.vocab_includes_val

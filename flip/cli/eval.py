@@ -1,12 +1,10 @@
-"""``flip-eval ckpt_path=… [overrides]``: evaluation of a checkpoint from the installed
-configs (see conf/eval.yaml)."""
+"""``flip-eval ckpt_path=… [overrides]``: evaluation of a checkpoint (see conf/eval.yaml)."""
 
 import hydra
 from omegaconf import DictConfig
 
-from flip.cli import CONFIG_PATH
-from flip.config import run_or_exit
-from flip.eval.runner import evaluate
+from flip.cli import CONFIG_PATH, run_or_exit
+from flip.run import evaluate
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")

@@ -1,11 +1,10 @@
-"""``flip-train [overrides]``: FLIP pre-training from the installed configs (see conf/train.yaml)."""
+"""``flip-train [overrides]``: pre-training or a downstream task (see conf/train.yaml)."""
 
 import hydra
 from omegaconf import DictConfig
 
-from flip.cli import CONFIG_PATH
-from flip.config import run_or_exit
-from flip.train import train
+from flip.cli import CONFIG_PATH, run_or_exit
+from flip.run import train
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")

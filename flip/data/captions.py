@@ -4,16 +4,8 @@ Training items are ``(image, caption)`` pairs, one per reference caption (BLIP's
 ``coco_karpathy_train``: every one of an image's ~5 captions is a sample); validation
 items are ``(image, [references])``, one per image, scored by the COCO caption metrics.
 
-Readers (real on-disk formats, nothing is downloaded):
-- Karpathy's ``dataset_coco.json`` (``images[{filepath, filename, split: train | val |
-  test | restval, sentences[{raw}], cocoid}]``), read by ``flip.eval.readers.captions_json``
-  (the reader of the retrieval evaluation); images at ``<root>/<filepath>/<filename>``
-  (``val2014/COCO_val2014_000000391895.jpg``). Training uses train + restval (113,287
-  images), the paper's test split of [38] is ``test`` (5,000 images), ``val`` another 5,000.
-- COCO-format caption annotations (``images[{id, file_name}]``, ``annotations[{image_id,
-  caption}]``): nocaps' ``nocaps_val_4500_captions.json`` (images under ``<root>/val``;
-  each image also has ``domain``: in-, near- or out-of-domain) and COCO's own
-  ``captions_val2014.json``.
+Datasets: COCO (Karpathy split) and nocaps from disk (``flip.data.coco_captions``), the
+shapes miniature (``flip.data.shapes_captions``).
 
 Captions are tokenised here, in the collate function, with the contrastive tokenizer's
 WordPiece vocabulary; the decoder's start and end are BERT's ``[CLS]``/``[SEP]`` (see
@@ -33,142 +25,19 @@ of the images: ``(images, tokens of the first reference, [references], indices)`
 
 from __future__ import annotations
 
-import functools
-import json
-import random
 from collections.abc import Sequence
-from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from flip.config import ConfigError
-from flip.data.shapes import ShapesCaptions, describe, render, sample_scene
-from flip.data.transforms import to_normalized_tensor
-from flip.eval.caption_metrics import constant_caption
-from flip.eval.readers import Captioned, DatasetNotFound, captions_json, load_image
+from flip.metrics.captions import constant_caption
 from flip.tokenizer import PAD_ID, UNK_ID, VOCAB_SIZE, Tokenizer
 
 BOS_ID = 101  # BERT [CLS]: starts every decoder sequence
 EOS_ID = 102  # BERT [SEP]: ends it
-COCO_FORMAT_LAYOUT = (
-    '{root}/{ann_file}: COCO-format captions ({{"images": [{{"id", "file_name"}}], '
-    '"annotations": [{{"image_id", "caption"}}]}}); images under {root}/{image_dir}'
-)
 
 
-# -- readers ---------------------------------------------------------------------------------
-def karpathy_images(
-    root,
-    transform,
-    splits: Sequence[str] = ("test",),
-    ann_file: str = "dataset_coco.json",
-    image_dir: str = "",
-) -> Captioned:
-    """The images of the Karpathy ``splits`` with their reference captions."""
-    if isinstance(splits, str):
-        splits = [splits]
-    parts = [captions_json("coco", root, split, transform, ann_file, image_dir) for split in splits]
-    return Captioned([item for part in parts for item in part.items], transform)
-
-
-def coco_format_images(
-    root, transform, ann_file: str, image_dir: str = "", name: str = "nocaps"
-) -> Captioned:
-    """Images with their captions from a COCO-format annotation file (nocaps,
-    ``captions_val2014.json``), in the file's image order."""
-    root = Path(root)
-    ann = root / ann_file
-    layout = [COCO_FORMAT_LAYOUT.format(root=root, ann_file=ann_file, image_dir=image_dir)]
-    if not ann.is_file():
-        raise DatasetNotFound(name, root, layout, why=f"no {ann}")
-    data = json.loads(ann.read_text("utf-8"))
-    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        raise ConfigError(
-            f"{ann}: expected COCO-format captions ({{'images': [...], 'annotations': [...]}}}})"
-        )
-    refs: dict = {}
-    for a in data["annotations"]:
-        refs.setdefault(a["image_id"], []).append(a["caption"])
-    items = [(root / image_dir / im["file_name"], refs.get(im["id"], [])) for im in data["images"]]
-    without = [str(p) for p, caps in items if not caps]
-    if without:
-        raise ConfigError(f"{ann}: {len(without)} images have no caption, e.g. {without[0]}")
-    missing = [p for p, _ in items if not p.is_file()]
-    if missing:
-        raise DatasetNotFound(
-            name, root, layout, why=f"{len(missing)} images missing, e.g. {missing[0]}"
-        )
-    return Captioned(items, transform)
-
-
-class CaptionPairs(Dataset):
-    """(transform(image), caption): one sample per reference caption of each image."""
-
-    def __init__(self, images: Captioned):
-        self.images = images
-        self.pairs = [(i, j) for i, (_, caps) in enumerate(images.items) for j in range(len(caps))]
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, k: int):
-        i, j = self.pairs[k]
-        path, captions = self.images.items[i]
-        return self.images.transform(load_image(path)), captions[j]
-
-    @property
-    def captions(self) -> list[str]:
-        return [c for _, caps in self.images.items for c in caps]
-
-
-# -- shapes miniature ------------------------------------------------------------------------
-class ShapesTrainCaptions(ShapesCaptions):
-    """Shapes scenes with one caption each, every index a new scene (all 40 colour x shape
-    pairs: captioning holds nothing out)."""
-
-    def __init__(self, size: int = 20000, image_size: int = 64, seed: int = 0):
-        super().__init__("train", size, image_size, seed, heldout_fraction=0.0)
-
-    @functools.cached_property
-    def captions(self) -> list[str]:
-        return [self.sample(i)[1] for i in range(len(self))]
-
-
-class ShapesReferences(Dataset):
-    """A fixed set of shapes scenes, each with ``references`` true captions drawn
-    independently (5, as COCO): ``(image, [captions])``. Its own seed stream: no scene of
-    the training stream."""
-
-    def __init__(
-        self,
-        size: int = 200,
-        image_size: int = 64,
-        seed: int = 0,
-        references: int = 5,
-        split: str = "val",
-    ):
-        self.size, self.image_size, self.seed = size, image_size, seed
-        self.references, self.split = references, split
-        self.transform = to_normalized_tensor()  # no crops or flips: captions state positions
-
-    def __len__(self) -> int:
-        return self.size
-
-    def sample(self, index: int):
-        if not 0 <= index < self.size:
-            raise IndexError(f"index {index} out of range for {self.size} images")
-        rng = random.Random(f"flip-shapes/captioning/{self.seed}/{self.split}/{index}")
-        scene = sample_scene(rng)
-        return scene, [describe(scene, rng) for _ in range(self.references)]
-
-    def __getitem__(self, index: int):
-        scene, refs = self.sample(index)
-        return self.transform(render(scene, self.image_size)), refs
-
-
-# -- datamodule ------------------------------------------------------------------------------
 class _Indexed(Dataset):
     """item -> (index, item): validation keeps each image's references by dataset index
     (a distributed sampler repeats a few images to even out the ranks)."""

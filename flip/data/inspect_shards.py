@@ -16,8 +16,8 @@ import logging
 import numpy as np
 
 from flip.data.images import DEFAULT_MAX_PIXELS
-from flip.data.quality import DataError
 from flip.data.shards import ShardStream, expand_shards
+from flip.errors import DataError
 from flip.tokenizer import Tokenizer
 
 

@@ -16,7 +16,7 @@ wants (``datamodule.loader_stats``). Batches stay plain ``(images, tokens)`` tup
 added, need no draining, are not lost when workers stop (persistent or not), and travel
 the same way with fork or spawn workers (torch shares the memory) and in-process.
 
-``DataQualityCallback`` (``conf/callbacks/default.yaml``) then, every
+``flip.callbacks.data_quality.DataQualityCallback`` (``conf/callbacks/default.yaml``) then, every
 ``trainer.log_every_n_steps`` batches, sums the counts over ranks, logs
 ``data/skipped_<reason>``, ``data/samples_read``, ``data/skip_rate`` and friends, stops the
 run with ``DataError`` when a skip rate exceeds ``data.max_skip_rate`` (after
@@ -35,20 +35,14 @@ after its latest batch (they come with its next one).
 
 from __future__ import annotations
 
-import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 
-import lightning as L
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import get_worker_info
-
-from flip.config import ConfigError
-
-log = logging.getLogger(__name__)
 
 SHARD_REASONS = ("unreadable_shard", "corrupt_shard")
 SAMPLE_REASONS = (
@@ -63,15 +57,6 @@ REASONS = SHARD_REASONS + SAMPLE_REASONS
 MODES = (*Image.MODES, "other")  # original modes of converted images; "other": any new one
 EXAMPLE_BYTES = 512  # kept of each example in shared memory (UTF-8)
 _ALIASES = {"missing": "missing_image", "corrupt": "corrupt_image"}  # CsvCaptions' keys
-
-
-class DataError(RuntimeError):
-    """The input data cannot be trained on (nothing readable, or too much of it is bad)."""
-
-
-class DataPathError(DataError, ConfigError):
-    """A data setting points at nothing readable (found at start-up; ``train.py`` prints
-    it as one ``error:`` line, like other configuration errors)."""
 
 
 @dataclass
@@ -312,79 +297,3 @@ class QualityMixin:
 
     def load_state_dict(self, state: dict) -> None:
         self.batches_seen = int(state.get("batches_seen", 0))
-
-
-class DataQualityCallback(L.Callback):
-    """Logs ``data/*`` counts, enforces the datamodule's ``max_skip_rate``, prints a summary.
-
-    A no-op for datamodules without ``loader_stats``. ``every``: with several ranks, the
-    batches between the cross-rank sums and checks (default ``trainer.log_every_n_steps``;
-    one process checks every batch); all ranks sum and check at the same batches, so a
-    stop is raised on every rank together. The totals are saved in checkpoints and
-    continue after a resume (as of the last sum before the checkpoint).
-    """
-
-    def __init__(self, every: int | None = None):
-        self.every = every
-        self.total: LoaderStats | None = None  # over all ranks, as of the last sum
-        self.resumed = LoaderStats()  # the totals saved in the checkpoint a run resumed from
-
-    @staticmethod
-    def _stats(trainer) -> LoaderStats | None:
-        return getattr(trainer.datamodule, "loader_stats", None) if trainer.datamodule else None
-
-    def _reduce(self, trainer, pl_module, stats: LoaderStats) -> LoaderStats:
-        total = LoaderStats.from_dict(self.resumed.to_dict())  # a copy
-        if trainer.world_size == 1:
-            total += stats
-        else:
-            summed = trainer.strategy.reduce(stats.to_tensor(pl_module.device), reduce_op="sum")
-            total += LoaderStats.from_tensor(summed.cpu(), examples=stats.examples)
-        return total
-
-    # counts continue across a resume (as of the last sum before the checkpoint)
-    def state_dict(self) -> dict:
-        return {"total": self.total.to_dict()} if self.total is not None else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if "total" in state:
-            self.resumed = LoaderStats.from_dict(state["total"])
-
-    def check(self, datamodule, total: LoaderStats) -> None:
-        limit = datamodule.max_skip_rate
-        if total.samples_read < datamodule.skip_rate_min_samples:
-            return
-        if total.skip_rate > limit or total.shard_failure_rate > limit:
-            what = (
-                f"{100 * total.skip_rate:.1f}% of the {total.samples_read:,} samples read"
-                if total.skip_rate > limit
-                else f"{100 * total.shard_failure_rate:.1f}% of the {total.shards:,} shard reads"
-            )
-            raise DataError(
-                f"too much bad input: {what} failed, above data.max_skip_rate="
-                f"{limit:g}; fix or remove the bad files, or raise data.max_skip_rate.\n"
-                + total.summary()
-            )
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        stats = self._stats(trainer)
-        if stats is None:
-            return
-        every = 1 if trainer.world_size == 1 else (self.every or trainer.log_every_n_steps or 1)
-        if self.total is None or (batch_idx + 1) % every == 0:
-            self.total = self._reduce(trainer, pl_module, stats)
-            self.check(trainer.datamodule, self.total)
-        pl_module.log_dict(self.total.metrics(), on_step=True, on_epoch=False)
-
-    def on_train_end(self, trainer, pl_module):
-        stats = self._stats(trainer)
-        if stats is None:
-            return
-        self.total = self._reduce(trainer, pl_module, stats)
-        if trainer.is_global_zero:
-            level = (
-                logging.WARNING
-                if self.total.sample_skips or self.total.shard_failures
-                else logging.INFO
-            )
-            log.log(level, "%s", self.total.summary())

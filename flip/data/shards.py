@@ -78,8 +78,9 @@ from flip.data.images import (
     decode_caption,
     decode_image,
 )
-from flip.data.quality import DataError, DataPathError, LoaderStats, QualityMixin, SharedStats
+from flip.data.quality import LoaderStats, QualityMixin, SharedStats
 from flip.data.transforms import DecodeRandomResizedCrop, normalize
+from flip.errors import DataError, DataPathError
 from flip.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

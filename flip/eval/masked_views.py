@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flip.config import ConfigError
+from flip.errors import ConfigError
 from flip.masking import Mask, num_visible
 
 VIEWS = ("single", "ensemble")

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import torch
 
 from flip.eval.masked_views import encode_image_views
-from flip.eval.metrics import Collect, dedupe_by_index, retrieval_recall
 from flip.eval.module import EvalModule
+from flip.metrics.zeroshot import Collect, dedupe_by_index, retrieval_recall
 
 MAX_CAPTIONS = 1000  # caption slots per image in the text ordering key (index * MAX + j)
 

@@ -1,12 +1,13 @@
 """Evaluate a pre-trained checkpoint: zero-shot classification, retrieval, robustness,
-linear probing, or a suite of them; one results table.
+linear probing, or a suite of them; one results table. Evaluation's part of a run
+(``flip.run.evaluate`` prepares the run, builds the Trainer and records the metrics).
 
-``evaluate(cfg)`` rebuilds the model from the checkpoint alone (its stored model config,
+``evaluate(cfg, trainer)`` rebuilds the model from the checkpoint alone (its stored model config,
 ``flip.checkpoint.build_model``; an explicit ``model=`` must agree with it), then runs, for
 every dataset of ``cfg.eval_data`` and every protocol that ``cfg.eval_task`` asks for, a
 LightningModule (``flip.eval.zeroshot`` / ``retrieval`` / ``linear_probe``) through
 ``Trainer.test`` with the configured accelerator and devices. Datasets are built by
-``_target_`` (``flip.eval.datasets``). Results are printed as a markdown table and written
+``_target_`` (``flip.data.benchmarks.datasets``). Results are printed as a markdown table and written
 to ``<output_dir>/results.json`` and ``<output_dir>/results.md``. ``mask`` and
 ``masked_views`` give zero-shot and retrieval masked inference (Table 1d,
 ``flip.eval.masked_views``).
@@ -24,12 +25,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from flip.checkpoint import build_model
-from flip.config import ConfigError, check_hardware, check_mask
-from flip.console import quiet_console
-from flip.eval.datasets import class_names, prompt_templates
+from flip.config import check_mask
+from flip.data.benchmarks.datasets import class_names, prompt_templates
+from flip.data.benchmarks.readers import DatasetNotFound
+from flip.errors import ConfigError
 from flip.eval.linear_probe import FeatureExtractor, LinearProbe
 from flip.eval.masked_views import VIEWS, num_views
-from flip.eval.readers import DatasetNotFound
 from flip.eval.retrieval import ZeroShotRetrieval
 from flip.eval.zeroshot import ZeroShotClassification, format_zero_shot
 from flip.tokenizer import Tokenizer
@@ -244,17 +245,14 @@ def headline(protocol: str, entry: DictConfig, metrics: dict[str, float]) -> str
     return next((n for n in names if n in metrics), names[0])
 
 
-def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Run ``cfg.eval_task`` on every dataset of ``cfg.eval_data``; returns flat metrics
-    ``<dataset>/<protocol>/<metric>`` (and ``val/zeroshot_top1`` for the held-out set)."""
-    check_hardware(cfg.trainer.accelerator)
-    quiet_console(cfg.trainer.accelerator, cfg.get("verbose", False))
-    L.seed_everything(cfg.seed, workers=True)
+def evaluate(cfg: DictConfig, trainer: L.Trainer) -> tuple[dict[str, float], list[dict]]:
+    """Run ``cfg.eval_task`` on every dataset of ``cfg.eval_data`` with ``trainer``; returns
+    flat metrics ``<dataset>/<protocol>/<metric>`` (and ``val/zeroshot_top1`` for the
+    held-out set) and the rows of the results table."""
     if not cfg.get("eval_data"):
         raise ConfigError("eval_data is empty: choose datasets, e.g. eval_data=imagenet")
     model = load_model(cfg)
     check_masked_inference(cfg, model)
-    trainer = _trainer(cfg, use_distributed_sampler=False)
     rows, flat, classifiers = [], {}, {}
     for name, entry in cfg.eval_data.items():
         for protocol in protocols_for(cfg.eval_task, name, entry):
@@ -286,39 +284,24 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             flat.update({f"{name}/{protocol}/{k}": v for k, v in metrics.items()})
     if (top1 := flat.get(f"{HELDOUT}/zeroshot/top1")) is not None:
         flat["val/zeroshot_top1"] = top1
-    if trainer.is_global_zero:
-        write_results(cfg, rows)
-        log_results(cfg, flat)
-        print(format_table(rows))
-        heldout = next(
-            (
-                r
-                for r in rows
-                if r["dataset"] == HELDOUT and r["protocol"] == "zeroshot" and "value" in r
-            ),
-            None,
-        )
-        if heldout is not None:
-            print(
-                format_zero_shot(heldout["metrics"]["top1"], int(heldout["metrics"]["num_classes"]))
-            )
-    return flat
+    return flat, rows
 
 
-def log_results(cfg: DictConfig, flat: dict[str, float]) -> None:
-    """Send the final metrics (``<dataset>/<protocol>/<metric>``) to ``cfg.logger``, if any."""
-    if not cfg.get("logger"):
-        return
-    logger = hydra.utils.instantiate(cfg.logger)
-    logger.log_hyperparams(
-        {
-            "ckpt_path": str(cfg.ckpt_path),
-            "eval_task": cfg.eval_task.name,
-            "eval_data": list(cfg.eval_data),
-        }
+def report(cfg: DictConfig, rows: list[dict]) -> None:
+    """``<output_dir>/results.json`` and ``results.md``; the table and the held-out line
+    printed."""
+    write_results(cfg, rows)
+    print(format_table(rows))
+    heldout = next(
+        (
+            r
+            for r in rows
+            if r["dataset"] == HELDOUT and r["protocol"] == "zeroshot" and "value" in r
+        ),
+        None,
     )
-    logger.log_metrics({f"eval/{k}": v for k, v in flat.items()}, step=0)
-    logger.finalize("success")
+    if heldout is not None:
+        print(format_zero_shot(heldout["metrics"]["top1"], int(heldout["metrics"]["num_classes"])))
 
 
 def write_results(cfg: DictConfig, rows: list[dict]) -> None:

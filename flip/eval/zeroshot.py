@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy, MulticlassStatScores
 
 from flip.eval.masked_views import encode_image_views
-from flip.eval.metrics import Collect, dedupe_by_index, mean_average_precision_11pt, pm_k
 from flip.eval.module import EvalModule, first_item
+from flip.metrics.zeroshot import Collect, dedupe_by_index, mean_average_precision_11pt, pm_k
 
 
 @torch.no_grad()

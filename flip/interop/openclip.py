@@ -57,8 +57,8 @@ from flip.checkpoint import (
     model_state,
     save_flip_checkpoint,
 )
-from flip.config import ConfigError
 from flip.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from flip.errors import ConfigError
 from flip.models.clip import FLIP
 
 USAGE = """usage: python -m flip.interop.openclip export <ckpt> <out_dir> [model overrides]

@@ -9,7 +9,7 @@ smoothing optional, 0 by default: the plain cross-entropy baseline; no CIDEr
 optimisation / SCST). AdamW, linear warm-up then cosine to 0, per optimiser step.
 
 Validation decodes every validation image (greedy, or beam search with ``beam_size``),
-scores the captions with the COCO caption metrics (``flip.eval.caption_metrics``, x 100)
+scores the captions with the COCO caption metrics (``flip.metrics.captions``, x 100)
 and scores, on the same images with the same metrics, the trivial baseline: one constant
 caption for every image (the most frequent training caption, chosen by the datamodule).
 Logged: ``val/CIDEr``, ``val/BLEU-4``, ``val/METEOR``, ``val/ROUGE-L`` (``val/SPICE`` when
@@ -26,7 +26,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from flip.eval.caption_metrics import score_captions
+from flip.metrics.captions import score_captions
 from flip.models.caption_decoder import CaptionDecoder
 from flip.schedule import warmup_cosine
 from flip.tasks.transfer import TransferModule, build_tower, part_param_groups

@@ -40,7 +40,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from flip.config import ConfigError
+from flip.errors import ConfigError
 from flip.schedule import warmup_cosine
 from flip.tasks.transfer import TransferModule, build_tower
 

@@ -1,4 +1,5 @@
-"""Downstream tasks on pre-trained FLIP encoders: the common contract and the run.
+"""Downstream tasks on pre-trained FLIP encoders: the common contract and the task's part of
+a run (``Transfer``; ``flip.run.train`` runs it).
 
 ``python train.py task=finetune|captioning|vqa init_from=<pre-training checkpoint>``
 runs a task that trains new parameters (a head, a decoder, a fusion Transformer) on top
@@ -23,15 +24,12 @@ must be null).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
@@ -43,8 +41,7 @@ from flip.checkpoint import (
     model_config,
     model_state,
 )
-from flip.config import ConfigError, check_hardware, per_device_batch
-from flip.console import quiet_console
+from flip.errors import ConfigError
 from flip.models.clip import no_decay_names
 
 log = logging.getLogger(__name__)
@@ -117,81 +114,75 @@ def is_transfer_task(cfg: DictConfig) -> bool:
     return target is not None and issubclass(hydra.utils.get_class(target), TransferModule)
 
 
-def _data_follows_checkpoint(cfg: DictConfig, model_cfg: Mapping) -> None:
-    follow = {
-        "image_size": model_cfg["image"]["image_size"],
-        "context_length": model_cfg["text"]["context_length"],
-    }
-    with open_dict(cfg):
-        for key, value in follow.items():
-            if key in cfg.data and cfg.data[key] != value:
-                log.info("data.%s=%s from the init_from checkpoint", key, value)
-                cfg.data[key] = value
+class Transfer:
+    """A downstream task's part of a run (``flip.run.train``): the checks, the checkpoint's
+    architecture (the data's image size and context length follow it), the Trainer's length
+    in epochs, the task module with its pre-trained parts, and the closing line (the task's
+    metric on the validation set, beside its trivial baseline)."""
 
-
-def train_transfer(cfg: DictConfig) -> dict[str, float]:
-    """Train a downstream task on the encoders of ``cfg.init_from``; validate; print the
-    task's summary line; returns the final metrics."""
-    task = cfg.task._target_.rsplit(".", 1)[-1]
-    if not cfg.get("init_from"):
-        raise ConfigError(
-            f"{task} trains on pre-trained encoders: give init_from=<checkpoint> (e.g. "
-            "outputs/<date>/<time>/checkpoints/last.ckpt of a `python train.py` run)"
-        )
-    if cfg.batch.micro is not None:
-        raise ConfigError(
-            f"batch.micro={cfg.batch.micro} is gradient caching for the "
-            "contrastive loss; downstream tasks take batch.micro=null"
-        )
-    check_hardware(cfg.trainer.accelerator)
-    quiet_console(cfg.trainer.accelerator, cfg.get("verbose", False))
-    L.seed_everything(cfg.seed, workers=True)
-
-    ckpt = load_checkpoint(cfg.init_from)
-    model_cfg = model_config(ckpt)
-    if model_cfg is None:
-        raise CheckpointError(
-            f"init_from={cfg.init_from} stores no model config (not a "
-            "checkpoint written by flip's pre-training)"
-        )
-    _data_follows_checkpoint(cfg, model_cfg)
-    logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else False
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    if logger:
-        logger.log_hyperparams(resolved)
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer,
-        max_epochs=cfg.task.epochs,
-        max_steps=-1,
-        val_check_interval=1.0,
-        check_val_every_n_epoch=cfg.task.get("eval_every", 1),
-        logger=logger,
-        callbacks=callbacks,
-    )
-    data = hydra.utils.instantiate(cfg.data, batch_size=per_device_batch(cfg, trainer.world_size))
-    module: TransferModule = hydra.utils.instantiate(cfg.task, _partial_=True)(
-        model_config=model_cfg, **data.task_args
-    )
-    module.load_pretrained(model_state(ckpt), f"init_from={cfg.init_from}")
-    log.info("initialised %s from %s", ", ".join(module.pretrained_parts), cfg.init_from)
-
-    trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
-    if trainer.checkpoint_callback is not None:
-        trainer.save_checkpoint(
-            Path(trainer.checkpoint_callback.dirpath) / "last.ckpt", weights_only=False
-        )
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    metrics.update(
-        {
-            k: float(v)
-            for k, v in trainer.validate(module, datamodule=data, verbose=False)[0].items()
+    def __init__(self, cfg: DictConfig):
+        task = cfg.task._target_.rsplit(".", 1)[-1]
+        if not cfg.get("init_from"):
+            raise ConfigError(
+                f"{task} trains on pre-trained encoders: give init_from=<checkpoint> (e.g. "
+                "outputs/<date>/<time>/checkpoints/last.ckpt of a `python train.py` run)"
+            )
+        if cfg.batch.micro is not None:
+            raise ConfigError(
+                f"batch.micro={cfg.batch.micro} is gradient caching for the "
+                "contrastive loss; downstream tasks take batch.micro=null"
+            )
+        self.cfg = cfg
+        ckpt = load_checkpoint(cfg.init_from)
+        self.model_config = model_config(ckpt)
+        if self.model_config is None:
+            raise CheckpointError(
+                f"init_from={cfg.init_from} stores no model config (not a "
+                "checkpoint written by flip's pre-training)"
+            )
+        self.state = model_state(ckpt)
+        follow = {
+            "image_size": self.model_config["image"]["image_size"],
+            "context_length": self.model_config["text"]["context_length"],
         }
-    )
-    if trainer.is_global_zero:
-        print(module.summary(metrics))
-        record = {"metrics": metrics, "config": resolved}
-        (Path(cfg.output_dir) / "result.json").write_text(json.dumps(record, indent=1) + "\n")
-    if isinstance(logger, WandbLogger) and trainer.is_global_zero:
-        logger.experiment.finish()
-    return metrics
+        with open_dict(cfg):
+            for key, value in follow.items():
+                if key in cfg.data and cfg.data[key] != value:
+                    log.info("data.%s=%s from the init_from checkpoint", key, value)
+                    cfg.data[key] = value
+
+    def trainer_args(self) -> dict:
+        """``task.epochs`` passes, validation after every ``task.eval_every`` epochs (and
+        after the last)."""
+        return {
+            "max_epochs": self.cfg.task.epochs,
+            "max_steps": -1,
+            "val_check_interval": 1.0,
+            "check_val_every_n_epoch": self.cfg.task.eval_every,
+        }
+
+    def module(self, data: L.LightningDataModule) -> TransferModule:
+        """The task's module (``task`` but ``eval_every``, the Trainer's, with the checkpoint's
+        model config and what the data defines), its pre-trained parts loaded."""
+        args = OmegaConf.to_container(self.cfg.task, resolve=True)
+        del args["eval_every"]
+        module = hydra.utils.instantiate(args, _partial_=True)(
+            model_config=self.model_config, **data.task_args
+        )
+        module.load_pretrained(self.state, f"init_from={self.cfg.init_from}")
+        log.info("initialised %s from %s", ", ".join(module.pretrained_parts), self.cfg.init_from)
+        return module
+
+    def report(self, trainer: L.Trainer, module: TransferModule, data) -> dict[str, float]:
+        """Validation of the final weights (and the test split, where the data has one),
+        with the task's summary line."""
+        metrics = dict(trainer.validate(module, datamodule=data, verbose=False)[0])
+        if getattr(data, "test_set", None) is not None:  # reported once, at the end
+            metrics.update(trainer.test(module, datamodule=data, verbose=False)[0])
+        metrics = {k: float(v) for k, v in metrics.items()}
+        if trainer.is_global_zero:
+            print(module.summary(metrics))
+        return metrics
+
+    def then(self, last) -> None:
+        return None

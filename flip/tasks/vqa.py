@@ -6,7 +6,7 @@ miniature; ``data=vqav2`` for the real files).
 Model: both pre-trained towers (unmasked) encode the image and the question; a newly
 initialised fusion Transformer reads both token sequences and an answer classifier scores
 every answer of the vocabulary (``flip/models/fusion.py``). Training: binary cross-entropy
-with logits against soft scores (``flip.eval.vqa_metrics.answer_scores``), summed over the
+with logits against soft scores (``flip.metrics.vqa.answer_scores``), summed over the
 answers and averaged over the batch (ViLT's/METER's ``compute_vqa``: the mean times the
 number of answers, after jnhwkim/ban-vqa's ``instance_bce_with_logits``). AdamW with three
 learning rates, as METER fine-tunes (``task_finetune_vqa_clip_bert``: lr 5e-6 for the
@@ -14,7 +14,7 @@ pre-trained encoders, x5 for the new cross-modal layers, x50 for the head), weig
 0.01 on all but biases, norm scales and position embeddings; linear warm-up over
 ``warmup_fraction`` of the steps (METER: 0.1), then cosine to 0 (METER decays linearly).
 
-Validation: the official VQA accuracy (``flip.eval.vqa_metrics``) of the top-scoring answer,
+Validation: the official VQA accuracy (``flip.metrics.vqa``) of the top-scoring answer,
 overall and per answer type, beside the same accuracy of the most frequent training answer
 given to every question (``val/baseline_acc*``).
 """
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from flip.eval.vqa_metrics import ANSWER_TYPES, VQAAccuracy
+from flip.metrics.vqa import ANSWER_TYPES, VQAAccuracy
 from flip.models.fusion import AnswerClassifier, FusionTransformer
 from flip.schedule import warmup_cosine
 from flip.tasks.transfer import TransferModule, build_tower, part_param_groups

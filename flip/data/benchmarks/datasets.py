@@ -9,7 +9,7 @@ An entry says what the data is, where, and how it is scored::
     classnames: clip:CIFAR10        # used when the data carries no class names (metadata.py)
     templates: clip:CIFAR10         # prompt templates (metadata.py)
     dataset:                        # built once per split with the arguments of splits.<role>
-      _target_: flip.eval.datasets.clip_benchmark_set
+      _target_: flip.data.benchmarks.datasets.clip_benchmark_set
       name: cifar10
       builder: cifar10
       root: ${data_root}/cifar10
@@ -19,7 +19,7 @@ An entry says what the data is, where, and how it is scored::
 :func:`clip_benchmark_set` reads the layouts CLIP_benchmark reads — its webdataset export
 and the torchvision dataset folders — through CLIP_benchmark's own builders, never letting
 them download; datasets it has no builder for name one of our readers
-(``flip.eval.readers``), either directly or as ``otherwise:`` behind the export.
+(``flip.data.benchmarks.readers``), either directly or as ``otherwise:`` behind the export.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from flip.config import ConfigError
-from flip.eval import metadata
-from flip.eval.readers import DatasetNotFound, not_found
+from flip.data.benchmarks import metadata
+from flip.data.benchmarks.readers import DatasetNotFound, not_found
+from flip.errors import ConfigError
 
 # CLIP_benchmark builders that only read an existing directory when called with
 # download=False. Its others fetch files whatever the flag says (imagenetv2 unless all

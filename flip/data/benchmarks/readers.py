@@ -2,7 +2,7 @@
 ever): ObjectNet's mapping to ImageNet, the ImageNet-Vid / YouTube-BB-Robust PM-k frame
 sets, ImageNetV2's label-numbered folders, Karpathy caption files (Flickr30k, COCO),
 Hateful Memes and plain image folders. The CLIP_benchmark webdataset export and the
-torchvision dataset folders are read by CLIP_benchmark itself (``flip.eval.datasets``).
+torchvision dataset folders are read by CLIP_benchmark itself (``flip.data.benchmarks.datasets``).
 
 Every reader is a ``_target_`` of an ``eval_data`` entry, called as
 ``reader(name, root, split, transform, **options)``. Classification readers return a
@@ -28,9 +28,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from flip.config import ConfigError
+from flip.data.benchmarks import metadata
 from flip.data.images import IMAGE_EXTENSIONS, to_rgb
-from flip.eval import metadata
+from flip.errors import ConfigError
 
 LAYOUTS = {
     "wds": "the CLIP_benchmark webdataset export: {root}/{split}/nshards.txt, {root}/{split}/0.tar … "
