@@ -45,6 +45,9 @@ class ProbeData(L.LightningDataModule):
         return DataLoader(self.data, batch_size=self.batch_size)
 
 
+VALIDATED_AT = []  # the epoch of every validation a Probe ran
+
+
 class Probe(TransferModule):
     """A linear classifier on the pre-trained image tower's pooled tokens."""
 
@@ -53,7 +56,6 @@ class Probe(TransferModule):
         model_config: dict,
         num_classes: int,
         epochs: int = 1,
-        eval_every: int = 1,
         drop_path: float = 0.0,
     ):
         super().__init__()
@@ -70,6 +72,9 @@ class Probe(TransferModule):
         loss = nn.functional.cross_entropy(self(images)[0], labels)
         self.log("train/loss", loss)
         return loss
+
+    def on_validation_epoch_start(self):
+        VALIDATED_AT.append(self.current_epoch)
 
     def validation_step(self, batch, _):
         images, labels = batch
@@ -149,6 +154,19 @@ def test_run_loads_the_checkpoint_and_reports(tmp_path, capsys):
     tuned = last["state_dict"]["visual.patch_embed.proj.weight"]
     fresh = Probe(last["hyper_parameters"]["model_config"], 2).visual.patch_embed.proj.weight
     assert 0 < (tuned - start).norm() < 0.5 * (fresh - start).norm()
+
+
+@pytest.mark.parametrize("eval_every, expected", [(1, [0, 1, 2, 3, 4]), (2, [1, 3, 4])])
+def test_eval_every_sets_the_epochs_that_validate(tmp_path, eval_every, expected):
+    """task.eval_every=2 validates after the 2nd and 4th of 4 epochs (and once after the
+    run, at epoch 4: the reported numbers); the module never receives the key."""
+    pretrained_checkpoint(tmp_path / "p.ckpt")
+    cfg = probe_config(tmp_path, tmp_path / "p.ckpt")
+    with open_dict(cfg):
+        cfg.task.epochs, cfg.task.eval_every = 4, eval_every
+    VALIDATED_AT.clear()
+    train(cfg)
+    assert VALIDATED_AT == expected
 
 
 def test_run_refuses_without_init_from_and_with_micro_batches(tmp_path):

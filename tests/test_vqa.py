@@ -516,7 +516,7 @@ def test_vqav2_run_reports_official_accuracy_beside_the_baseline(tmp_path, capsy
 
 def test_table7_experiment_composes_with_metered_values():
     cfg = compose_train("experiment=table7_vqa", "data_root=/data", "init_from=x.ckpt")
-    assert cfg.task._target_ == "flip.tasks.vqa.VQAModule" and cfg.needs_init_from
+    assert cfg.task._target_ == "flip.tasks.vqa.VQAModule"
     assert cfg.data.train._target_ == "flip.data.vqav2.VQAv2"
     assert cfg.data.train.images == "/data/vqav2/train2014"
     assert cfg.data.val.annotations == "/data/vqav2/v2_mscoco_val2014_annotations.json"

@@ -52,7 +52,6 @@ class CaptioningModule(TransferModule):
         constant_caption: str,  # the trivial baseline's caption
         # length (read by the runner)
         epochs: int = 10,
-        eval_every: int = 1,
         # decoder (newly initialised)
         decoder_width: int = 512,
         decoder_depth: int = 3,

@@ -84,7 +84,6 @@ class FinetuneModule(TransferModule):
         num_classes: int,
         majority_class: int = 0,  # most frequent training label: the trivial baseline
         epochs: int = 100,
-        eval_every: int = 1,  # epochs between validations (read by the run)
         global_batch: int = 1024,
         base_lr: float = 5e-4,  # per 256 samples
         min_lr: float = 1e-6,  # end of the cosine (MAE main_finetune.py)

@@ -158,14 +158,14 @@ class Transfer:
             "max_epochs": self.cfg.task.epochs,
             "max_steps": -1,
             "val_check_interval": 1.0,
-            "check_val_every_n_epoch": self.cfg.task.eval_every,
+            "check_val_every_n_epoch": self.cfg.task.get("eval_every", 1),
         }
 
     def module(self, data: L.LightningDataModule) -> TransferModule:
         """The task's module (``task`` but ``eval_every``, the Trainer's, with the checkpoint's
         model config and what the data defines), its pre-trained parts loaded."""
         args = OmegaConf.to_container(self.cfg.task, resolve=True)
-        del args["eval_every"]
+        args.pop("eval_every", None)
         module = hydra.utils.instantiate(args, _partial_=True)(
             model_config=self.model_config, **data.task_args
         )

@@ -55,7 +55,6 @@ class VQAModule(TransferModule):
         warmup_fraction: float = 0.1,  # of the optimiser steps
         drop_path: float = 0.0,  # image tower and fusion, stochastic depth of the last block
         epochs: int = 10,  # read by the runner (train_transfer)
-        eval_every: int = 1,  # read by the runner
     ):
         super().__init__()
         if not answers:
