@@ -2,7 +2,8 @@
 
 Training items are ``(image, caption)`` pairs, one per reference caption (BLIP's
 ``coco_karpathy_train``: every one of an image's ~5 captions is a sample); validation
-items are ``(image, [references])``, one per image, scored by the COCO caption metrics.
+and test items are ``(image, [references])``, one per image, scored by the COCO caption
+metrics (validation during training, the test split once at the end).
 
 Datasets: COCO (Karpathy split) and nocaps from disk (``flip.data.coco_captions``), the
 shapes miniature (``flip.data.shapes_captions``).
@@ -58,7 +59,8 @@ class CaptionDataModule(L.LightningDataModule):
     def __init__(
         self,
         train: Dataset,  # (image, caption) items, with a ``captions`` list (the baseline's pool)
-        val: Dataset,  # (image, [references]) items
+        val: Dataset,  # (image, [references]) items, scored during training
+        test: Dataset | None = None,  # (image, [references]) items, scored once after training
         image_size: int = 224,  # what the model expects; checked against the data
         batch_size: int = 64,  # per device
         val_batch_size: int | None = None,  # default: batch_size
@@ -72,7 +74,7 @@ class CaptionDataModule(L.LightningDataModule):
             raise ValueError(f"max_length must be >= 2 ([CLS] and one token), got {max_length}")
         if output_vocab not in ("train", "full"):
             raise ValueError(f"output_vocab must be 'train' or 'full', got {output_vocab!r}")
-        self.train_set, self.val_set = train, val
+        self.train_set, self.val_set, self.test_set = train, val, test
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.val_batch_size = val_batch_size or batch_size
         self.pin_memory, self.max_length = pin_memory, max_length
@@ -157,4 +159,9 @@ class CaptionDataModule(L.LightningDataModule):
     def val_dataloader(self):
         return self._loader(
             _Indexed(self.val_set), self.val_batch_size, False, self._val_collate, False
+        )
+
+    def test_dataloader(self):
+        return self._loader(
+            _Indexed(self.test_set), self.val_batch_size, False, self._val_collate, False
         )

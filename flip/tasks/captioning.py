@@ -8,13 +8,14 @@ output tokens, trained with token-level cross-entropy under teacher forcing (lab
 smoothing optional, 0 by default: the plain cross-entropy baseline; no CIDEr
 optimisation / SCST). AdamW, linear warm-up then cosine to 0, per optimiser step.
 
-Validation decodes every validation image (greedy, or beam search with ``beam_size``),
+Validation (every ``task.eval_every`` epochs, on the data's ``val`` split) and the test (once,
+after training, on its ``test`` split when it has one) decode every image (greedy, or beam search with ``beam_size``),
 scores the captions with the COCO caption metrics (``flip.metrics.captions``, x 100)
 and scores, on the same images with the same metrics, the trivial baseline: one constant
 caption for every image (the most frequent training caption, chosen by the datamodule).
 Logged: ``val/CIDEr``, ``val/BLEU-4``, ``val/METEOR``, ``val/ROUGE-L`` (``val/SPICE`` when
 SPICE can run offline), ``val/baseline_<metric>``, ``val/loss`` (teacher-forced, first
-reference).
+reference); the same under ``test/`` for the test split.
 """
 
 from __future__ import annotations
@@ -148,16 +149,29 @@ class CaptioningModule(TransferModule):
         # decoder ids -> WordPiece ids -> text (word pieces merged)
         return [self.tokenizer.decode([hp.vocab[i] for i in seq]) for seq in ids]
 
+    # validation (every task.eval_every epochs) and test (once, after training) score alike
     def validation_step(self, batch, batch_idx):
+        self._decode_batch(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._decode_batch(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._score("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._score("test")
+
+    def _decode_batch(self, batch, split: str) -> None:
         images, tokens, references, indices = batch
         image_tokens = self.image_tokens(images)
         loss = self.loss(image_tokens, tokens)
-        self.log("val/loss", loss, sync_dist=True, batch_size=len(images))
+        self.log(f"{split}/loss", loss, sync_dist=True, batch_size=len(images))
         for i, caption, refs in zip(indices.tolist(), self._decode(image_tokens), references):
             self._captions[i] = caption
             self._references[i] = refs
 
-    def on_validation_epoch_end(self) -> None:
+    def _score(self, split: str) -> None:
         captions, references = self._captions, self._references
         self._captions, self._references = {}, {}
         if self.trainer.world_size > 1:  # every rank decoded a share of the images
@@ -176,13 +190,14 @@ class CaptioningModule(TransferModule):
             )
             for i in sorted(captions)[:3]:
                 log.info(
-                    "caption of val image %d: %r (first reference %r)",
+                    "caption of %s image %d: %r (first reference %r)",
+                    split,
                     i,
                     captions[i],
                     references[i][0],
                 )
         scores = self.trainer.strategy.broadcast(scores, src=0)
-        for name, prefix in (("model", "val/"), ("baseline", "val/baseline_")):
+        for name, prefix in (("model", f"{split}/"), ("baseline", f"{split}/baseline_")):
             for metric, value in scores[name].items():
                 if not math.isnan(value):  # SPICE offline: absent, with the warning logged
                     self.log(prefix + metric, value)
@@ -205,14 +220,16 @@ class CaptioningModule(TransferModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def summary(self, metrics: Mapping[str, float]) -> str:
-        model = " ".join(f"{m} {metrics[f'val/{m}']:.1f}" for m in REPORTED)
+        """The test split's scores when the data has one, else the validation split's."""
+        split = "test" if f"test/{REPORTED[0]}" in metrics else "val"
+        model = " ".join(f"{m} {metrics[f'{split}/{m}']:.1f}" for m in REPORTED)
         spice = (
-            f" SPICE {metrics['val/SPICE']:.1f}"
-            if "val/SPICE" in metrics
+            f" SPICE {metrics[f'{split}/SPICE']:.1f}"
+            if f"{split}/SPICE" in metrics
             else " (SPICE unavailable offline)"
         )
-        baseline = " ".join(f"{m} {metrics[f'val/baseline_{m}']:.1f}" for m in REPORTED)
+        baseline = " ".join(f"{m} {metrics[f'{split}/baseline_{m}']:.1f}" for m in REPORTED)
         return (
-            f"captioning {model}{spice}; constant caption baseline "
+            f"captioning ({split}) {model}{spice}; constant caption baseline "
             f"({self.hparams.constant_caption!r}): {baseline}"
         )
