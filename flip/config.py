@@ -1,5 +1,7 @@
 """Start-up checks of a composed run config: fail early, naming the key and what is allowed."""
 
+from collections.abc import Mapping
+
 import torch
 from omegaconf import DictConfig
 
@@ -32,6 +34,17 @@ def check_text_mask(cfg: DictConfig) -> None:
     if kind not in KINDS:
         raise ConfigError(
             f"model.text.mask_kind={kind!r} is invalid: use one of {', '.join(KINDS)}"
+        )
+
+
+def check_patches(model: Mapping) -> None:
+    """The image size must be a whole number of patches (a remainder would be cut off)."""
+    size, patch = model["image"]["image_size"], model["image"]["patch_size"]
+    if size % patch:
+        lower = size - size % patch
+        raise ConfigError(
+            f"data.image_size={size} is not a multiple of model.image.patch_size={patch}: "
+            f"use e.g. data.image_size={lower or patch} or {lower + patch}"
         )
 
 

@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from flip.callbacks.progress import StepProgressBar
 from flip.config import check_hardware, per_device_batch
 from flip.console import quiet_console
+from flip.errors import CheckpointError
 from flip.eval import runner as evaluation
 from flip.tasks.transfer import Transfer, is_transfer_task
 from flip.train import Pretraining
@@ -69,6 +70,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Pre-train (or, with ``task=finetune|captioning|vqa``, train a downstream task), then
     the job's closing evaluation; returns the final metrics."""
     prepare(cfg)
+    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
+        raise CheckpointError(f"ckpt_path={cfg.ckpt_path} does not exist")
     job = Transfer(cfg) if is_transfer_task(cfg) else Pretraining(cfg)
     logger = build_logger(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)

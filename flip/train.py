@@ -16,7 +16,13 @@ from flip.checkpoint import (
     model_state,
     resample_patch_embedding,
 )
-from flip.config import check_mask, check_reconstruction, check_text_mask, check_tuning
+from flip.config import (
+    check_mask,
+    check_patches,
+    check_reconstruction,
+    check_text_mask,
+    check_tuning,
+)
 from flip.eval.zeroshot import format_zero_shot
 
 log = logging.getLogger(__name__)
@@ -80,6 +86,7 @@ class Pretraining:
         self.cfg = cfg
         ckpt = load_checkpoint(cfg.init_from) if cfg.init_from else None
         model_cfg = resolve_model_config(cfg, ckpt)
+        check_patches(model_cfg)
         self.lightning_module = hydra.utils.instantiate(cfg.task, _partial_=True)(
             model=hydra.utils.instantiate(model_cfg),
             objective=hydra.utils.instantiate(cfg.objective),

@@ -15,6 +15,7 @@ from flip.data.transforms import (
     to_normalized_tensor,
     train_transform,
 )
+from flip.errors import DataPathError
 
 
 def write_csv(path, rows, header=("image_path", "caption")):
@@ -93,7 +94,7 @@ def test_image_root_and_truncated_file(folder, tmp_path_factory):
 
 def test_clear_errors(tmp_path):
     missing = tmp_path / "nope.csv"
-    with pytest.raises(FileNotFoundError, match="nope.csv"):
+    with pytest.raises(DataPathError, match="nope.csv"):
         CsvCaptions(missing)
     bad = write_csv(tmp_path / "bad.csv", [("a.png", "x")], header=("path", "text"))
     with pytest.raises(ValueError, match="image_path,caption") as err:

@@ -22,6 +22,7 @@ from flip.data.transforms import (
     to_normalized_tensor,
     train_transform,
 )
+from flip.errors import DataPathError
 from flip.run import train
 from tests.shard_fixtures import encode, noise_image
 
@@ -70,7 +71,7 @@ def test_folder_counts_every_bad_item(folder):
 
 
 def test_folder_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="image folder not found: .*nope"):
+    with pytest.raises(DataPathError, match="image folder not found: .*nope"):
         FolderCaptions(tmp_path / "nope")
     (tmp_path / "notes.txt").write_text("no images here")
     with pytest.raises(ValueError, match="no images"):

@@ -32,6 +32,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from flip.errors import ConfigError, DataError
 from flip.metrics.captions import constant_caption
 from flip.tokenizer import PAD_ID, UNK_ID, VOCAB_SIZE, Tokenizer
 
@@ -71,9 +72,9 @@ class CaptionDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if max_length < 2:
-            raise ValueError(f"max_length must be >= 2 ([CLS] and one token), got {max_length}")
+            raise ConfigError(f"data.max_length={max_length} must be >= 2 ([CLS] and one token)")
         if output_vocab not in ("train", "full"):
-            raise ValueError(f"output_vocab must be 'train' or 'full', got {output_vocab!r}")
+            raise ConfigError(f"data.output_vocab={output_vocab!r} must be train or full")
         self.train_set, self.val_set, self.test_set = train, val, test
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.val_batch_size = val_batch_size or batch_size
@@ -106,7 +107,7 @@ class CaptionDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         image = self.val_set[0][0]
         if tuple(image.shape[-2:]) != (self.image_size, self.image_size):
-            raise ValueError(
+            raise DataError(
                 f"data.image_size is {self.image_size} but the validation set "
                 f"yields {tuple(image.shape)} images"
             )
@@ -150,7 +151,7 @@ class CaptionDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         if len(self.train_set) < self.batch_size:
-            raise ValueError(
+            raise DataError(
                 f"the training set has {len(self.train_set)} captions, fewer than one "
                 f"batch ({self.batch_size}); lower batch.global or add data"
             )

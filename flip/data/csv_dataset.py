@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 
 from flip.data.images import DEFAULT_MAX_PIXELS, BadSample, decode_caption, decode_image
 from flip.data.transforms import train_transform
+from flip.errors import DataError, DataPathError
 
 log = logging.getLogger(__name__)
 COLUMNS = ("image_path", "caption")
@@ -53,18 +54,18 @@ class CsvCaptions(Dataset):
     ):
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"caption CSV not found: {self.path}")
+            raise DataPathError(f"caption CSV not found: {self.path}")
         with open(self.path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
             if not set(COLUMNS) <= set(header):
-                raise ValueError(
+                raise DataPathError(
                     f"{self.path}: expected a header with columns {','.join(COLUMNS)!r}, "
                     f"got {','.join(header)!r}"
                 )
             self.rows = [(row["image_path"], row["caption"]) for row in reader]
         if not self.rows:
-            raise ValueError(f"{self.path}: no image-caption rows below the header")
+            raise DataPathError(f"{self.path}: no image-caption rows below the header")
         self.root = Path(image_root) if image_root is not None else self.path.parent
         self._init_counters(image_size, transform, max_consecutive_bad, max_pixels)
 
@@ -120,7 +121,7 @@ class CsvCaptions(Dataset):
             item = self._load((index + offset) % len(self))
             if item is not None:
                 return item
-        raise RuntimeError(
+        raise DataError(
             f"{self.path}: {min(self.max_consecutive_bad, len(self))} consecutive rows from "
             f"row {index} have no readable image (looked under {self.root}); "
             f"skipped so far: {dict(self.skipped)}"

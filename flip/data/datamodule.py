@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from flip.data.quality import QualityMixin, SharedStats, stats_of_dataset
+from flip.errors import DataError
 from flip.tokenizer import Tokenizer
 
 
@@ -49,13 +50,13 @@ class ImageTextDataModule(QualityMixin, L.LightningDataModule):
         if stage != "fit":
             return
         if len(self.train_set) < self.batch_size:
-            raise ValueError(
+            raise DataError(
                 f"the training set has {len(self.train_set)} samples, fewer than one "
                 f"batch ({self.batch_size}); lower batch.global or add data"
             )
         image = self.train_set[0][0]
         if tuple(image.shape[-2:]) != (self.image_size, self.image_size):
-            raise ValueError(
+            raise DataError(
                 f"data.image_size is {self.image_size} but the training set yields "
                 f"{tuple(image.shape)} images"
             )

@@ -30,6 +30,7 @@ from flip.data.images import (
     decode_image,
 )
 from flip.data.transforms import eval_transform
+from flip.errors import DataPathError
 
 log = logging.getLogger(__name__)
 DEFAULT_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}."]
@@ -57,10 +58,10 @@ class FolderCaptions(CsvCaptions):
     ):
         self.root = self.path = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {self.root}")
+            raise DataPathError(f"image folder not found: {self.root}")
         self.rows = [(str(p), str(p.with_suffix(".txt"))) for p in list_images(self.root)]
         if not self.rows:
-            raise ValueError(
+            raise DataPathError(
                 f"{self.root}: no images ({' '.join(IMAGE_EXTENSIONS)}) in this folder or below it"
             )
         self._init_counters(image_size, transform, max_consecutive_bad, max_pixels)
@@ -90,15 +91,15 @@ class ImageFolderZeroShot(Dataset):
     ):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"zero-shot image folder not found: {self.root}")
+            raise DataPathError(f"zero-shot image folder not found: {self.root}")
         folders = sorted(p.name for p in self.root.iterdir() if p.is_dir())
         if not folders:
-            raise ValueError(f"{self.root}: expected one sub-folder of images per class")
+            raise DataPathError(f"{self.root}: expected one sub-folder of images per class")
         self.classnames = (
             list(classnames) if classnames is not None else [f.replace("_", " ") for f in folders]
         )
         if len(self.classnames) != len(folders):
-            raise ValueError(
+            raise DataPathError(
                 f"{self.root}: {len(folders)} class folders but {len(self.classnames)} classnames"
             )
         self.templates = list(templates) if templates is not None else list(DEFAULT_TEMPLATES)
@@ -108,7 +109,7 @@ class ImageFolderZeroShot(Dataset):
             for p in list_images(self.root / folder)
         ]
         if not self.items:
-            raise ValueError(f"{self.root}: the class folders hold no images")
+            raise DataPathError(f"{self.root}: the class folders hold no images")
         self.image_size, self.max_pixels = image_size, max_pixels
         self.transform = transform if transform is not None else eval_transform(image_size)
         self.skipped = Counter()

@@ -44,6 +44,8 @@ import torch
 from PIL import Image
 from torch.utils.data import get_worker_info
 
+from flip.errors import ConfigError
+
 SHARD_REASONS = ("unreadable_shard", "corrupt_shard")
 SAMPLE_REASONS = (
     "missing_image",
@@ -268,7 +270,7 @@ class QualityMixin:
 
     def init_quality(self, max_skip_rate: float = 0.05, skip_rate_min_samples: int = 1000):
         if not 0 <= max_skip_rate <= 1:
-            raise ValueError(f"data.max_skip_rate={max_skip_rate!r} must be in [0, 1]")
+            raise ConfigError(f"data.max_skip_rate={max_skip_rate!r} must be in [0, 1]")
         self.max_skip_rate, self.skip_rate_min_samples = max_skip_rate, skip_rate_min_samples
         self._shared_stats, self._shared_stats_pid = None, None
         self.batches_seen = 0  # training batches, including those before a resume

@@ -66,7 +66,7 @@ def read_vqav2(
     questions = Path(questions)
     data = _load_json(questions, "questions")
     if "questions" not in data or "data_subtype" not in data:
-        raise ValueError(
+        raise DataPathError(
             f"{questions}: not a VQA questions file (needs the keys "
             f"'questions' and 'data_subtype'; has {sorted(data)})"
         )
@@ -75,13 +75,13 @@ def read_vqav2(
         annotations = Path(annotations)
         ann = _load_json(annotations, "annotations")
         if "annotations" not in ann:
-            raise ValueError(f"{annotations}: not a VQA annotations file (no 'annotations' key)")
+            raise DataPathError(f"{annotations}: not a VQA annotations file (no 'annotations' key)")
         notes = {a["question_id"]: a for a in ann["annotations"]}
     records = []
     for q in data["questions"]:
         a = notes.get(q["question_id"])
         if annotations is not None and a is None:
-            raise ValueError(
+            raise DataPathError(
                 f"{annotations} has no annotation of question {q['question_id']} "
                 f"of {questions} (files of different splits?)"
             )
@@ -103,7 +103,7 @@ def read_vqav2(
             )
         )
     if not records:
-        raise ValueError(f"{questions} holds no questions")
+        raise DataPathError(f"{questions} holds no questions")
     return records, data["data_subtype"]
 
 
