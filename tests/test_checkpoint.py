@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from flip.checkpoint import CheckpointError, build_model, merge_model_config, save_flip_checkpoint
-from flip.config import ConfigError
+from flip.errors import ConfigError
 from flip.objective import Objective
 from flip.tasks.pretrain import PretrainModule
 from tests.conftest import compose_fast

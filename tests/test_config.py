@@ -9,7 +9,8 @@ import torch
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
-from flip.config import ConfigError, check_hardware, check_mask, per_device_batch
+from flip.config import check_hardware, check_mask, per_device_batch
+from flip.errors import ConfigError
 from flip.models.clip import FLIP
 from tests.conftest import CONF, compose_train
 

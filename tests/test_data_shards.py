@@ -12,7 +12,6 @@ from torch.utils.data._utils.pin_memory import pin_memory
 
 from flip.callbacks.data_quality import DataQualityCallback
 from flip.checkpoint import load_checkpoint
-from flip.config import ConfigError
 from flip.data.quality import LoaderStats, SharedStats
 from flip.data.shards import (
     ShardDataModule,
@@ -22,7 +21,7 @@ from flip.data.shards import (
     keep_batch,
 )
 from flip.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, to_normalized_tensor
-from flip.errors import DataError
+from flip.errors import ConfigError, DataError
 from flip.run import train
 from flip.tokenizer import Tokenizer
 from tests.conftest import compose_fast

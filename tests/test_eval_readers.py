@@ -10,7 +10,6 @@ from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from flip.config import ConfigError
 from flip.data.benchmarks import metadata, readers
 from flip.data.benchmarks.datasets import (
     READ_ONLY_BUILDERS,
@@ -19,6 +18,7 @@ from flip.data.benchmarks.datasets import (
     prompt_templates,
 )
 from flip.data.benchmarks.readers import DatasetNotFound
+from flip.errors import ConfigError
 from flip.eval.module import IndexedStream
 from flip.eval.runner import build_split
 from tests import eval_fixtures as fx

@@ -15,9 +15,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from flip.checkpoint import build_model, save_flip_checkpoint
-from flip.config import ConfigError
 from flip.data.benchmarks import metadata
 from flip.data.transforms import eval_transform
+from flip.errors import ConfigError
 from flip.eval.zeroshot import build_zero_shot_classifier
 from flip.masking import Mask
 from flip.run import evaluate

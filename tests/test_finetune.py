@@ -21,9 +21,9 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torchvision.datasets import ImageFolder
 
 from flip.checkpoint import load_checkpoint, model_state, save_flip_checkpoint
-from flip.config import ConfigError
 from flip.data.classification import ClassificationDataModule, ShapesClasses
 from flip.data.shapes import ALL_COMBOS, COLOUR_JITTER, COLOURS, render
+from flip.errors import ConfigError
 from flip.tasks.finetune import FinetuneModule
 from tests.conftest import CONF, compose_train
 

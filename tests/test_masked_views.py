@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flip.config import ConfigError
+from flip.errors import ConfigError
 from flip.eval.masked_views import complementary_masks, encode_image_views, num_views, sample_noise
 from flip.masking import Mask
 from flip.models.clip import FLIP

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flip.checkpoint import build_model, load_checkpoint, load_weights, model_state
-from flip.config import ConfigError
+from flip.errors import ConfigError
 from flip.models.clip import Features
 from flip.reconstruction import PixelReconstruction, normalized_pixels, patchify
 

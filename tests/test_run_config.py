@@ -11,7 +11,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from flip.checkpoint import load_checkpoint, model_config
-from flip.config import ConfigError
+from flip.errors import ConfigError
 from flip.run import train
 from tests.conftest import CONF, FAST, compose_fast, compose_train
 

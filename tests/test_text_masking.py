@@ -4,7 +4,8 @@ truncate, as a shorter sequence; the config keys and their start-up check."""
 import pytest
 import torch
 
-from flip.config import ConfigError, check_text_mask
+from flip.config import check_text_mask
+from flip.errors import ConfigError
 from flip.masking import Mask
 from flip.models.clip import FLIP
 from flip.models.image_encoder import ImageEncoder

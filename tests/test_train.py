@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from flip.checkpoint import build_model, load_checkpoint
-from flip.config import ConfigError
+from flip.errors import ConfigError
 from flip.run import train
 from flip.tokenizer import Tokenizer
 from tests.conftest import compose_fast

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from flip.checkpoint import CheckpointError, load_checkpoint, save_flip_checkpoint
-from flip.config import ConfigError
+from flip.errors import ConfigError
 from flip.run import train
 from flip.tasks.transfer import TransferModule, build_tower, is_transfer_task
 from tests.conftest import compose_train

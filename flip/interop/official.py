@@ -53,7 +53,8 @@ import hydra
 import numpy as np
 import torch
 
-from flip.checkpoint import CheckpointError, save_flip_checkpoint
+from flip.checkpoint import save_flip_checkpoint
+from flip.errors import CheckpointError
 
 
 @dataclass(frozen=True)

@@ -34,14 +34,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from flip.checkpoint import (
-    CheckpointError,
     load_checkpoint,
     load_weights,
     merge_model_config,
     model_config,
     model_state,
 )
-from flip.errors import ConfigError
+from flip.errors import CheckpointError, ConfigError
 from flip.models.clip import no_decay_names
 
 log = logging.getLogger(__name__)
