@@ -25,6 +25,7 @@ from flip.data.benchmarks.readers import DatasetNotFound
 from flip.data.captions import BOS_ID, EOS_ID, CaptionDataModule
 from flip.data.coco_captions import coco_format_images
 from flip.data.shapes_captions import ShapesReferences, ShapesTrainCaptions
+from flip.errors import DataError
 from flip.models.caption_decoder import CaptionDecoder
 from flip.tasks.captioning import CaptioningModule
 from flip.tokenizer import PAD_ID, VOCAB_SIZE
@@ -449,7 +450,8 @@ def test_karpathy_coco_fixture_trains_and_its_loss_falls(tmp_path):
     write_karpathy(tmp_path / "coco")
     data = _data("data=coco_captions", f"data_root={tmp_path}", "data.image_size=16")
     assert len(data.train_set) == 4 * 5  # train + restval, one sample per caption
-    assert len(data.val_set) == 2 and data.val_set[0][1][0] == "A kite number 0 in the picture."
+    assert len(data.val_set) == 1  # Karpathy val, while training
+    assert len(data.test_set) == 2 and data.test_set[0][1][0] == "A kite number 0 in the picture."
     assert data.constant_caption == "A dog number 0 in the picture."  # all count 1: the first
     data.setup("fit")
     torch.manual_seed(0)
@@ -472,7 +474,7 @@ def test_karpathy_coco_fixture_trains_and_its_loss_falls(tmp_path):
             opt.step()
             losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
-    images, tokens, refs, indices = next(iter(data.val_dataloader()))
+    images, tokens, refs, indices = next(iter(data.test_dataloader()))
     assert refs == [
         [f"A {w} number {k} in the picture." for k in range(5)] for w in ("kite", "boat")
     ]
@@ -635,7 +637,7 @@ def test_optimizer_groups_and_schedule():
 def test_datamodule_checks_the_image_size():
     val = ShapesReferences(size=2, image_size=32)
     dm = CaptionDataModule(ShapesTrainCaptions(size=4, image_size=32), val, image_size=16)
-    with pytest.raises(ValueError, match="data.image_size is 16"):
+    with pytest.raises(DataError, match="data.image_size is 16"):
         dm.setup("fit")
 
 
