@@ -107,8 +107,7 @@ def profile_step(step, device: torch.device) -> dict:
         "other_top": {k: v / total for k, v in sorted(other.items(), key=lambda kv: -kv[1])[:6]},
         "profiled_s": total / 1e6,
         "gemm_flops": gemm_flops,
-        "gemm_s": gemm_us / 1e6,
-        "gemm_flops_per_s": gemm_flops / (gemm_us / 1e6) if gemm_us else None,
+        "gemm_share": gemm_us / total,
     }
 
 
@@ -154,7 +153,6 @@ def measure(arch: str, batch: int, a: argparse.Namespace, log) -> list[dict]:
         if a.profile is not None and a.profile in a.ratios:
             t.set_mask(a.profile)
             prof = profile_step(partial(step, "flip"), device)
-            prof["gemm_utilisation"] = (prof["gemm_flops_per_s"] or 0) / peak["flops_per_s"]
             next(r for r in rows if r["dtype"] == dtype and r["mask"] == a.profile)["profile"] = (
                 prof
             )
@@ -230,13 +228,17 @@ def to_markdown(result: dict) -> str:
         if "profile" not in r:
             continue
         p = r["profile"]
+        gemm_s = p["gemm_share"] * r["step_s"]
         out += [
             "",
             f"Profile of one {r['arch']} {r['dtype']} step at mask {r['mask']:g} "
-            f"(torch.profiler self time, {p['profiled_s']:.2f} s profiled): the Linear layers' "
-            f"GEMMs run {p['gemm_flops'] / 1e9:.1f} GFLOP in {p['gemm_s']:.2f} s = "
-            f"{(p['gemm_flops_per_s'] or 0) / 1e9:.1f} GFLOP/s, "
-            f"**{p['gemm_utilisation']:.2f}** of the peak.",
+            f"(torch.profiler self time, shares of the {p['profiled_s']:.2f} s profiled; the "
+            "profiler's clock is the wall clock, so its absolute times count the machine's "
+            f"load): the Linear layers' GEMMs (`aten::mm`, `aten::addmm`: "
+            f"{p['gemm_share']:.1%} of the step) run {p['gemm_flops'] / 1e9:.1f} GFLOP in "
+            f"{p['gemm_share']:.3f} × {r['step_s']:.3f} s (the step's CPU time above) = "
+            f"{p['gemm_flops'] / gemm_s / 1e9:.1f} GFLOP/s, "
+            f"**{p['gemm_flops'] / gemm_s / r['peak_flops_per_s']:.2f}** of the peak.",
             "",
             "| category | share of the step |",
             "|---|---|",
@@ -266,11 +268,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", type=float, default=None, metavar="RATIO")
     p.add_argument("--compile", type=float, default=None, metavar="RATIO")
     p.add_argument("--out", type=Path, default=None, help="path without suffix")
+    p.add_argument(
+        "--render", type=Path, default=None, help="print the table of a written .json only"
+    )
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     a = parse_args(argv)
+    if a.render:
+        result = json.loads(a.render.read_text())
+        print(to_markdown(result))
+        return result
     if a.threads:
         torch.set_num_threads(a.threads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
