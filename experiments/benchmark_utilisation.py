@@ -284,11 +284,12 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(a.threads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     load_start = os.getloadavg()
+    # the code measured: HEAD when the run starts
+    commit = os.popen("git -C " + str(RESULTS.parent) + " rev-parse --short HEAD").read().strip()
     rows = []
     for spec in a.models:
         arch, batch = spec.split(":")
         rows += measure(arch, int(batch), a, log)
-    commit = os.popen("git -C " + str(RESULTS.parent) + " rev-parse --short HEAD").read().strip()
     result = {
         "meta": {
             "command": "python experiments/benchmark_utilisation.py "
