@@ -82,6 +82,7 @@ def sdpa_switches() -> dict:
         return {}
     b = torch.backends.cuda
     return {
+        "flash_attention_available": b.is_flash_attention_available(),
         "flash_sdp_enabled": b.flash_sdp_enabled(),
         "mem_efficient_sdp_enabled": b.mem_efficient_sdp_enabled(),
         "cudnn_sdp_enabled": b.cudnn_sdp_enabled(),
