@@ -307,6 +307,29 @@ def measured_flops(
 # -------------------------------------------------------------------------- measuring
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def matmul_peak(
+    dtype: str, device: torch.device, size: int = 2048, repeats: int = 5
+) -> dict[str, float]:
+    """The machine's own matmul rate: ``torch.mm`` of two ``size``² matrices of ``dtype`` at
+    the current thread count, FLOP/s of the fastest of ``repeats`` (after one warm-up), by
+    process CPU time on the CPU (what the single-threaded step is timed by; other jobs on
+    the machine do not count) and by wall clock on CUDA."""
+    a, b = (torch.randn(size, size, device=device, dtype=DTYPES[dtype]) for _ in range(2))
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    best = math.inf
+    for i in range(repeats + 1):
+        _sync(device)
+        t0 = clock()
+        torch.mm(a, b)
+        _sync(device)
+        if i:
+            best = min(best, clock() - t0)
+    return {"flops_per_s": 2 * size**3 / best, "size": size, "seconds": best}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

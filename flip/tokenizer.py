@@ -89,6 +89,15 @@ class Tokenizer:
         encodings = self._tok.encode_batch(texts, add_special_tokens=False)
         return torch.tensor([e.ids for e in encodings], dtype=torch.long)
 
+    def to_json(self) -> str:
+        """This tokenizer as a ``tokenizers`` JSON document (a ``tokenizer.json``, which
+        ``transformers.AutoTokenizer`` loads) without padding and truncation: a loader sets
+        those per call. The OpenCLIP export ships it (``flip.interop.openclip``)."""
+        tok = _HFTokenizer.from_str(self._tok.to_str())
+        tok.no_padding()
+        tok.no_truncation()
+        return tok.to_str()
+
     def decode(self, ids) -> str:
         """Decode one sequence of ids (list or 1-D tensor) back to text, dropping padding."""
         if isinstance(ids, torch.Tensor):

@@ -160,3 +160,46 @@ def test_a_checkpoint_with_pickled_code_is_refused(tmp_path):
     torch.save({"state_dict": {}, "callback": Tokenizer(32)}, ckpt)  # an arbitrary object
     with pytest.raises(SystemExit, match=f"{ckpt} is refused"):
         main(["export", str(ckpt), str(tmp_path / "oc")])
+
+
+STOCK_USER = """
+import json, sys
+import open_clip, torch
+folder, images = sys.argv[1], torch.load(sys.argv[2])
+model = open_clip.create_model("local-dir:" + folder).eval()
+tokenizer = open_clip.get_tokenizer("local-dir:" + folder)
+tokens = tokenizer(json.loads(sys.argv[3]))
+with torch.no_grad():
+    image, text = model.encode_image(images, normalize=True), model.encode_text(tokens, normalize=True)
+torch.save({"tokens": tokens, "image": image, "text": text}, sys.argv[4])
+"""
+
+
+def test_a_stock_openclip_user_gets_our_tokens_and_embeddings_offline(tmp_path):
+    """The export loaded as a stock user would: a fresh process that imports only open_clip
+    and torch, offline (HF_HUB_OFFLINE=1), tokenizer and model from the folder alone."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers")  # open_clip's HFTokenizer
+    model, _ = make_model()
+    out = export_openclip(model, tmp_path / "export")
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    torch.save(images, tmp_path / "images.pt")
+    texts = [*TEXTS, "A CAFÉ   with 3 tables, by the river!", "word " * 40]  # accents, > 32
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    subprocess.run(
+        [sys.executable, "-c", STOCK_USER, str(out), str(tmp_path / "images.pt"),
+         json.dumps(texts), str(tmp_path / "stock.pt")],
+        check=True, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    stock = torch.load(tmp_path / "stock.pt")
+    ours = Tokenizer(32)(texts)
+    assert ours[:, 0].ne(101).all()  # no [CLS] first: the tower pools position 0
+    assert torch.equal(stock["tokens"], ours)
+    with torch.no_grad():
+        ours_i, ours_t = model.encode_image(images), model.encode_text(ours)
+    E = model.image_proj.out_features
+    torch.testing.assert_close(stock["image"][:, :E], ours_i, atol=1e-5, rtol=0)
+    torch.testing.assert_close(stock["text"][:, :E], ours_t, atol=1e-5, rtol=0)

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from flip.loss import contrastive_loss, gather_with_grad, global_contrastive_loss
+from flip.loss import contrastive_loss, global_contrastive_loss
 
 
 def _features(b, d=16, seed=0, dtype=torch.float32):
@@ -120,14 +120,6 @@ def test_local_chunks_average_to_full_batch(K):
         / K
     )
     assert abs(wrong - full.item()) > 1e-2
-
-
-def test_no_process_group_means_local_loss():
-    assert not dist.is_initialized()
-    img, txt = _features(6, seed=5)
-    assert gather_with_grad(img) is img
-    s = torch.tensor(7.0)
-    assert torch.equal(global_contrastive_loss(img, txt, s), contrastive_loss(img, txt, s))
 
 
 # ------------------------------------------------------------------- 2-process (gloo)

@@ -3,14 +3,18 @@
 The fixture is a small random model written in the t5x on-disk layout (msgpack ``checkpoint``
 + zarr arrays through TensorStore, as ``t5x/checkpoints.py`` writes them), with parameter
 names and shapes as the official ``models_flip.py`` (facebookresearch/flip, commit 9bf6bf8)
-creates them. The converted model is compared with a NumPy forward pass written here from
-the official code's structure (``VisionTransformer.apply_encoder``, ``Encoder1DBlock``,
-t5x ``MultiHeadDotProductAttention`` / ``LayerNorm(epsilon=1e-6)``, ``nn.gelu`` (tanh),
-``posembed_util``, ``FLIP.__call__``), not with our model code."""
+creates them: checked against ``tests/official_param_shapes.json``, the tree the official
+code itself creates (written by ``experiments/official_manifest.py``). The converted model
+is compared with a NumPy forward pass written here from the official code's structure
+(``VisionTransformer.apply_encoder``, ``Encoder1DBlock``, t5x ``MultiHeadDotProductAttention``
+/ ``LayerNorm(epsilon=1e-6)``, ``nn.gelu`` (tanh), ``posembed_util``, ``FLIP.__call__``), not
+with our model code."""
 
+import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import hydra
 import numpy as np
@@ -191,12 +195,15 @@ def write_t5x_checkpoint(
     step: int = 100000,
     extra_state: bool = True,
     inline: tuple = ("logit_scale",),
+    bucket_form: bool = False,
 ):
     """``root/checkpoint_<step>/``: the msgpack file and one zarr array per parameter (and per
     optimizer moment), each written through TensorStore with t5x's spec (gzip, relative path
     ``target.<flax path>``); the spec, not the array, goes into the msgpack tree. Parameters
     named in ``inline`` are stored in the msgpack file itself (t5x does so for arrays without
-    partitioning axes)."""
+    partitioning axes). ``bucket_form``: the spec as t5x stores it for a checkpoint saved to a
+    bucket (``_maybe_update_ts_from_file_to_gcs``): the relative path at the top level and a
+    placeholder ``gcs`` kvstore, ``{"bucket": "t5x-dummy-bucket", "driver": "gcs"}``."""
     ckpt = root / f"checkpoint_{step}"
     ckpt.mkdir(parents=True)
 
@@ -213,6 +220,13 @@ def write_t5x_checkpoint(
             "kvstore": {"driver": "file", "path": str(ckpt / spec["kvstore"]["path"])},
         }
         ts.open(absolute, create=True, open=True).result().write(arr).result()
+        if bucket_form:  # t5x rewrites the dict itself (no ts.Spec normalisation)
+            path = spec["kvstore"]["path"]
+            return {
+                **spec,
+                "path": path,
+                "kvstore": {"bucket": "t5x-dummy-bucket", "driver": "gcs"},
+            }
         return ts.Spec(spec).to_json()  # what flax.serialization stores for a ts.Spec
 
     def nest(flat, prefix):
@@ -273,6 +287,22 @@ def test_converted_model_computes_the_official_forward_pass(converted):
         np.testing.assert_allclose(got[key], ref[key], atol=2e-5, rtol=0, err_msg=key)
         assert np.abs(ref[key]).max() > 0.1  # not degenerate
     assert model.scale().item() == pytest.approx(ref["scale"], rel=1e-6)
+
+
+def test_a_checkpoint_saved_to_a_bucket_converts_to_the_same_weights(converted, tmp_path):
+    """The other spec form of official checkpoints (saved to GCS, downloaded into a folder):
+    a top-level ``path`` and a dummy-bucket ``gcs`` kvstore; read from the local folder."""
+    params, out = converted
+    ckpt = write_t5x_checkpoint(tmp_path / "release", params, bucket_form=True)
+    tree = msgpack.unpackb((ckpt / "checkpoint").read_bytes(), raw=False)
+    spec = tree["optimizer"]["target"]["img_encoder"]["cls"]
+    assert spec["kvstore"] == {"bucket": "t5x-dummy-bucket", "driver": "gcs"}
+    assert spec["path"] == "target.img_encoder.cls" and "path" not in spec["kvstore"]
+    bucket = convert(tmp_path / "release", tmp_path / "bucket.ckpt", model=ARCH)
+    ours, reference = load_checkpoint(bucket)["state_dict"], load_checkpoint(out)["state_dict"]
+    assert ours.keys() == reference.keys()
+    for k, v in reference.items():
+        assert torch.equal(ours[k], v), k
 
 
 @pytest.mark.parametrize(
@@ -338,6 +368,23 @@ def test_model_configs_match_the_official_architectures(name):
             ), (tower, key)
 
 
+# names and shapes of the official models_flip.FLIP's parameters, produced by running the
+# official code (experiments/official_manifest.py; the command and commit are in the file)
+MANIFEST = json.loads((Path(__file__).parent / "official_param_shapes.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["vit_b16", "vit_l16", "vit_h14"])
+def test_the_fixture_has_the_official_models_names_and_shapes(name):
+    """The fixture's hand-listed tree equals the one the official code creates, so the
+    converter, tested on the fixture, reads the real names; and the real tree is recognised."""
+    assert MANIFEST["commit"].startswith("9bf6bf8")
+    official_tree = {k: tuple(v) for k, v in MANIFEST["params"][name].items()}
+    fixture = official_params(arch=official.ARCHS[name], image_size=224, shapes_only=True)
+    assert {k: v.shape for k, v in fixture.items()} == official_tree
+    zeros = {k: np.broadcast_to(np.float32(0), v) for k, v in official_tree.items()}
+    assert official.infer_arch(zeros) == (name, official.ARCHS[name])
+
+
 @pytest.mark.parametrize("name", ["vit_b16", "vit_l16", "vit_h14"])
 def test_official_shapes_are_recognised(name):
     """The released architectures (official configs, 224 px) are told apart by their shapes."""
@@ -394,7 +441,8 @@ def test_command_line_recognises_the_architecture(tmp_path, monkeypatch, capsys)
 
 
 def test_converted_checkpoint_evaluates(converted, tmp_path):
-    """eval.py's in-process runner reads the converted file with no architecture named."""
+    """eval.py's in-process runner reads the converted file with no architecture named and
+    gives the held-out top-1 and top-5 of the official forward pass."""
     from hydra import compose, initialize_config_dir
 
     from flip.run import evaluate
@@ -413,7 +461,28 @@ def test_converted_checkpoint_evaluates(converted, tmp_path):
             ],
         )
     metrics = evaluate(cfg)
-    assert 0.0 <= metrics["val/zeroshot_top1"] <= 1.0
+    # the reference: the official forward pass (NumPy, above) on the same held-out images at
+    # the checkpoint's size, each class the normalised mean of its normalised prompts
+    params, _ = converted
+    cfg.data.image_size = IMAGE_SIZE
+    heldout = hydra.utils.instantiate(cfg.data.zeroshot)
+    images = np.stack([x.permute(1, 2, 0).numpy() for x, _ in heldout])
+    labels = np.array([y for _, y in heldout])
+    no_image, tokenizer = np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3)), Tokenizer(CONTEXT)
+    classes = []
+    for name in heldout.classnames:
+        prompts = tokenizer([t.format(name) for t in heldout.templates]).numpy()
+        text = official_forward(params, no_image, prompts)["text"]
+        text = text / np.linalg.norm(text, axis=1, keepdims=True)
+        classes.append(text.mean(0) / np.linalg.norm(text.mean(0)))
+    image = official_forward(params, images, tokenizer([""]).numpy())["image"]
+    logits = image @ np.stack(classes).T
+    assert len(labels) == 40
+    ranked = np.sort(logits, 1)
+    assert (ranked[:, -1] - ranked[:, -2]).min() > 1e-3  # no near-tie float32 could flip
+    top5 = np.mean([y in np.argsort(-row)[:5] for row, y in zip(logits, labels)])
+    assert metrics["val/zeroshot_top1"] == pytest.approx(np.mean(logits.argmax(1) == labels))
+    assert metrics["heldout/zeroshot/top5"] == pytest.approx(top5)
     # the command line, with the converted file as its only argument besides the set's size
     run = subprocess.run(
         [

@@ -1,10 +1,11 @@
 """Export a FLIP model to an OpenCLIP-loadable folder, and import one back.
 
 ``export_openclip(model, out_dir)`` writes ``open_clip_config.json`` (``model_cfg`` +
-``preprocess_cfg``) and ``open_clip_pytorch_model.bin`` (a state dict), which stock
-open-clip-torch loads with ``open_clip.create_model("local-dir:<out_dir>")`` — no code of
-this repository needed. The model config is CLIPA-like: non-causal text Transformer with
-first-token pooling, no ``ln_pre``, BERT WordPiece vocabulary (30522), context 32.
+``preprocess_cfg``), ``open_clip_pytorch_model.bin`` (a state dict) and the tokenizer, which
+stock open-clip-torch loads with ``open_clip.create_model("local-dir:<out_dir>")`` and
+``open_clip.get_tokenizer("local-dir:<out_dir>")`` — no code of this repository needed.
+The model config is CLIPA-like: non-causal text Transformer with first-token pooling, no
+``ln_pre``, BERT WordPiece vocabulary (30522), context 32.
 
 Exact equivalence (same embeddings up to float rounding) needs three rewrites, because
 OpenCLIP's ViT differs from FLIP's in places its config cannot switch off:
@@ -24,9 +25,18 @@ OpenCLIP's ViT differs from FLIP's in places its config cannot switch off:
   ``pool="token"`` maps directly to OpenCLIP's ``tok`` pooling (no extra dimension).
 
 Models without a class token (``class_token=False``) and mean-pooled text
-(``text.pool="mean"``) have no OpenCLIP equivalent and are refused. Texts must be
-tokenised with ``flip.tokenizer.Tokenizer`` (no [CLS]/[SEP]); OpenCLIP's own
-``bert-base-uncased`` HF tokenizer would add [CLS].
+(``text.pool="mean"``) have no OpenCLIP equivalent and are refused.
+
+The tokenizer travels in the folder: ``tokenizer.json`` (``flip.tokenizer.Tokenizer``'s
+WordPiece over the shipped BERT-uncased vocabulary, no [CLS]/[SEP]) and
+``tokenizer_config.json``. Stock ``open_clip.get_tokenizer("local-dir:<out_dir>")`` sees
+``hf_tokenizer_name`` in the config and loads its ``HFTokenizer`` from the folder itself
+(``AutoTokenizer.from_pretrained(<out_dir>)``, offline), giving the ids the text tower was
+trained on. (The hub's ``bert-base-uncased`` would put [CLS] first, and the tower pools
+position 0.) One difference remains: ``transformers`` matches the padding token "[PAD]" as
+a special token, so a caption containing that literal text gets id 0 there and word pieces
+here. Uploaded to the hub, set ``text_cfg.hf_tokenizer_name`` to the repository's id: for
+``hf-hub:`` names OpenCLIP loads the tokenizer named there.
 
 Command line (the architecture travels: from the checkpoint's stored model config on
 export, from the export's ``open_clip_config.json`` on import):
@@ -60,6 +70,7 @@ from flip.checkpoint import (
 from flip.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from flip.errors import ConfigError
 from flip.models.clip import FLIP
+from flip.tokenizer import Tokenizer
 
 USAGE = """usage: python -m flip.interop.openclip export <ckpt> <out_dir> [model overrides]
        python -m flip.interop.openclip import <out_dir> <out.ckpt> [model overrides]
@@ -67,6 +78,7 @@ The architecture comes from the checkpoint / the export; name it (model=vit_b16
 data.image_size=224) only for files that store none."""
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_pytorch_model.bin"
+TOKENIZER_FILE = "tokenizer.json"  # with tokenizer_config.json: read by transformers' AutoTokenizer
 
 _BLOCK = {  # timm Block -> OpenCLIP ResidualAttentionBlock
     "norm1": "ln_1",
@@ -117,8 +129,8 @@ def openclip_config(model: FLIP) -> dict:
     text = {
         "context_length": t.context_length,
         "vocab_size": t.token_embed.num_embeddings,
+        # for local-dir: OpenCLIP loads the tokenizer of the folder (TOKENIZER_FILE)
         "hf_tokenizer_name": "bert-base-uncased",
-        "tokenizer_kwargs": {"strip_sep_token": True},
         "width": t.width,
         "heads": blk_t.attn.num_heads,
         "layers": len(t.blocks),
@@ -218,7 +230,8 @@ def to_openclip_state_dict(model: FLIP) -> dict[str, torch.Tensor]:
 
 
 def export_openclip(model: FLIP, out_dir, model_cfg: Mapping | None = None) -> Path:
-    """Write ``open_clip_config.json`` and ``open_clip_pytorch_model.bin`` to ``out_dir``.
+    """Write ``open_clip_config.json``, ``open_clip_pytorch_model.bin`` and the tokenizer
+    (``tokenizer.json``, ``tokenizer_config.json``) to ``out_dir``.
     ``model_cfg``: the FLIP model config, kept in the json so an import needs no other."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -231,13 +244,27 @@ def export_openclip(model: FLIP, out_dir, model_cfg: Mapping | None = None) -> P
             "resize_mode": "shortest",
         },
         "flip": {
-            "note": "tokenise with flip.tokenizer.Tokenizer (BERT uncased, no [CLS]/[SEP], "
-            "length 32); embeddings may carry one extra zero component"
+            "note": "the folder's tokenizer (open_clip.get_tokenizer('local-dir:...')) is "
+            "FLIP's: BERT uncased WordPiece, no [CLS]/[SEP], length 32; embeddings may "
+            "carry one extra zero component"
         },
     }
     if model_cfg is not None:
         config["flip"]["model_config"] = dict(model_cfg)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    context = model.text.context_length
+    (out / TOKENIZER_FILE).write_text(Tokenizer(context).to_json())
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "pad_token": "[PAD]",
+                "model_max_length": context,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     torch.save(to_openclip_state_dict(model), out / WEIGHTS_FILE)
     return out
 
@@ -381,8 +408,9 @@ def main(argv: list[str] | None = None) -> None:
         if cmd == "export":
             out = export_checkpoint(src, dst, overrides)
             print(
-                f"wrote {out / CONFIG_FILE} and {out / WEIGHTS_FILE}; load with "
-                f"open_clip.create_model('local-dir:{out}')"
+                f"wrote {out / CONFIG_FILE}, {out / WEIGHTS_FILE} and the tokenizer; load "
+                f"with open_clip.create_model('local-dir:{out}') and "
+                f"open_clip.get_tokenizer('local-dir:{out}')"
             )
         else:
             out = import_folder(src, dst, overrides)
