@@ -11,9 +11,9 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 from flip.config import ConfigError
+from flip.data.indexed import IndexedStream
 from flip.eval import metadata, readers
 from flip.eval.datasets import READ_ONLY_BUILDERS, class_names, clip_benchmark_set, prompt_templates
-from flip.eval.module import IndexedStream
 from flip.eval.readers import DatasetNotFound
 from flip.eval.runner import build_split
 from tests import eval_fixtures as fx

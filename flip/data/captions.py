@@ -44,14 +44,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from flip.config import ConfigError
+from flip.data.indexed import Indexed
 from flip.data.shapes import ShapesCaptions, describe, render, sample_scene
 from flip.data.transforms import to_normalized_tensor
 from flip.eval.caption_metrics import constant_caption
 from flip.eval.readers import Captioned, DatasetNotFound, captions_json, load_image
-from flip.tokenizer import PAD_ID, UNK_ID, VOCAB_SIZE, Tokenizer
+from flip.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, VOCAB_SIZE, Tokenizer
 
-BOS_ID = 101  # BERT [CLS]: starts every decoder sequence
-EOS_ID = 102  # BERT [SEP]: ends it
 COCO_FORMAT_LAYOUT = (
     '{root}/{ann_file}: COCO-format captions ({{"images": [{{"id", "file_name"}}], '
     '"annotations": [{{"image_id", "caption"}}]}}); images under {root}/{image_dir}'
@@ -169,20 +168,6 @@ class ShapesReferences(Dataset):
 
 
 # -- datamodule ------------------------------------------------------------------------------
-class _Indexed(Dataset):
-    """item -> (index, item): validation keeps each image's references by dataset index
-    (a distributed sampler repeats a few images to even out the ranks)."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int):
-        return i, self.dataset[i]
-
-
 class CaptionDataModule(L.LightningDataModule):
     """Training pairs and validation images with references; tokenises in the collate."""
 
@@ -256,8 +241,7 @@ class CaptionDataModule(L.LightningDataModule):
         return torch.stack(images), self.tokens(captions)
 
     def _val_collate(self, batch):
-        indices, items = zip(*batch)
-        images, refs = zip(*items)
+        indices, images, refs = zip(*batch)
         return (
             torch.stack(images),
             self.tokens([r[0] for r in refs]),
@@ -287,5 +271,5 @@ class CaptionDataModule(L.LightningDataModule):
 
     def val_dataloader(self):
         return self._loader(
-            _Indexed(self.val_set), self.val_batch_size, False, self._val_collate, False
+            Indexed(self.val_set), self.val_batch_size, False, self._val_collate, False
         )

@@ -26,8 +26,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy, MulticlassStatScores
 
+from flip.data.indexed import Indexed
 from flip.eval.metrics import Collect, dedupe_by_index
-from flip.eval.module import EvalModule, Indexed, StridedSampler
+from flip.eval.module import EvalModule, StridedSampler
 
 
 class FeatureExtractor(EvalModule):
