@@ -79,7 +79,7 @@ class PretrainModule(L.LightningModule):
         self.save_hyperparameters(ignore=["model", "objective"])
         self.model = model
         self.objective = objective if objective is not None else Objective()
-        self.image_mask, self.text_mask = Mask(**image_mask or {}), Mask(**text_mask or {})
+        self.image_mask, self.text_mask = Mask(**(image_mask or {})), Mask(**(text_mask or {}))
         if self.image_mask.kind != "random":  # the kinds of Table 1c are for text
             raise ValueError(
                 f"image masking is random only; mask kind {self.image_mask.kind!r} is for text"
