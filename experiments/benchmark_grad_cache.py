@@ -56,24 +56,24 @@ BASELINE = "accumulate"
 
 def build(model: str, mask: float):
     """The model of ``conf/model/<model>`` (installed as ``flip.conf``), its training
-    objective and input size."""
+    objective, the training masks' draw (``PretrainModule.draw_masks``) and input size."""
     with initialize_config_module(config_module="flip.conf", version_base="1.3"):
         cfg = compose("train", overrides=[f"model={model}", f"mask={mask}", "output_dir=/tmp"])
     if model != "tiny":
         cfg.data.image_size = 224
-    return (
-        hydra.utils.instantiate(cfg.model).train(),
-        hydra.utils.instantiate(cfg.objective),
-        cfg.data.image_size,
-    )
+    module = hydra.utils.instantiate(cfg.task, _partial_=True)(
+        model=hydra.utils.instantiate(cfg.model).train(),
+        objective=hydra.utils.instantiate(cfg.objective),
+    )  # draws the training masks as training does
+    return module.model, module.objective, module.draw_masks, cfg.data.image_size
 
 
-def recompute_backward(model, objective, images, tokens, micro: int) -> None:
+def recompute_backward(model, objective, images, tokens, masks, micro: int) -> None:
     """Gradient caching as the library did before the last micro-batch kept its graph:
     every micro-batch embedded without graph, then every one replayed (n + n forwards)."""
     B = images.shape[0]
     chunks = [slice(i, i + micro) for i in range(0, B, micro)]
-    image_mask, text_mask = model.draw_masks(B, images.device)
+    image_mask, text_mask = masks
     states, image_features, text_features = [], [], []
     with torch.no_grad():
         for c in chunks:
@@ -99,27 +99,38 @@ def recompute_backward(model, objective, images, tokens, micro: int) -> None:
     torch.set_rng_state(after)
 
 
-def step(variant: str, model, objective, images, tokens, micro: int) -> None:
+def step(variant: str, model, objective, draw_masks, images, tokens, micro: int) -> None:
+    masks = draw_masks(images.shape[0], images.device)
     if variant == "one_shot":
-        contrastive_loss(*model(images, tokens)).backward()
+        contrastive_loss(*model(images, tokens, *masks)).backward()
     elif variant == "accumulate":
         n = images.shape[0] // micro
         for i in range(0, images.shape[0], micro):
-            (contrastive_loss(*model(images[i : i + micro], tokens[i : i + micro])) / n).backward()
+            c = slice(i, i + micro)
+            image_mask, text_mask = masks[0][c], masks[1][c]
+            (contrastive_loss(*model(images[c], tokens[c], image_mask, text_mask)) / n).backward()
     elif variant == "recompute":
-        recompute_backward(model, objective, images, tokens, micro)
+        recompute_backward(model, objective, images, tokens, masks, micro)
     else:
         cached_backward(
-            model, objective, images, tokens, micro, keep_text_graph=variant == "cached_keep_text"
+            model,
+            objective,
+            images,
+            tokens,
+            masks,
+            micro,
+            keep_text_graph=variant == "cached_keep_text",
         )
     model.zero_grad(set_to_none=True)
 
 
-def components(model, images, tokens, micro: int, repeats: int) -> dict[str, list[float]]:
+def components(
+    model, draw_masks, images, tokens, micro: int, repeats: int
+) -> dict[str, list[float]]:
     """CPU times of one micro-batch's parts, each after a warm-up: the graph-free forward
     of each tower (caching's first pass) and the forward-backward of both (one micro-batch
     of plain accumulation)."""
-    image_mask, text_mask = model.draw_masks(micro, images.device)
+    image_mask, text_mask = draw_masks(micro, images.device)
     images, tokens = images[:micro], tokens[:micro]
 
     def image_inference():
@@ -150,7 +161,7 @@ def measure(variant: str, args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model, objective, size = build(args.model, args.mask)
+    model, objective, draw_masks, size = build(args.model, args.mask)
     images = torch.randn(args.batch, 3, size, size)
     tokens = torch.randint(1, 30522, (args.batch, 32))
     if variant == "components":
@@ -158,14 +169,14 @@ def measure(variant: str, args) -> dict:
             "variant": variant,
             "threads": torch.get_num_threads(),
             "image_size": size,
-            **components(model, images, tokens, args.micro, args.repeats),
+            **components(model, draw_masks, images, tokens, args.micro, args.repeats),
         }
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step(variant, model, objective, images, tokens, args.micro)  # warm-up
+    step(variant, model, objective, draw_masks, images, tokens, args.micro)  # warm-up
     times, cpu_times = [], []
     for _ in range(args.repeats):
         start, cpu = time.perf_counter(), time.process_time()
-        step(variant, model, objective, images, tokens, args.micro)
+        step(variant, model, objective, draw_masks, images, tokens, args.micro)
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base  # KiB on Linux

@@ -11,7 +11,8 @@ run (``<run>/unmasked_tuning/result.json``) are both found. ``eval.py``'s ``resu
 (Table 1d) is attached to the run whose checkpoint it evaluated.
 
 Each run's row is identified from its config, never from its directory name: image
-``mask``, ``batch.global``, ``model.text.mask_ratio``/``mask_kind``, the objective (an
+``mask``, ``batch.global``, ``task.text_mask`` (ratio, kind; runs recorded before masks
+moved to the task: ``model.text.mask_ratio``/``mask_kind``), the objective (an
 auxiliary ``reconstruction`` term = "+ MAE"), ``init_from`` (a tuned run; its pre-training
 mask is read from the run that wrote the checkpoint), the model (image width/depth/patch),
 ``schedule.total_samples`` and, for Table 8's data axis, LAION-2B named in ``tags`` or
@@ -184,7 +185,7 @@ def load_wandb_runs(path: str, api=None) -> list[dict]:
 
 
 def _unflatten(flat: dict) -> dict:
-    """W&B may store nested keys dotted (``model.text.mask_ratio``): nest them again."""
+    """W&B may store nested keys dotted (``task.text_mask.ratio``): nest them again."""
     out: dict = {}
     for key, value in flat.items():
         node = out
@@ -205,12 +206,22 @@ def _merge(base, top):
 # ------------------------------------------------------------------------------ rows
 
 
+def text_mask(config: dict) -> tuple[float, str]:
+    """(ratio, kind) of a run's text mask: ``task.text_mask``, or in runs recorded before
+    masks moved to the task, ``model.text.mask_ratio``/``mask_kind``."""
+    mask = (config.get("task") or {}).get("text_mask")
+    if mask is None:
+        text = config["model"]["text"]
+        mask = {"ratio": text.get("mask_ratio"), "kind": text.get("mask_kind")}
+    return float(mask.get("ratio") or 0.0), mask.get("kind") or "random"
+
+
 def describe(run: dict) -> dict:
     """The config values that place a run in a table, and its measured numbers."""
     c, m = run["config"], run["metrics"]
     image, text = c["model"]["image"], c["model"]["text"]
     pre = run["pretrain"]
-    text_ratio = float(text.get("mask_ratio") or 0.0)
+    text_ratio, text_kind = text_mask(c)
     wall, cpu = m.get("time/train_wall_s", math.nan), m.get("time/train_cpu_s", math.nan)
     if pre is not None:  # the paper counts tuning time on top of pre-training
         wall += pre["metrics"].get("time/train_wall_s", math.nan)
@@ -222,7 +233,7 @@ def describe(run: dict) -> dict:
         "tuned": bool(c.get("init_from")),
         "batch": int(c["batch"]["global"]),
         "text_ratio": text_ratio,
-        "text_kind": text.get("mask_kind", "random") if text_ratio > 0 else "none",
+        "text_kind": text_kind if text_ratio > 0 else "none",
         "text_len": int(text["context_length"] * (1 - text_ratio)),
         "reconstruction": "reconstruction" in ((c.get("objective") or {}).get("auxiliary") or {}),
         "model": model_name(image),

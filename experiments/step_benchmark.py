@@ -44,7 +44,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from flip.loss import contrastive_loss
-from flip.masking import num_visible
+from flip.masking import Mask, num_visible
 from flip.tasks.pretrain import PretrainModule
 
 MODEL_CONF = files("flip.conf") / "model"  # conf/model, installed with the package
@@ -124,13 +124,11 @@ class Trainee:
 
     name: str
     model: nn.Module
-    set_mask: Callable[[float], None]
+    set_mask: Callable[[float], None]  # the image mask ratio of the next passes
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (images, tokens) -> loss
+    encode_image: Callable[[torch.Tensor], torch.Tensor]  # under the set mask
     optimizer: torch.optim.Optimizer
     after_step: Callable[[], None] = lambda: None
-
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(images)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.encode_text(tokens)
@@ -194,19 +192,23 @@ def build_flip(cfg: dict, adamw_impl: str) -> Trainee:
     clipped after every step."""
     model = instantiate(cfg)
     no_decay = model.no_weight_decay()
+    mask = [Mask()]  # as training passes it: an argument of the forward
 
     def set_mask(ratio: float) -> None:
-        model.visual.mask_ratio = ratio
+        mask[0] = Mask(ratio)
 
     def loss(images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        return contrastive_loss(*model(images, tokens))
+        return contrastive_loss(*model(images, tokens, mask[0]))
+
+    def encode_image(images: torch.Tensor) -> torch.Tensor:
+        return model.encode_image(images, mask[0])
 
     opt = (
         flip_shipped_adamw(model)
         if adamw_impl == "shipped"
         else adamw(model, lambda n, p: n in no_decay, adamw_impl)
     )
-    return Trainee("flip", model, set_mask, loss, opt, model.clamp_logit_scale_)
+    return Trainee("flip", model, set_mask, loss, encode_image, opt, model.clamp_logit_scale_)
 
 
 def openclip_config(cfg: dict) -> dict:
@@ -264,7 +266,7 @@ def build_openclip(cfg: dict, adamw_impl: str) -> Trainee:
         if adamw_impl == "shipped"
         else adamw(model, openclip_no_decay, adamw_impl)
     )
-    return Trainee("openclip", model, set_mask, loss, opt, after_step)
+    return Trainee("openclip", model, set_mask, loss, model.encode_image, opt, after_step)
 
 
 BUILDERS = {"flip": build_flip, "openclip": build_openclip}

@@ -4,8 +4,9 @@ Training stores the resolved model config (``_target_`` and every constructor ar
 image size and tokenizer length included) in the checkpoint's hyper-parameters, so
 evaluation, ``init_from`` and the OpenCLIP export rebuild the architecture from the file
 alone. A config given explicitly next to a checkpoint must agree with it on every
-architecture key; run-time settings (the training mask ratio, activation checkpointing,
-drop path) may differ.
+architecture key; run-time settings (activation checkpointing, drop path) may differ.
+Training masks are no model setting (``task.image_mask``/``text_mask``); configs stored
+before they moved there carry ``mask_ratio``/``mask_kind`` in a tower, dropped on load.
 
 Files are read with ``torch.load(weights_only=True)``: tensors, containers and the few
 types Lightning writes (allow-listed below). A file that needs anything else — arbitrary
@@ -29,7 +30,8 @@ from flip.errors import CheckpointError, ConfigError
 log = logging.getLogger(__name__)
 
 CONFIG_KEY = "model_config"  # checkpoint["hyper_parameters"][CONFIG_KEY]
-RUNTIME_KEYS = frozenset({"mask_ratio", "mask_kind", "grad_checkpointing", "drop_path"})
+RUNTIME_KEYS = frozenset({"grad_checkpointing", "drop_path"})
+FORMER_MASK_KEYS = frozenset({"mask_ratio", "mask_kind"})  # in towers of older model configs
 SAFE_TYPES = [AttributeDict]  # Lightning's hyper-parameter container
 
 
@@ -57,9 +59,17 @@ def load_checkpoint(path) -> dict:
 
 
 def model_config(ckpt: Mapping) -> dict | None:
-    """The model config training stored in ``ckpt``, or None (plain state dicts)."""
+    """The model config training stored in ``ckpt``, or None (plain state dicts); the
+    training masks older versions stored in its towers are dropped."""
     cfg = (ckpt.get("hyper_parameters") or {}).get(CONFIG_KEY)
-    return dict(cfg) if cfg is not None else None
+    if cfg is None:
+        return None
+    return {
+        k: {n: x for n, x in v.items() if n not in FORMER_MASK_KEYS}
+        if isinstance(v, Mapping)
+        else v
+        for k, v in cfg.items()
+    }
 
 
 def model_state(ckpt: Mapping) -> dict[str, torch.Tensor]:

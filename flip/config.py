@@ -22,19 +22,22 @@ def check_mask(cfg: DictConfig) -> None:
         )
 
 
-def check_text_mask(cfg: DictConfig) -> None:
-    """model.text.mask_ratio in [0, 1) and model.text.mask_kind one of the Table 1c kinds."""
-    text = cfg.model.text
-    ratio, kind = text.get("mask_ratio", 0.0), text.get("mask_kind", "random")
-    if not _is_ratio(ratio):
-        raise ConfigError(
-            f"model.text.mask_ratio={ratio!r} is invalid: the text masking ratio must be a "
-            "number in [0, 1) (e.g. model.text.mask_ratio=0.5 keeps 16 of 32 tokens)"
-        )
-    if kind not in KINDS:
-        raise ConfigError(
-            f"model.text.mask_kind={kind!r} is invalid: use one of {', '.join(KINDS)}"
-        )
+def check_task_masks(cfg: DictConfig) -> None:
+    """task.image_mask and task.text_mask: ratio in [0, 1), kind one of the Table 1c kinds
+    (images: random only)."""
+    for tower, example in (("image", "mask=0.5"), ("text", "task.text_mask.ratio=0.5")):
+        mask = cfg.task.get(f"{tower}_mask") or {}
+        ratio, kind = mask.get("ratio", 0.0), mask.get("kind", "random")
+        if not _is_ratio(ratio):
+            raise ConfigError(
+                f"task.{tower}_mask.ratio={ratio!r} is invalid: the {tower} masking ratio must "
+                f"be a number in [0, 1) (e.g. {example})"
+            )
+        kinds = KINDS if tower == "text" else ("random",)
+        if kind not in kinds:
+            raise ConfigError(
+                f"task.{tower}_mask.kind={kind!r} is invalid: use one of {', '.join(kinds)}"
+            )
 
 
 def check_patches(model: Mapping) -> None:
@@ -50,8 +53,9 @@ def check_patches(model: Mapping) -> None:
 
 def check_reconstruction(cfg: DictConfig) -> None:
     """A pixel-reconstruction term (objective=reconstruction) needs patches to reconstruct."""
+    ratio = (cfg.task.get("image_mask") or {}).get("ratio", 0.0)
     for name, term in (cfg.objective.get("auxiliary") or {}).items():
-        if term.get("_target_") == "flip.reconstruction.PixelReconstruction" and cfg.mask == 0:
+        if term.get("_target_") == "flip.reconstruction.PixelReconstruction" and not ratio:
             raise ConfigError(
                 f"objective.auxiliary.{name} reconstructs the masked patches, but mask=0 masks "
                 "none; use mask=0.5 or mask=0.75, or objective=contrastive"

@@ -4,7 +4,8 @@ The contrastive loss couples every pair of the batch, so plain gradient accumula
 over micro-batches changes the loss (fewer negatives). Gradient caching (Gao et al.,
 2021) keeps it exact at the memory of one micro-batch plus the embeddings:
 
-1. embed every micro-batch, drawing its patch mask and recording the random-number
+1. embed every micro-batch under its rows of the batch's masks (drawn once by the
+   caller, ``PretrainModule.draw_masks``), recording the random-number
    state (dropout, drop-path) of those that will be replayed. All but the last run
    without a graph (``no_grad``; not ``inference_mode``: its tensors break bf16 autocast's
    weight cache, reused by the graph passes, and XLA's tensors); the last keeps its graph, and its per-sample terms are
@@ -37,6 +38,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
+from flip.masking import Mask
 from flip.models.clip import FLIP, Features
 from flip.objective import Objective
 
@@ -57,6 +59,7 @@ def cached_backward(
     objective: Objective,
     images: torch.Tensor,
     tokens: torch.Tensor,
+    masks: tuple[Mask, Mask],
     micro_batch: int,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
     no_sync: Callable[[], AbstractContextManager] = nullcontext,
@@ -66,6 +69,8 @@ def cached_backward(
     return (loss, its parts, logit scale), detached.
 
     images (B, 3, H, W), tokens (B, L): this rank's batch, B a multiple of micro_batch.
+    masks: the (image, text) masks of the whole batch, noise drawn (``Mask.drawn``):
+    each micro-batch runs both its passes under its rows of them.
     backward: how to backpropagate a scalar (Lightning: ``manual_backward``).
     no_sync: a context that suspends data-parallel gradient sync (every backward but the
     final one runs inside it).
@@ -76,7 +81,7 @@ def cached_backward(
     if B % micro_batch:
         raise ValueError(f"batch {B} is not a multiple of the micro-batch {micro_batch}")
     *replayed, kept = [slice(i, i + micro_batch) for i in range(0, B, micro_batch)]
-    image_mask, text_mask = model.draw_masks(B, device)  # one mask per sample and tower
+    image_mask, text_mask = masks  # one mask per sample and tower
 
     # 1. embed the micro-batches to replay without graph (the text tower with graph when
     # kept), then the last one with graph and its per-sample terms

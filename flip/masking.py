@@ -6,8 +6,10 @@ data, so shapes are static (XLA and ``torch.compile`` see one graph).
 
 A :class:`Mask` says what one forward pass of one tower drops: the ratio, the kind and,
 to replay a mask exactly (gradient caching re-runs a micro-batch), the noise that drew
-it. The FLIP model draws one per tower for a whole batch (``FLIP.draw_masks``); slicing
-a mask by batch rows gives the micro-batch's part.
+it. Masks are a training setting, not architecture: the task config holds them
+(``task.image_mask``, ``task.text_mask``: ratio and kind), ``PretrainModule`` draws one
+per tower for a whole batch and passes them to the model's forward; encoders called
+without a mask keep every token. Slicing a mask by batch rows gives a micro-batch's part.
 
 Kinds (paper Table 1c; images use ``random`` only):
 - ``random``: the k tokens of lowest noise;

@@ -31,12 +31,15 @@ import torch
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
-__all__ = ["VOCAB_PATH", "VOCAB_SIZE", "PAD_ID", "UNK_ID", "Tokenizer"]
+__all__ = ["VOCAB_PATH", "VOCAB_SIZE", "PAD_ID", "UNK_ID", "BOS_ID", "EOS_ID", "Tokenizer"]
 
 VOCAB_PATH: Path = Path(__file__).resolve().parent / "assets" / "bert-base-uncased-vocab.txt"
 VOCAB_SIZE = 30522
 PAD_ID = 0
 UNK_ID = 100
+BOS_ID = 101  # [CLS]: starts every caption decoder sequence
+EOS_ID = 102  # [SEP]: ends it
+SPECIAL = {"[PAD]": PAD_ID, "[UNK]": UNK_ID, "[CLS]": BOS_ID, "[SEP]": EOS_ID}
 
 
 class Tokenizer:
@@ -63,9 +66,10 @@ class Tokenizer:
         )
         self._tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         self._tok.decoder = decoders.WordPiece(prefix="##")
-        if self._tok.token_to_id("[PAD]") != PAD_ID or self._tok.token_to_id("[UNK]") != UNK_ID:
+        if any(self._tok.token_to_id(t) != i for t, i in SPECIAL.items()):
             raise ValueError(
-                f"{vocab_path}: expected '[PAD]' at id {PAD_ID} and '[UNK]' at id {UNK_ID}"
+                f"{vocab_path}: expected "
+                + ", ".join(f"{t!r} at id {i}" for t, i in SPECIAL.items())
             )
         self._tok.enable_truncation(max_length=context_length)
         self._tok.enable_padding(length=context_length, pad_id=PAD_ID, pad_token="[PAD]")

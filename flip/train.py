@@ -20,7 +20,7 @@ from flip.config import (
     check_mask,
     check_patches,
     check_reconstruction,
-    check_text_mask,
+    check_task_masks,
     check_tuning,
 )
 from flip.eval.zeroshot import format_zero_shot
@@ -51,7 +51,7 @@ def command_line_model_keys() -> set[str] | None:
 def resolve_model_config(cfg: DictConfig, ckpt: dict | None) -> dict:
     """The run's model config: the composed one, or with ``init_from`` the checkpoint's
     architecture (command-line model settings must agree with it) with this run's
-    run-time settings (mask ratio, activation checkpointing). ``data.image_size``
+    run-time settings (activation checkpointing). ``data.image_size``
     follows the checkpoint. With ``init_resample_patch`` the patch size is this run's."""
     requested = OmegaConf.to_container(cfg.model, resolve=True)
     stored = model_config(ckpt) if ckpt is not None else None
@@ -80,7 +80,7 @@ class Pretraining:
 
     def __init__(self, cfg: DictConfig):
         check_mask(cfg)
-        check_text_mask(cfg)
+        check_task_masks(cfg)
         check_reconstruction(cfg)
         check_tuning(cfg)
         self.cfg = cfg
@@ -126,7 +126,7 @@ def unmasked_tuning_config(cfg: DictConfig, last: Path) -> DictConfig:
     ``<output_dir>/unmasked_tuning``."""
     tune = cfg.copy()
     with open_dict(tune):
-        tune.mask, tune.model.text.mask_ratio = 0.0, 0.0
+        tune.mask, tune.task.text_mask.ratio = 0.0, 0.0
         tune.schedule, tune.unmasked_tuning = cfg.unmasked_tuning, None
         tune.objective = {"_target_": "flip.objective.Objective", "auxiliary": {}}
         tune.init_from, tune.ckpt_path = str(last), None

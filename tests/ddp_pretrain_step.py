@@ -74,6 +74,7 @@ def main(out: Path, micro: int) -> None:
         micro_batch=micro,
         base_lr=1e-3,
         seed=NOISE_SEED,
+        image_mask={"ratio": 0.5},
     )
     loader = DataLoader(TensorDataset(*dataset()), batch_size=4, shuffle=False)
     trainer = L.Trainer(

@@ -9,7 +9,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from flip.checkpoint import CheckpointError, build_model, merge_model_config, save_flip_checkpoint
+from flip.checkpoint import (
+    CheckpointError,
+    build_model,
+    load_checkpoint,
+    merge_model_config,
+    model_config,
+    save_flip_checkpoint,
+)
 from flip.errors import ConfigError
 from flip.objective import Objective
 from flip.tasks.pretrain import PretrainModule
@@ -43,6 +50,25 @@ def test_extra_modules_load_into_evaluation_and_are_reported(model_cfg, tmp_path
     assert not model.training
 
 
+def test_checkpoints_storing_training_masks_in_the_model_config_still_load(model_cfg, tmp_path):
+    """Before masks moved to the task, towers stored ``mask_ratio`` (and the text tower
+    ``mask_kind``): the keys are dropped on load, whatever their values."""
+    assert not {"mask_ratio", "mask_kind"} & {*model_cfg["image"], *model_cfg["text"]}
+    older = {
+        **model_cfg,
+        "image": {**model_cfg["image"], "mask_ratio": 0.5},
+        "text": {**model_cfg["text"], "mask_ratio": 0.25, "mask_kind": "prioritized"},
+    }
+    model = hydra.utils.instantiate(model_cfg)
+    save_flip_checkpoint(tmp_path / "old.ckpt", model, older)
+    loaded = build_model(tmp_path / "old.ckpt")  # would fail: unknown constructor argument
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert model_config(load_checkpoint(tmp_path / "old.ckpt")) == model_cfg
+    # and next to the current model config, as init_from and eval.py merge them
+    assert build_model(tmp_path / "old.ckpt", model_cfg).visual.num_patches == 64
+
+
 def test_missing_weights_are_an_error(model_cfg, tmp_path):
     model = hydra.utils.instantiate(model_cfg)
     save_flip_checkpoint(tmp_path / "m.ckpt", model, model_cfg)
@@ -56,19 +82,10 @@ def test_missing_weights_are_an_error(model_cfg, tmp_path):
 
 
 def test_merge_keeps_the_architecture_and_takes_run_time_settings(model_cfg):
-    requested = {
-        **model_cfg,
-        "image": {**model_cfg["image"], "mask_ratio": 0.0, "grad_checkpointing": True},
-        "text": {**model_cfg["text"], "mask_kind": "prioritized"},
-    }
-    stored = {
-        **model_cfg,
-        "text": {k: v for k, v in model_cfg["text"].items() if k != "mask_kind"},
-    }  # a checkpoint from before text masking
-    merged = merge_model_config(stored, requested)
-    assert merged["image"]["mask_ratio"] == 0.0 and merged["image"]["grad_checkpointing"]
-    assert merged["text"]["mask_kind"] == "prioritized"
-    assert model_cfg["image"]["mask_ratio"] == 0.5  # the stored config is not modified
+    requested = {**model_cfg, "image": {**model_cfg["image"], "grad_checkpointing": True}}
+    merged = merge_model_config(model_cfg, requested)
+    assert merged["image"]["grad_checkpointing"] and merged["image"]["width"] == 32
+    assert not model_cfg["image"]["grad_checkpointing"]  # the stored config is not modified
     wider = {**model_cfg, "image": {**model_cfg["image"], "width": 64}}
     with pytest.raises(
         ConfigError,

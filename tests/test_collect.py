@@ -190,10 +190,17 @@ def test_rows_identified_from_the_config(runs_root):
 
     text = {
         (kind, ratio): _variant(
-            base, mask=0.75, **{"model.text.mask_ratio": ratio, "model.text.mask_kind": kind}
+            base, mask=0.75, **{"task.text_mask.ratio": ratio, "task.text_mask.kind": kind}
         )
         for kind, ratio in (("random", 0.0), ("random", 0.5), ("prioritized", 0.5))
     }
+    # a run recorded before masks moved to the task stored them in the model config
+    older = _variant(text["prioritized", 0.5])
+    del older["config"]["task"]["text_mask"]
+    older["config"]["model"]["text"].update(mask_ratio=0.5, mask_kind="prioritized")
+    for run in (older, text["prioritized", 0.5]):
+        row = collect.describe(run)
+        assert (row["text_ratio"], row["text_kind"], row["text_len"]) == (0.5, "prioritized", 16)
     for i, run in enumerate(text.values()):
         run["metrics"]["val/zeroshot_top1"] = i / 100
     rows = collect.collect("table1c", list(text.values()))
@@ -239,7 +246,7 @@ def test_wandb_runs_through_a_fake_api(runs_root):
 
     class Run:
         id = "abc"
-        config = {"model.text.mask_ratio": 0.0, **record["config"]}  # nested and dotted keys
+        config = {"task.text_mask.ratio": 0.0, **record["config"]}  # nested and dotted keys
         summary = record["metrics"]
 
         def scan_history(self):

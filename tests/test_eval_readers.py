@@ -18,8 +18,8 @@ from flip.data.benchmarks.datasets import (
     prompt_templates,
 )
 from flip.data.benchmarks.readers import DatasetNotFound
+from flip.data.indexed import IndexedStream
 from flip.errors import ConfigError
-from flip.eval.module import IndexedStream
 from flip.eval.runner import build_split
 from tests import eval_fixtures as fx
 from tests.conftest import CONF

@@ -17,7 +17,7 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 # The official values, written from facebookresearch/flip at its released commit 9bf6bf81:
 # configs/default.py (lr 4e-6 per 256, batch 65536, warmup_epochs 40, num_epochs 10000,
 # samples_per_epoch 1281167, AdamW b1 0.9 b2 0.95 wd 0.2, area_range (0.5, 1), max_len 32,
-# image_size 224, mask_ratio 0.5, L/16: img 1024w/24L/16h, txt 768w/12L/12h, proj 768),
+# image_size 224, mask ratio 0.5, L/16: img 1024w/24L/16h, txt 768w/12L/12h, proj 768),
 # cfg_flip_base.py (img 768/12/12, txt 512/12/8, proj 512), cfg_flip_huge14.py (patch 14,
 # img 1280/32/16, txt 1024/24/16, proj 1024, warmup_epochs 200), cfg_flip_*_L2B_2x.py
 # (num_epochs 20000, lr 2e-6). Table 1 ablations: 6.4 LAION-400M epochs = 2000 virtual
@@ -138,7 +138,7 @@ def test_full_scale_values_equal_the_official_code(name, tmp_path):
     )
     assert (image.image_size, text.context_length, text.pool) == (224, 32, "first")
     assert (image.class_token, image.pool) == (True, "avg")
-    assert cfg.mask == want["mask"] and image.mask_ratio == want["mask"]
+    assert cfg.mask == want["mask"] and cfg.task.image_mask.ratio == want["mask"]
     assert cfg.batch["global"] == want["global"]
     assert cfg.schedule.base_lr == want["base_lr"]
     assert cfg.schedule.total_samples == want["epochs"] * EPOCH
@@ -147,7 +147,7 @@ def test_full_scale_values_equal_the_official_code(name, tmp_path):
     assert cfg.task.no_decay == "official"
     assert list(cfg.data.crop_scale) == [0.5, 1.0] and cfg.data.hflip
     assert cfg.group == name.split("_")[0] and name.split("_")[0] in cfg.tags
-    assert (text.mask_ratio, text.mask_kind) == want.get("text", (0.0, "random"))
+    assert tuple(cfg.task.text_mask.values()) == want.get("text", (0.0, "random"))
     tuning = cfg.unmasked_tuning  # README "2. Unmasked tuning": lr 4e-8, 100 epochs, warm-up 20
     assert (tuning is not None) == want.get("tuned", False)
     if tuning is not None:
@@ -251,8 +251,8 @@ def _axes(cfg, epoch_samples: float, batch_scale: int) -> tuple:
     return (
         cfg.mask,
         cfg.batch["global"] // batch_scale,
-        cfg.model.text.mask_ratio,
-        cfg.model.text.mask_kind,
+        cfg.task.text_mask.ratio,
+        cfg.task.text_mask.kind,
         "reconstruction" in cfg.objective.get("auxiliary", {}),
         round(cfg.schedule.total_samples / epoch_samples, 2),
     )

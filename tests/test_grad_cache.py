@@ -26,9 +26,7 @@ B, SIZE = 8, 32
 
 def tiny_flip(drop_path: float = 0.0) -> FLIP:
     torch.manual_seed(0)
-    image = ImageEncoder(
-        SIZE, patch_size=8, width=32, depth=2, heads=2, mask_ratio=0.5, drop_path=drop_path
-    )
+    image = ImageEncoder(SIZE, patch_size=8, width=32, depth=2, heads=2, drop_path=drop_path)
     text = TextEncoder(vocab_size=100, context_length=8, width=32, depth=2, heads=2)
     return FLIP(image, text, embed_dim=16).double().train()
 
@@ -39,6 +37,12 @@ def batch(n: int = B, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         torch.randn(n, 3, SIZE, SIZE, generator=g, dtype=torch.float64),
         torch.randint(1, 100, (n, 8), generator=g),
     )
+
+
+def masks(model: FLIP, n: int = B, text: Mask = Mask()) -> tuple[Mask, Mask]:
+    """The batch's masks as ``PretrainModule.draw_masks`` draws them (image 0.5, then the
+    text mask): image noise first, then text noise."""
+    return Mask(0.5).drawn(n, model.visual.num_patches, "cpu"), text.drawn(n, 8, "cpu")
 
 
 def grads(model: FLIP) -> dict[str, torch.Tensor]:
@@ -66,10 +70,10 @@ def objective(aux: bool = False) -> Objective:
 
 def one_shot(model: FLIP, images, tokens, noise, aux: Objective | None = None) -> torch.Tensor:
     if aux is None:
-        image, text, scale = model(images, tokens, Mask(model.visual.mask_ratio, noise))
+        image, text, scale = model(images, tokens, Mask(0.5, noise))
         loss = contrastive_loss(image, text, scale)
     else:
-        features = model.forward_features(images, tokens, Mask(model.visual.mask_ratio, noise))
+        features = model.forward_features(images, tokens, Mask(0.5, noise))
         loss = aux(features, model.scale(), images, tokens)[0]
     loss.backward()
     return loss.detach()
@@ -93,7 +97,9 @@ def test_cached_equals_one_shot_with_masking(micro):
     expected_loss = one_shot(reference, images, tokens, noise.double())
     contrastive_only = objective()
     torch.manual_seed(7)
-    loss, parts, scale = cached_backward(cached, contrastive_only, images, tokens, micro)
+    loss, parts, scale = cached_backward(
+        cached, contrastive_only, images, tokens, masks(cached), micro
+    )
     torch.testing.assert_close(loss, expected_loss, rtol=1e-10, atol=0)
     assert parts.keys() == {"contrastive"}
     assert scale.item() == pytest.approx(1 / 0.07)
@@ -127,7 +133,9 @@ def cached_and_one_shot(make_objective, micro: int, **options):
     noise = torch.rand(B, reference.visual.num_patches)
     expected_loss = one_shot(reference, images, tokens, noise.double(), ref_objective)
     torch.manual_seed(7)
-    loss, parts, _ = cached_backward(cached, cached_objective, images, tokens, micro, **options)
+    loss, parts, _ = cached_backward(
+        cached, cached_objective, images, tokens, masks(cached), micro, **options
+    )
     torch.testing.assert_close(loss, expected_loss, rtol=1e-10, atol=0)
     assert_same_grads(grads(cached), grads(reference))
     return loss, parts, cached_objective, ref_objective
@@ -166,7 +174,13 @@ def test_second_pass_replays_dropout_randomness(keep_text_graph):
     contrastive_only = objective()
     torch.manual_seed(3)
     loss, _, _ = cached_backward(
-        cached, contrastive_only, images, tokens, micro, keep_text_graph=keep_text_graph
+        cached,
+        contrastive_only,
+        images,
+        tokens,
+        masks(cached),
+        micro,
+        keep_text_graph=keep_text_graph,
     )
     torch.testing.assert_close(loss, expected_loss.detach(), rtol=1e-10, atol=0)
     assert_same_grads(grads(cached), grads(reference))
@@ -177,7 +191,8 @@ def test_second_pass_replays_dropout_randomness(keep_text_graph):
 def test_batch_not_a_multiple_of_the_micro_batch_is_rejected():
     images, tokens = batch()
     with pytest.raises(ValueError, match="batch 8 is not a multiple of the micro-batch 3"):
-        cached_backward(tiny_flip(), objective(), images, tokens, 3)
+        model = tiny_flip()
+        cached_backward(model, objective(), images, tokens, masks(model), 3)
 
 
 @pytest.mark.slow
@@ -237,14 +252,9 @@ def test_cached_equals_one_shot_with_text_masking(kind, keep_text_graph):
     mask (or its kept text graph), so loss and gradients equal the one-shot batch drawn
     with the same noise."""
 
-    def model() -> FLIP:
-        flip = tiny_flip()
-        flip.text.mask_ratio, flip.text.mask_kind = 0.5, kind
-        return flip
-
     images, tokens = batch()
     tokens[::2, 3:] = 0  # half the captions padded after 3 tokens: prioritized drops those
-    reference, cached = model(), model()
+    reference, cached = tiny_flip(), tiny_flip()
     torch.manual_seed(7)  # the order draw_masks draws in: image noise, then text noise
     image_noise = torch.rand(B, reference.visual.num_patches)
     text_noise = None if kind == "truncate" else torch.rand(B, 8)
@@ -256,8 +266,9 @@ def test_cached_equals_one_shot_with_text_masking(kind, keep_text_graph):
     expected_loss.backward()
     contrastive_only = objective()  # seeds its own generator: before the masks' seed
     torch.manual_seed(7)
+    drawn = masks(cached, text=Mask(0.5, kind=kind))
     loss, _, _ = cached_backward(
-        cached, contrastive_only, images, tokens, 2, keep_text_graph=keep_text_graph
+        cached, contrastive_only, images, tokens, drawn, 2, keep_text_graph=keep_text_graph
     )
     torch.testing.assert_close(loss, expected_loss.detach(), rtol=1e-10, atol=0)
     assert_same_grads(grads(cached), grads(reference))
@@ -297,13 +308,8 @@ def test_kept_text_graph_feeds_the_per_sample_terms(micro):
     """keep_text_graph with text masking and a term on the text tokens: loss, the term
     and every gradient equal the one-shot batch."""
 
-    def model() -> FLIP:
-        flip = tiny_flip()
-        flip.text.mask_ratio = 0.5
-        return flip
-
     images, tokens = batch()
-    reference, cached = model(), model()
+    reference, cached = tiny_flip(), tiny_flip()
     make = lambda: Objective({"text": TextTokenPenalty()}).double()  # noqa: E731
     ref_objective, cached_objective = make(), make()
     torch.manual_seed(7)  # the order draw_masks draws in: image noise, then text noise
@@ -314,8 +320,9 @@ def test_kept_text_graph_feeds_the_per_sample_terms(micro):
     expected_loss, expected_parts = ref_objective(features, reference.scale(), images, tokens)
     expected_loss.backward()
     torch.manual_seed(7)
+    drawn = masks(cached, text=Mask(0.5))
     loss, parts, _ = cached_backward(
-        cached, cached_objective, images, tokens, micro, keep_text_graph=True
+        cached, cached_objective, images, tokens, drawn, micro, keep_text_graph=True
     )
     torch.testing.assert_close(loss, expected_loss.detach(), rtol=1e-10, atol=0)
     torch.testing.assert_close(parts["text"], expected_parts["text"].detach(), rtol=1e-10, atol=0)
@@ -346,7 +353,9 @@ def tower_calls(model: FLIP) -> dict[str, int]:
 def test_the_last_micro_batch_is_not_replayed(micro, keep_text_graph, expected):
     model = tiny_flip()
     calls = tower_calls(model)
-    cached_backward(model, objective(), *batch(), micro, keep_text_graph=keep_text_graph)
+    cached_backward(
+        model, objective(), *batch(), masks(model), micro, keep_text_graph=keep_text_graph
+    )
     assert calls == expected
 
 
@@ -367,7 +376,7 @@ def test_every_backward_but_the_final_one_runs_without_sync():
         seen.append((bool(inside) and inside[-1], model.logit_scale.grad is None))
         surrogate.backward()
 
-    cached_backward(model, objective(), *batch(), 2, backward, no_sync)
+    cached_backward(model, objective(), *batch(), masks(model), 2, backward, no_sync)
     assert seen == [(True, True)] * 3 + [(False, True)]
     assert model.logit_scale.grad is not None
 
@@ -389,6 +398,7 @@ def test_pretrain_module_passes_keep_text_graph(keep_text_graph, text_forwards):
         warmup_samples=0,
         micro_batch=2,
         keep_text_graph=keep_text_graph,
+        image_mask={"ratio": 0.5},
     )
     trainer = L.Trainer(
         accelerator="cpu",
@@ -461,11 +471,18 @@ def test_cached_under_bf16_autocast_gives_every_weight_its_gradient(keep_text_gr
     one-shot gradients agree to bf16 precision, and none is missing."""
     images, tokens = batch()
     reference, cached = tiny_flip().float(), tiny_flip().float()
-    reference.visual.mask_ratio = cached.visual.mask_ratio = 0.0  # the same tokens in both
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        one_shot(reference, images.float(), tokens, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # unmasked: the same tokens in both
+        loss = contrastive_loss(*reference(images.float(), tokens))
+        loss.backward()
+        no_masks = Mask(), Mask()
         cached_backward(
-            cached, objective().float(), images.float(), tokens, 2, keep_text_graph=keep_text_graph
+            cached,
+            objective().float(),
+            images.float(),
+            tokens,
+            no_masks,
+            2,
+            keep_text_graph=keep_text_graph,
         )
     expected, actual = grads(reference), grads(cached)
     assert actual.keys() == expected.keys() and len(expected) >= 11

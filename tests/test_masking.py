@@ -13,7 +13,7 @@ IMG, PATCH, WIDTH = 32, 8, 32
 N_PATCHES = (IMG // PATCH) ** 2
 
 
-def _encoder(mask_ratio=0.0, class_token=True, seed=0):
+def _encoder(class_token=True, seed=0):
     torch.manual_seed(seed)
     return ImageEncoder(
         image_size=IMG,
@@ -22,7 +22,6 @@ def _encoder(mask_ratio=0.0, class_token=True, seed=0):
         depth=2,
         heads=2,
         class_token=class_token,
-        mask_ratio=mask_ratio,
     )
 
 
@@ -143,19 +142,16 @@ def test_invalid_ratio_raises(r):
 
 
 def test_encoder_ratio_zero_is_identity():
-    masked, plain = _encoder(0.75), _encoder(0.0)
-    plain.load_state_dict(masked.state_dict())
-    masked.train(), plain.train()
+    enc = _encoder().train()
     x = _images()
-    out_forced = masked(x, Mask(0.0))
-    out_plain = plain(x)
-    assert torch.equal(out_forced, out_plain)
-    # and the configured 0.75 really masks in training (so the comparison means something)
-    assert not torch.allclose(masked(x), out_plain)
+    out_plain = enc(x)  # no mask: every patch
+    assert torch.equal(enc(x, Mask(0.0)), out_plain)
+    # and 0.75 really masks (so the comparison means something)
+    assert not torch.allclose(enc(x, Mask(0.75)), out_plain)
 
 
 def test_encoder_ratio_zero_feeds_all_tokens_in_order():
-    enc = _encoder(0.0).train()
+    enc = _encoder().train()
     seen, h = _capture_block_input(enc)
     x = _images(2)
     enc(x)
@@ -165,26 +161,24 @@ def test_encoder_ratio_zero_feeds_all_tokens_in_order():
     assert torch.equal(seen[0][:, 1:], ref)
 
 
-def test_eval_mode_does_not_mask():
-    masked, plain = _encoder(0.75), _encoder(0.0)
-    plain.load_state_dict(masked.state_dict())
-    masked.eval(), plain.eval()
+@pytest.mark.parametrize("training", [True, False])
+def test_no_mask_is_no_masking_and_a_given_mask_masks_in_either_mode(training):
+    enc = _encoder().train(training)
     x = _images()
-    seen, h = _capture_block_input(masked)
-    out = masked(x)
+    seen, h = _capture_block_input(enc)
+    enc(x)
     h.remove()
     assert seen[0].shape[1] == 1 + N_PATCHES
-    assert torch.equal(out, plain(x))
-    # an explicit ratio still masks at evaluation (masked inference)
-    seen, h = _capture_block_input(masked)
-    masked(x, Mask(0.75))
+    # a mask given masks at evaluation too (masked inference)
+    seen, h = _capture_block_input(enc)
+    enc(x, Mask(0.75))
     h.remove()
     assert seen[0].shape[1] == 1 + N_PATCHES // 4
 
 
 @pytest.mark.parametrize("class_token", [True, False])
 def test_train_mode_blocks_see_visible_tokens(class_token):
-    enc = _encoder(0.75, class_token=class_token).train()
+    enc = _encoder(class_token=class_token).train()
     seen, h = _capture_block_input(enc)
     x = _images(3)
     noise = torch.rand(3, N_PATCHES, generator=torch.Generator().manual_seed(5))
@@ -203,7 +197,7 @@ def test_train_mode_blocks_see_visible_tokens(class_token):
 
 
 def test_encoder_same_noise_reproduces_output():
-    enc = _encoder(0.75).train()
+    enc = _encoder().train()
     x = _images(2)
     noise = torch.rand(2, N_PATCHES)
     assert torch.equal(enc(x, Mask(0.75, noise)), enc(x, Mask(0.75, noise)))

@@ -38,7 +38,7 @@ def _text_encoder(seed=0, **kw):
 
 
 def _flip(seed=0):
-    img, txt = _image_encoder(seed, mask_ratio=0.5), _text_encoder(seed + 1)
+    img, txt = _image_encoder(seed), _text_encoder(seed + 1)
     torch.manual_seed(seed + 2)
     return FLIP(img, txt, embed_dim=16)
 
@@ -376,12 +376,11 @@ def test_tiny_config_runs_on_cpu():
     model = hydra.utils.instantiate(cfg.model)
     assert isinstance(model, FLIP)
     assert next(model.parameters()).device.type == "cpu"
-    assert model.visual.mask_ratio == cfg.mask
     images = torch.randn(2, 3, 64, 64)
     tokens = torch.randint(1, 30522, (2, 32))
     model.train()
     seen, h = _hook(model.visual.blocks[0])
-    img, txt, scale = model(images, tokens)
+    img, txt, scale = model(images, tokens, Mask(**cfg.task.image_mask))
     h.remove()
     assert seen[0].shape[1] == 1 + int(64 * (1 - cfg.mask))  # 8x8 grid of 8 px patches
     assert img.shape == txt.shape == (2, 128)
@@ -394,7 +393,7 @@ def test_tiny_config_runs_on_cpu():
 
 
 def test_image_forward_features_returns_normed_tokens_and_the_kept_indices():
-    enc = _image_encoder(mask_ratio=0.75).train()
+    enc = _image_encoder().train()
     x = _images(2)
     noise = torch.rand(2, enc.num_patches)
     tokens, keep = enc.forward_features(x, Mask(0.75, noise))
@@ -403,8 +402,9 @@ def test_image_forward_features_returns_normed_tokens_and_the_kept_indices():
     assert torch.equal(keep, torch.argsort(noise, dim=1)[:, :k])
     assert torch.equal(enc.forward_head(tokens), tokens.mean(1))  # avg over class + patches
     assert torch.equal(enc(x, Mask(0.75, noise)), tokens.mean(1))
-    _, keep_all = enc.eval().forward_features(x)
-    assert keep_all is None  # eval: every patch, in order
+    for training in (True, False):  # no mask: every patch, in order
+        _, keep_all = enc.train(training).forward_features(x)
+        assert keep_all is None
 
 
 def test_text_forward_head_of_features_equals_forward():
@@ -418,7 +418,7 @@ def test_text_forward_head_of_features_equals_forward():
 
 
 def test_text_masking_keeps_k_tokens_and_mean_pools_the_kept_non_padding_ones():
-    enc = _text_encoder(pool="mean", mask_ratio=0.5).train()
+    enc = _text_encoder(pool="mean").train()
     t = _tokens(2)
     t[:, 24:] = 0
     noise = torch.rand(2, CTX)
@@ -434,7 +434,7 @@ def test_text_masking_keeps_k_tokens_and_mean_pools_the_kept_non_padding_ones():
 def test_text_masking_with_first_token_pooling_keeps_position_0_first(kind):
     """pool='first' pins position 0 (noise - 1): it is kept and pooled, the other k - 1
     kept positions are the lowest-noise ones among positions 1.."""
-    enc = _text_encoder(pool="first", mask_ratio=0.5, mask_kind=kind).train()
+    enc = _text_encoder(pool="first").train()
     t = _tokens(3)
     noise = torch.rand(3, CTX, generator=torch.Generator().manual_seed(4))
     x, keep = enc.forward_features(t, Mask(0.5, noise, kind))
@@ -445,16 +445,32 @@ def test_text_masking_with_first_token_pooling_keeps_position_0_first(kind):
     torch.testing.assert_close(enc.forward_head(x, t, keep), x[:, 0])
 
 
-def test_draw_masks_gives_replayable_noise_for_both_towers():
-    model = FLIP(
-        _image_encoder(mask_ratio=0.5), _text_encoder(pool="mean", mask_ratio=0.25), embed_dim=16
-    ).train()
-    image_mask, text_mask = model.draw_masks(4, "cpu")
-    assert image_mask.ratio == 0.5 and image_mask.noise.shape == (4, model.visual.num_patches)
-    assert text_mask.ratio == 0.25 and text_mask.noise.shape == (4, CTX)
+def test_the_task_draws_replayable_masks_for_both_towers():
+    from flip.tasks.pretrain import PretrainModule
+
+    model = FLIP(_image_encoder(), _text_encoder(pool="mean"), embed_dim=16).train()
+    task = PretrainModule(
+        model, 4, 4, 0, image_mask={"ratio": 0.5}, text_mask={"ratio": 0.25, "kind": "prioritized"}
+    )
+    torch.manual_seed(3)
+    image_mask, text_mask = task.draw_masks(4, "cpu")
+    torch.manual_seed(3)  # image noise first, then text noise
+    image_noise, text_noise = torch.rand(4, model.visual.num_patches), torch.rand(4, CTX)
+    assert (image_mask.ratio, image_mask.kind, text_mask.ratio, text_mask.kind) == (
+        0.5,
+        "random",
+        0.25,
+        "prioritized",
+    )
+    assert torch.equal(image_mask.noise, image_noise) and torch.equal(text_mask.noise, text_noise)
     x, t = _images(4), _tokens(4)
     full = model.forward_features(x, t, image_mask, text_mask)
     part = model.forward_features(x[2:], t[2:], image_mask[2:], text_mask[2:])
     torch.testing.assert_close(part.image, full.image[2:])  # the rows' own masks, replayed
     torch.testing.assert_close(part.text, full.text[2:])
-    assert model.eval().draw_masks(4, "cpu") == (Mask(0.0), Mask(0.0))
+    assert full.image_keep.shape == (4, N_PATCHES // 2) and full.text_keep.shape == (
+        4,
+        CTX * 3 // 4,
+    )
+    unmasked = PretrainModule(model, 4, 4, 0)  # no masks configured: nothing drawn
+    assert unmasked.draw_masks(4, "cpu") == (Mask(0.0), Mask(0.0))

@@ -152,23 +152,21 @@ def test_train_logs_the_reconstruction_loss_of_the_first_batch(
     seen = {}
     original = PretrainModule._backward
 
-    def backward(self, images, tokens, micro, optimizer):
+    def backward(self, images, tokens, masks, micro, optimizer):
         seen.update(
             model=copy.deepcopy(self.model),
             objective=copy.deepcopy(self.objective),
             images=images.clone(),
             tokens=tokens.clone(),
-            rng=torch.get_rng_state(),
+            masks=masks,  # the masks the step drew
         )
-        return original(self, images, tokens, micro, optimizer)
+        return original(self, images, tokens, masks, micro, optimizer)
 
     monkeypatch.setattr(PretrainModule, "_backward", backward)
     metrics = train(fast_cfg(*SMALL, "schedule.total_samples=16", "mask=0.75"))
-    torch.set_rng_state(seen["rng"])  # the masks the step drew
     model, objective = seen["model"], seen["objective"]
     with torch.no_grad():
-        masks = model.draw_masks(16, "cpu")
-        features = model.forward_features(seen["images"], seen["tokens"], *masks)
+        features = model.forward_features(seen["images"], seen["tokens"], *seen["masks"])
         _, parts = objective(features, model.scale(), seen["images"], seen["tokens"])
     assert features.image_keep.shape == (16, 16)  # 16 of 64 patches kept
     assert metrics["train/loss_reconstruction"] == pytest.approx(

@@ -1,25 +1,24 @@
 """Text masking (paper Table 1c): random, prioritized (padding dropped first) and
-truncate, as a shorter sequence; the config keys and their start-up check."""
+truncate, as a shorter sequence; the task's config keys and their start-up check."""
 
 import pytest
 import torch
 
-from flip.config import check_text_mask
+from flip.config import check_task_masks
 from flip.errors import ConfigError
 from flip.masking import Mask
 from flip.models.clip import FLIP
 from flip.models.image_encoder import ImageEncoder
-from flip.models.text_encoder import PAD_ID, TextEncoder
+from flip.models.text_encoder import TextEncoder
+from flip.tokenizer import PAD_ID
 from tests.conftest import compose_train
 
 L, VOCAB, WIDTH = 32, 100, 16
 
 
-def _encoder(kind="random", ratio=0.5, pool="mean"):
+def _encoder(pool="mean"):
     torch.manual_seed(0)
-    return TextEncoder(
-        VOCAB, L, WIDTH, depth=1, heads=2, pool=pool, mask_ratio=ratio, mask_kind=kind
-    ).train()
+    return TextEncoder(VOCAB, L, WIDTH, depth=1, heads=2, pool=pool).train()
 
 
 def _captions(lengths, seed=0):
@@ -43,7 +42,7 @@ def _kept(enc, tokens, mask):
 @pytest.mark.parametrize("ratio, k", [(0.5, 16), (0.25, 24), (0.75, 8), (0.9, 3)])
 def test_kept_length_is_int_L_times_one_minus_r_and_the_blocks_see_only_those(kind, ratio, k):
     assert k == int(L * (1 - ratio))
-    enc = _encoder(kind, ratio)
+    enc = _encoder()
     tokens = _captions([5, 20, 32])
     keep, block_length = _kept(enc, tokens, Mask(ratio, torch.rand(3, L), kind))
     assert keep.shape == (3, k) and block_length == k  # really a shorter sequence
@@ -52,7 +51,7 @@ def test_kept_length_is_int_L_times_one_minus_r_and_the_blocks_see_only_those(ki
 
 
 def test_prioritized_drops_padding_first():
-    enc = _encoder("prioritized", 0.5)
+    enc = _encoder()
     lengths = [3, 16, 20, 32, 0]
     tokens = _captions(lengths, seed=1)
     noise = torch.rand(len(lengths), L, generator=torch.Generator().manual_seed(2))
@@ -71,7 +70,7 @@ def test_prioritized_drops_padding_first():
 
 def test_random_ignores_padding():
     """The same noise through random keeps the lowest-noise positions, padding or not."""
-    enc = _encoder("random", 0.5)
+    enc = _encoder()
     tokens = _captions([3, 10], seed=3)
     noise = torch.rand(2, L, generator=torch.Generator().manual_seed(4))
     keep, _ = _kept(enc, tokens, Mask(0.5, noise, "random"))
@@ -81,7 +80,7 @@ def test_random_ignores_padding():
 
 @pytest.mark.parametrize("pool", ["first", "mean"])
 def test_truncate_keeps_the_prefix(pool):
-    enc = _encoder("truncate", 0.5, pool)
+    enc = _encoder(pool)
     tokens = _captions([30, 8])
     x, keep = enc.forward_features(tokens, Mask(0.5, kind="truncate"))
     assert torch.equal(keep, torch.arange(16).expand(2, 16))
@@ -92,7 +91,7 @@ def test_truncate_keeps_the_prefix(pool):
 
 @pytest.mark.parametrize("kind", ["random", "prioritized"])
 def test_masks_are_replayed_by_their_noise(kind):
-    enc = _encoder(kind, 0.5)
+    enc = _encoder()
     tokens = _captions([4, 12, 25, 32])
     mask = Mask(0.5, kind=kind).drawn(4, L, "cpu")
     x1, k1 = enc.forward_features(tokens, mask)
@@ -103,13 +102,12 @@ def test_masks_are_replayed_by_their_noise(kind):
     assert not torch.equal(k1, k3)  # other noise, other tokens
 
 
-def test_training_uses_the_configured_kind_and_eval_none():
-    enc = _encoder("truncate", 0.75)
-    tokens = _captions([32])
-    _, keep = enc.forward_features(tokens)
-    assert torch.equal(keep, torch.arange(8).unsqueeze(0))
-    _, keep = enc.eval().forward_features(tokens)
-    assert keep is None
+def test_without_a_mask_every_token_is_encoded_in_training_and_eval():
+    enc = _encoder()
+    tokens = _captions([32, 5])
+    for training in (True, False):
+        keep, block_length = _kept(enc.train(training), tokens, None)
+        assert keep is None and block_length == L
 
 
 @pytest.mark.parametrize("kind", ["prioritized", "truncate"])
@@ -120,22 +118,38 @@ def test_image_masking_is_random_only(kind):
         model.encode_image(torch.randn(1, 3, 32, 32), Mask(0.5, kind=kind))
 
 
-def test_config_keys_exist_and_build_the_encoder():
-    cfg = compose_train("model.text.mask_ratio=0.5", "model.text.mask_kind=prioritized")
-    check_text_mask(cfg)
-    for name in ("tiny", "vit_b16", "vit_l16", "vit_l14", "vit_h14"):
-        text = compose_train(f"model={name}").model.text
-        assert (text.mask_ratio, text.mask_kind) == (0.0, "random")
+def test_readme_command_composes_and_the_task_draws_that_text_mask():
+    """README: ``python train.py task.text_mask.ratio=0.5 model.text.pool=mean``."""
+    from hydra.utils import instantiate
+
+    cfg = compose_train("task.text_mask.ratio=0.5", "model.text.pool=mean")
+    check_task_masks(cfg)
+    module = instantiate(cfg.task, _partial_=True)(model=instantiate(cfg.model))
+    assert module.text_mask == Mask(0.5, kind="random") and module.model.text.pool == "mean"
+    _, text_mask = module.draw_masks(4, "cpu")
+    assert text_mask.noise.shape == (4, 32)  # drawn: the batch can be replayed
+    cfg = compose_train("task.text_mask.ratio=0.25", "task.text_mask.kind=prioritized")
+    assert instantiate(cfg.task, _partial_=True)(model=None).text_mask == Mask(
+        0.25, kind="prioritized"
+    )
+    for name in ("tiny", "mini", "vit_b16", "vit_l16", "vit_l14", "vit_h14"):
+        model = compose_train(f"model={name}").model  # architecture only
+        assert not {"mask_ratio", "mask_kind"} & {*model.image, *model.text}
+        assert compose_train(f"model={name}").task.text_mask == {"ratio": 0.0, "kind": "random"}
 
 
 @pytest.mark.parametrize(
     "override, message",
     [
         (
-            "model.text.mask_kind=shuffle",
-            "model.text.mask_kind='shuffle' is invalid: use one of random, prioritized, truncate",
+            "task.text_mask.kind=shuffle",
+            "task.text_mask.kind='shuffle' is invalid: use one of random, prioritized, truncate",
         ),
-        ("model.text.mask_ratio=1.0", "model.text.mask_ratio=1.0 is invalid"),
+        ("task.text_mask.ratio=1.0", "task.text_mask.ratio=1.0 is invalid"),
+        (
+            "task.image_mask.kind=truncate",
+            "task.image_mask.kind='truncate' is invalid: use one of random",
+        ),
     ],
 )
 def test_bad_text_mask_fails_at_start_up_in_one_sentence(override, message):
@@ -156,7 +170,7 @@ def test_train_with_prioritized_text_masking_encodes_16_of_32_tokens(fast_cfg, m
         return torch.nn.Sequential.forward(blocks, x)
 
     monkeypatch.setattr(text_encoder, "run_blocks", run_blocks)
-    metrics = train(fast_cfg("model.text.mask_ratio=0.5", "model.text.mask_kind=prioritized"))
+    metrics = train(fast_cfg("task.text_mask.ratio=0.5", "task.text_mask.kind=prioritized"))
     assert {n for training, n in lengths if training} == {16}  # 4 steps, one pass each
     assert sum(training for training, _ in lengths) == 4
     assert {n for training, n in lengths if not training} == {32}  # zero-shot prompts: all

@@ -49,14 +49,33 @@ def plain_zero_shot_top1(ckpt, cfg) -> float:
     return correct / len(ds)
 
 
-def test_default_pipeline_trains_and_reports_zero_shot(fast_cfg, tmp_path, capsys):
+@pytest.fixture
+def image_block_inputs(monkeypatch):
+    """The token count of every training pass of the image tower, measured where the
+    tokens enter its first block (class token included)."""
+    import flip.models.image_encoder as image_encoder
+
+    original, seen = image_encoder.run_blocks, []
+
+    def run_blocks(blocks, x, checkpointing):
+        if blocks.training:  # held-out zero-shot passes run in eval mode
+            seen.append(x.shape[1])
+        return original(blocks, x, checkpointing)
+
+    monkeypatch.setattr(image_encoder, "run_blocks", run_blocks)
+    return seen
+
+
+def test_default_pipeline_trains_and_reports_zero_shot(
+    fast_cfg, tmp_path, capsys, image_block_inputs
+):
     cfg = fast_cfg()
     metrics = train(cfg)
     assert metrics["val/zeroshot_top1"] == pytest.approx(
         plain_zero_shot_top1(tmp_path / "checkpoints" / "last.ckpt", cfg), abs=1e-6
     )
     assert metrics["train/samples_seen"] == 64.0  # 4 steps of the 16-sample global batch
-    assert metrics["train/visible_tokens"] == 32.0  # int(64 patches * (1 - 0.5))
+    assert image_block_inputs == [1 + 32] * 4  # 4 steps: class token + int(64 (1 - 0.5)) patches
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert (
         line == f"held-out zero-shot top-1: {100 * metrics['val/zeroshot_top1']:.1f}% (chance 2.5%)"
@@ -145,8 +164,9 @@ def test_resume_continues_step_count_and_schedule(fast_cfg, tmp_path_factory):
     assert spent["wall"] < wall[4] < wall[5] < wall[6] < wall[7]
 
 
-def test_unmasked_tuning_starts_from_the_checkpoint_at_mask_zero(fast_cfg, tmp_path_factory):
-
+def test_unmasked_tuning_starts_from_the_checkpoint_at_mask_zero(
+    fast_cfg, tmp_path_factory, image_block_inputs
+):
     pre_dir, tune_dir = tmp_path_factory.mktemp("pre"), tmp_path_factory.mktemp("tune")
     train(compose_fast(output_dir=pre_dir))
     pretrained = pre_dir / "checkpoints" / "last.ckpt"
@@ -158,13 +178,19 @@ def test_unmasked_tuning_starts_from_the_checkpoint_at_mask_zero(fast_cfg, tmp_p
         output_dir=tune_dir,
     )
     assert cfg.mask == 0.0 and cfg.schedule.base_lr == 4e-8
-    metrics = train(cfg)
-    assert metrics["train/visible_tokens"] == 64.0  # all 64 patches: no masking
+    image_block_inputs.clear()  # pre-training's
+    train(cfg)
+    assert image_block_inputs == [1 + 64] * 4  # all 64 patches: no masking
     before = load_checkpoint(pretrained)["state_dict"]
     after = load_checkpoint(tune_dir / "checkpoints" / "last.ckpt")["state_dict"]
     # a tiny learning rate: weights stay within 1e-4 of the pre-trained ones
     assert max((before[k] - after[k]).abs().max().item() for k in before) < 1e-4
     assert any(not torch.equal(before[k], after[k]) for k in before)  # but they did train
+
+
+def test_mask_075_encodes_a_quarter_of_the_patches_in_training(fast_cfg, image_block_inputs):
+    train(fast_cfg("mask=0.75", "schedule.total_samples=32"))
+    assert image_block_inputs == [1 + 16] * 2  # 2 steps: class token + int(64 (1 - 0.75))
 
 
 def test_invalid_mask_fails_before_training(fast_cfg):
@@ -227,7 +253,9 @@ def test_an_eager_cpu_run_beats_chance_several_fold(tmp_path):
     assert top1 >= 4 * (1 / 40), f"held-out top-1 {top1:.3f} is not 4x chance (0.025)"
 
 
-def test_chained_unmasked_tuning_tunes_the_last_checkpoint_at_mask_zero(fast_cfg, tmp_path):
+def test_chained_unmasked_tuning_tunes_the_last_checkpoint_at_mask_zero(
+    fast_cfg, tmp_path, image_block_inputs
+):
     """unmasked_tuning=<schedule> (Table 1e in one run): pre-training, then tuning of its
     last.ckpt at mask 0 in <output_dir>/unmasked_tuning."""
     import json
@@ -244,9 +272,7 @@ def test_chained_unmasked_tuning_tunes_the_last_checkpoint_at_mask_zero(fast_cfg
         "warmup_samples": 16,
     }
     assert "unmasked_tuning" in record["config"]["tags"]
-    assert (
-        metrics["train/visible_tokens"] == 64.0 and metrics["pretrain/train/visible_tokens"] == 32.0
-    )
+    assert image_block_inputs == [1 + 32] * 4 + [1 + 64] * 2  # pre-training at 0.5, tuning at 0
     assert metrics["train/samples_seen"] == 32.0 and metrics["pretrain/train/samples_seen"] == 64.0
     assert metrics["val/zeroshot_top1"] == record["metrics"]["val/zeroshot_top1"]
     before = load_checkpoint(pre)["state_dict"]

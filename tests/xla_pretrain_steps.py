@@ -48,7 +48,7 @@ class XLACPUAccelerator(XLAAccelerator):
 
 def module(mask: float, micro: int | None) -> PretrainModule:
     torch.manual_seed(0)
-    image = ImageEncoder(32, patch_size=8, width=32, depth=2, heads=2, mask_ratio=mask)
+    image = ImageEncoder(32, patch_size=8, width=32, depth=2, heads=2)
     text = TextEncoder(vocab_size=100, context_length=8, width=32, depth=1, heads=2)
     return PretrainModule(
         FLIP(image, text, embed_dim=16),
@@ -57,6 +57,7 @@ def module(mask: float, micro: int | None) -> PretrainModule:
         warmup_samples=BATCH,
         micro_batch=micro,
         base_lr=0.05,
+        image_mask={"ratio": mask},
     )
 
 

@@ -32,26 +32,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from flip.data.indexed import Indexed
 from flip.errors import ConfigError, DataError
 from flip.metrics.captions import constant_caption
-from flip.tokenizer import PAD_ID, UNK_ID, VOCAB_SIZE, Tokenizer
-
-BOS_ID = 101  # BERT [CLS]: starts every decoder sequence
-EOS_ID = 102  # BERT [SEP]: ends it
-
-
-class _Indexed(Dataset):
-    """item -> (index, item): validation keeps each image's references by dataset index
-    (a distributed sampler repeats a few images to even out the ranks)."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int):
-        return i, self.dataset[i]
+from flip.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, VOCAB_SIZE, Tokenizer
 
 
 class CaptionDataModule(L.LightningDataModule):
@@ -128,8 +112,7 @@ class CaptionDataModule(L.LightningDataModule):
         return torch.stack(images), self.tokens(captions)
 
     def _val_collate(self, batch):
-        indices, items = zip(*batch)
-        images, refs = zip(*items)
+        indices, images, refs = zip(*batch)
         return (
             torch.stack(images),
             self.tokens([r[0] for r in refs]),
@@ -159,10 +142,10 @@ class CaptionDataModule(L.LightningDataModule):
 
     def val_dataloader(self):
         return self._loader(
-            _Indexed(self.val_set), self.val_batch_size, False, self._val_collate, False
+            Indexed(self.val_set), self.val_batch_size, False, self._val_collate, False
         )
 
     def test_dataloader(self):
         return self._loader(
-            _Indexed(self.test_set), self.val_batch_size, False, self._val_collate, False
+            Indexed(self.test_set), self.val_batch_size, False, self._val_collate, False
         )

@@ -5,7 +5,7 @@
 ``multiple_choice_answer`` of the training questions, plus the validation questions when
 ``vocab_includes_val``: VQAv2's standard 3,129-answer list counts train + val), the
 most-frequent-answer baseline (from the training questions only), question tokenisation and
-soft targets (``flip.eval.vqa_metrics.answer_scores``). Batches are dicts: ``images``
+soft targets (``flip.metrics.vqa.answer_scores``). Batches are dicts: ``images``
 (B, 3, S, S), ``tokens`` (B, L), ``targets`` (B, A) and, for the metric, ``answers`` (the
 human answers), ``answer_types`` and ``question_ids``.
 """

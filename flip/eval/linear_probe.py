@@ -26,7 +26,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy, MulticlassStatScores
 
-from flip.eval.module import EvalModule, Indexed, StridedSampler
+from flip.data.indexed import Indexed
+from flip.eval.module import EvalModule, StridedSampler
 from flip.metrics.zeroshot import Collect, dedupe_by_index
 
 

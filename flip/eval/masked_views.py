@@ -28,6 +28,12 @@ from flip.masking import Mask, num_visible
 VIEWS = ("single", "ensemble")
 
 
+def check_views(views: str) -> None:
+    """``masked_views`` names one of ``VIEWS``, or a ConfigError saying which it may be."""
+    if views not in VIEWS:
+        raise ConfigError(f"masked_views={views!r} is invalid: use one of {', '.join(VIEWS)}")
+
+
 def num_views(num_patches: int, ratio: float) -> int:
     """How many complementary views of k = int(N (1 - ratio)) patches cover the N patches
     exactly once: N / k, or a ConfigError if k does not divide N."""
@@ -68,8 +74,7 @@ def encode_image_views(
 ) -> torch.Tensor:
     """(B, E) normalised image embeddings of ``images`` (B, 3, H, W), sample ids ``index``
     (B,), with masked inference at ``ratio`` (``views``: "single" or "ensemble")."""
-    if views not in VIEWS:
-        raise ConfigError(f"masked_views={views!r} is invalid: use one of {', '.join(VIEWS)}")
+    check_views(views)
     if ratio == 0 and views == "single":
         return model.encode_image(images)
     noise = sample_noise(index, model.visual.num_patches, seed).to(images.device)

@@ -8,41 +8,9 @@ import math
 import lightning as L
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
-
-class Indexed(Dataset):
-    """Prepend the sample index to every item: (index, *item)."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int):
-        item = self.dataset[i]
-        return (i, *item) if isinstance(item, tuple) else (i, item)
-
-
-class IndexedStream(IterableDataset):
-    """(index, *item) of a streamed dataset (a webdataset export), this process's share.
-
-    Every process reads the whole stream and keeps the samples at positions ``rank``,
-    ``rank + world``, …; the loader workers of a process read disjoint shards
-    (webdataset's split by worker), so a sample's index is its position in its worker's
-    stream times the number of workers plus the worker id: unique, and the same on every
-    process."""
-
-    def __init__(self, stream, rank: int = 0, world_size: int = 1):
-        self.stream, self.rank, self.world = stream, rank, world_size
-
-    def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for i, item in enumerate(self.stream):
-            if i % self.world == self.rank:
-                yield (i * workers + worker, *item)
+from flip.data.indexed import Indexed, IndexedStream
 
 
 class StridedSampler(Sampler[int]):

@@ -30,7 +30,7 @@ from flip.data.benchmarks.datasets import class_names, prompt_templates
 from flip.data.benchmarks.readers import DatasetNotFound
 from flip.errors import ConfigError
 from flip.eval.linear_probe import FeatureExtractor, LinearProbe
-from flip.eval.masked_views import VIEWS, num_views
+from flip.eval.masked_views import check_views, num_views
 from flip.eval.retrieval import ZeroShotRetrieval
 from flip.eval.zeroshot import ZeroShotClassification, format_zero_shot
 from flip.tokenizer import Tokenizer
@@ -61,10 +61,7 @@ def check_masked_inference(cfg: DictConfig, model: nn.Module) -> None:
     """``mask`` in [0, 1), ``masked_views`` known (an ensemble's views must tile the
     patches), and no linear probe asked for with them (its features see every patch)."""
     check_mask(cfg)
-    if cfg.masked_views not in VIEWS:
-        raise ConfigError(
-            f"masked_views={cfg.masked_views!r} is invalid: use one of {', '.join(VIEWS)}"
-        )
+    check_views(cfg.masked_views)
     if cfg.masked_views == "ensemble":
         num_views(model.visual.num_patches, cfg.mask)
     if cfg.mask == 0 and cfg.masked_views == "single":

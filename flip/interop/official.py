@@ -238,7 +238,6 @@ def flip_model_config(
     """This project's model config of an official architecture (official numerics)."""
     common = dict(
         mlp_ratio=mlp_ratio,
-        mask_ratio=0.0,
         grad_checkpointing=False,
         norm_eps=NORM_EPS,
         gelu_approximate=GELU,

@@ -347,11 +347,11 @@ def import_openclip(folder, model: FLIP) -> FLIP:
 
 def compose_model_config(overrides: list[str]) -> dict:
     """The model config of the training configs (``pkg://flip.conf``) with these overrides,
-    resolved; mask 0 unless an override says otherwise."""
+    resolved."""
     from hydra import compose, initialize_config_module
 
     with initialize_config_module(config_module="flip.conf", version_base="1.3"):
-        cfg = compose("train", overrides=["mask=0.0", "output_dir=.", *overrides])
+        cfg = compose("train", overrides=["output_dir=.", *overrides])
     return OmegaConf.to_container(cfg.model, resolve=True)
 
 

@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from flip.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
 
 class CaptionDecoder(nn.Module):
     def __init__(
@@ -44,9 +46,9 @@ class CaptionDecoder(nn.Module):
         mlp_ratio: float = 4.0,
         max_length: int = 32,  # positions: [CLS] + up to max_length - 1 word pieces
         dropout: float = 0.1,
-        bos_id: int = 101,  # BERT [CLS]
-        eos_id: int = 102,  # BERT [SEP]
-        pad_id: int = 0,  # BERT [PAD]
+        bos_id: int = BOS_ID,  # BERT [CLS]
+        eos_id: int = EOS_ID,  # BERT [SEP]
+        pad_id: int = PAD_ID,  # BERT [PAD]
         tie_embeddings: bool = True,  # output projection = token embedding (transposed)
         norm_eps: float = 1e-5,
     ):

@@ -72,16 +72,6 @@ class FLIP(nn.Module):
         names = no_decay_names(self)
         return names if official else names | {"visual.cls_token", "logit_scale"}
 
-    def draw_masks(self, batch: int, device: torch.device | str) -> tuple[Mask, Mask]:
-        """The (image, text) masks of a training batch at the configured ratios, noise
-        drawn now so that any part of the batch can be re-run with the same mask."""
-        image = Mask(self.visual.mask_ratio if self.training else 0.0)
-        text = Mask(self.text.mask_ratio if self.training else 0.0, kind=self.text.mask_kind)
-        return (
-            image.drawn(batch, self.visual.num_patches, device),
-            text.drawn(batch, self.text.num_tokens, device),
-        )
-
     def forward_features(
         self,
         images: torch.Tensor,

@@ -3,8 +3,8 @@
 Differences from a classification ViT, following the paper and the official code:
 - no LayerNorm after the patch embedding (CLIP's ``ln_pre`` is absent);
 - fixed (not learned) 2-D sin-cos position embedding, computed once as a buffer;
-- random masking after the position embedding: only ``k = int(N (1 - r))`` tokens
-  enter the Transformer;
+- random masking after the position embedding: given a ``Mask`` (training draws one per
+  step, ``PretrainModule``), only ``k = int(N (1 - r))`` tokens enter the Transformer;
 - final LayerNorm, then global average pooling. The official code keeps a class
   token and includes it in the average (``class_token=True, pool="avg"``); the
   paper's reading without class token is ``class_token=False``.
@@ -36,7 +36,6 @@ class ImageEncoder(nn.Module):
         mlp_ratio: float = 4.0,
         class_token: bool = True,  # official: kept and averaged with the patches
         pool: Literal["avg", "token"] = "avg",
-        mask_ratio: float = 0.0,  # fraction of patches dropped in training
         drop_path: float = 0.0,
         grad_checkpointing: bool = False,  # activation checkpointing: memory for compute
         norm_eps: float = 1e-5,  # LayerNorm epsilon (official Flax/t5x: 1e-6)
@@ -50,7 +49,7 @@ class ImageEncoder(nn.Module):
             raise ValueError("pool='token' needs class_token=True")
         if sincos_layout not in ("timm", "official"):
             raise ValueError(f"sincos_layout must be 'timm' or 'official', got {sincos_layout!r}")
-        self.width, self.pool, self.mask_ratio = width, pool, mask_ratio
+        self.width, self.pool = width, pool
         self.grad_checkpointing = grad_checkpointing
         self.patch_embed = PatchEmbed(image_size, patch_size, 3, width)  # no norm layer
         grid = self.patch_embed.grid_size
@@ -82,11 +81,10 @@ class ImageEncoder(nn.Module):
         """images (B, 3, H, W) -> tokens after the final norm (B, [1 +] k, D), class token
         first, and the kept patch indices (B, k) into the N patches (None: all, in order).
 
-        mask: None = the configured ratio in training and none in eval; a ``Mask``
-        forces a ratio (masked inference) or replays a mask (its noise).
+        mask: which patches to drop (training's draw, masked inference, or a replay of a
+        drawn mask); None keeps every patch.
         """
-        if mask is None:
-            mask = Mask(self.mask_ratio if self.training else 0.0)
+        mask = Mask() if mask is None else mask
         if mask.kind != "random":  # the kinds of Table 1c are for text
             raise ValueError(f"image masking is random only; mask kind {mask.kind!r} is for text")
         x = self.patch_embed(images) + self.pos_embed  # (B, N, D)

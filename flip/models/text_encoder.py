@@ -7,7 +7,7 @@ output as the sentence feature. ``pool="mean"`` averages non-padding tokens inst
 Text masking (paper Table 1c; the official JAX code raises ``NotImplementedError`` for
 it, this goes beyond it) takes the same ``Mask`` as the image tower, after the position
 embedding: ``k = int(L (1 - ratio))`` tokens are encoded (50 % of 32 -> a 16-token
-sequence), chosen by ``mask_kind``:
+sequence), chosen by the mask's kind:
 - ``random``: k random positions;
 - ``prioritized``: padding is dropped first (noise + 1 on [PAD]), then random among the
   real tokens: with at least k real tokens no padding is kept, with fewer all are kept;
@@ -23,10 +23,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from flip.masking import KINDS, Mask
+from flip.masking import Mask
 from flip.models.transformer import run_blocks, transformer_blocks
-
-PAD_ID = 0  # [PAD] in the BERT vocabulary
+from flip.tokenizer import PAD_ID
 
 
 class TextEncoder(nn.Module):
@@ -39,8 +38,6 @@ class TextEncoder(nn.Module):
         heads: int = 8,
         mlp_ratio: float = 4.0,
         pool: Literal["first", "mean"] = "first",
-        mask_ratio: float = 0.0,  # fraction of tokens dropped in training
-        mask_kind: str = "random",  # random | prioritized (padding first) | truncate
         grad_checkpointing: bool = False,  # activation checkpointing: memory for compute
         norm_eps: float = 1e-5,  # LayerNorm epsilon (official Flax/t5x: 1e-6)
         gelu_approximate: str = "none",  # "none" (erf) | "tanh" (official flax nn.gelu)
@@ -49,9 +46,6 @@ class TextEncoder(nn.Module):
         if pool not in ("first", "mean"):
             raise ValueError(f"pool must be 'first' or 'mean', got {pool!r}")
         self.width, self.pool, self.context_length = width, pool, context_length
-        if mask_kind not in KINDS:
-            raise ValueError(f"mask_kind must be one of {', '.join(KINDS)}, got {mask_kind!r}")
-        self.mask_ratio, self.mask_kind = Mask(mask_ratio).ratio, mask_kind
         self.grad_checkpointing = grad_checkpointing
         self.token_embed = nn.Embedding(vocab_size, width)
         self.pos_embed = nn.Parameter(torch.zeros(1, context_length, width))
@@ -88,8 +82,7 @@ class TextEncoder(nn.Module):
             raise ValueError(
                 f"expected {self.context_length} tokens per caption, got {tokens.shape[1]}"
             )
-        if mask is None:
-            mask = Mask(self.mask_ratio if self.training else 0.0, kind=self.mask_kind)
+        mask = Mask() if mask is None else mask
         x = self.token_embed(tokens) + self.pos_embed  # (B, L, D)
         bias = self.mask_bias(tokens, mask.kind) if mask.ratio > 0 else None
         x, keep = mask.apply(x, bias)  # (B, k, D)

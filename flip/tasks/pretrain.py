@@ -1,6 +1,8 @@
 """Masked CLIP pre-training (FLIP) as a LightningModule.
 
-Owns the model, the objective (global-batch contrastive loss plus optional per-sample
+Owns the model, the training masks (``image_mask``, ``text_mask``: ratio and kind, drawn
+each step and passed to the model's forward; the model itself masks nothing unless
+asked), the objective (global-batch contrastive loss plus optional per-sample
 terms, ``flip/objective.py``), the held-out zero-shot metric and the optimiser.
 lr = base_lr x global_batch / 256, linear warm-up then cosine to 0, both counted in
 samples seen (global_step x global_batch).
@@ -25,7 +27,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from flip.eval.zeroshot import build_zero_shot_classifier
 from flip.grad_cache import cached_backward
-from flip.masking import num_visible
+from flip.masking import Mask
 from flip.models.clip import FLIP, no_decay_names
 from flip.objective import Objective
 from flip.schedule import warmup_cosine
@@ -43,6 +45,8 @@ class PretrainModule(L.LightningModule):
         total_samples: int,  # training length in samples seen
         warmup_samples: int,
         objective: Objective | None = None,  # default: the contrastive loss alone
+        image_mask: dict | None = None,  # Mask fields {ratio, kind}; None: no masking
+        text_mask: dict | None = None,  # Mask fields {ratio, kind} (Table 1c); None: none
         model_config: dict | None = None,  # stored in checkpoints: eval/export rebuild the model
         micro_batch: int | None = None,  # per device; None = the whole per-device batch
         keep_text_graph: bool = False,  # gradient caching: text tower not replayed, its graphs kept
@@ -75,6 +79,11 @@ class PretrainModule(L.LightningModule):
         self.save_hyperparameters(ignore=["model", "objective"])
         self.model = model
         self.objective = objective if objective is not None else Objective()
+        self.image_mask, self.text_mask = Mask(**(image_mask or {})), Mask(**(text_mask or {}))
+        if self.image_mask.kind != "random":  # the kinds of Table 1c are for text
+            raise ValueError(
+                f"image masking is random only; mask kind {self.image_mask.kind!r} is for text"
+            )
         self.automatic_optimization = False  # one step may span several micro-batches
         self.lr = base_lr * global_batch / 256
         self._last_step_time: float | None = None
@@ -92,6 +101,14 @@ class PretrainModule(L.LightningModule):
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
         return self.model(images, tokens)
 
+    def draw_masks(self, batch: int, device: torch.device | str) -> tuple[Mask, Mask]:
+        """The (image, text) masks of a training batch, noise drawn now (image first) so
+        that any part of the batch can be re-run with the same mask."""
+        return (
+            self.image_mask.drawn(batch, self.model.visual.num_patches, device),
+            self.text_mask.drawn(batch, self.model.text.num_tokens, device),
+        )
+
     def training_step(self, batch, batch_idx):
         images, tokens = batch
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
@@ -100,7 +117,8 @@ class PretrainModule(L.LightningModule):
         world, rank = self.trainer.world_size, self.global_rank
         torch.manual_seed(self.hparams.seed + self.global_step * world + rank)
         micro = self.hparams.micro_batch or images.shape[0]
-        loss, parts, scale = self._backward(images, tokens, micro, optimizer)
+        masks = self.draw_masks(images.shape[0], images.device)
+        loss, parts, scale = self._backward(images, tokens, masks, micro, optimizer)
         grad_norm = torch.linalg.vector_norm(
             torch.stack(
                 torch._foreach_norm([p.grad for p in self.parameters() if p.grad is not None])
@@ -122,9 +140,17 @@ class PretrainModule(L.LightningModule):
         self.log("train/grad_norm", grad_norm, batch_size=images.shape[0])
         return loss
 
-    def _backward(self, images: torch.Tensor, tokens: torch.Tensor, micro: int, optimizer):
-        """Gradients of the objective on this rank's batch into ``.grad``: in one pass, or
-        by gradient caching over micro-batches. Returns (loss, its parts, logit scale)."""
+    def _backward(
+        self,
+        images: torch.Tensor,
+        tokens: torch.Tensor,
+        masks: tuple[Mask, Mask],
+        micro: int,
+        optimizer,
+    ):
+        """Gradients of the objective on this rank's batch under the (image, text)
+        ``masks`` into ``.grad``: in one pass, or by gradient caching over micro-batches.
+        Returns (loss, its parts, logit scale)."""
         # never switch off an autocast the Trainer's precision turned on
         bf16 = (
             torch.autocast(self.device.type, torch.bfloat16)
@@ -138,13 +164,13 @@ class PretrainModule(L.LightningModule):
                     self.objective,
                     images,
                     tokens,
+                    masks,
                     micro,
                     self.manual_backward,
                     lambda: optimizer.toggle_model(sync_grad=False),
                     self.hparams.keep_text_graph,
                 )
-            image_mask, text_mask = self.model.draw_masks(images.shape[0], images.device)
-            features = self.model.forward_features(images, tokens, image_mask, text_mask)
+            features = self.model.forward_features(images, tokens, *masks)
             scale = self.model.scale()
             loss, parts = self.objective(features, scale, images, tokens)
             self.manual_backward(loss)
@@ -174,7 +200,6 @@ class PretrainModule(L.LightningModule):
             rate = self.hparams.global_batch / (now - self._last_step_time)
             self.log("train/samples_per_sec", rate, rank_zero_only=True)
         self._last_step_time = now
-        visual = self.model.visual
         self.log("train/loss", loss, prog_bar=True, batch_size=batch)
         self.log_dict(
             {
@@ -183,7 +208,6 @@ class PretrainModule(L.LightningModule):
                 "train/samples_seen": float(self.global_step * self.hparams.global_batch),
                 "train/global_batch": float(self.hparams.global_batch),
                 "train/micro_batches": float(micro_batches),
-                "train/visible_tokens": float(num_visible(visual.num_patches, visual.mask_ratio)),
             },
             batch_size=batch,
         )

@@ -49,9 +49,9 @@ TOWERS = {"visual": "image", "text": "text"}  # FLIP attribute -> model config k
 
 
 def build_tower(model_config: Mapping, part: str, **runtime) -> nn.Module:
-    """One tower of the pre-trained FLIP (``part``: "visual" or "text"), unmasked, with
+    """One tower of the pre-trained FLIP (``part``: "visual" or "text") with
     the task's run-time settings (``drop_path``, ``grad_checkpointing``)."""
-    cfg = merge_model_config(model_config, {TOWERS[part]: {"mask_ratio": 0.0, **runtime}})
+    cfg = merge_model_config(model_config, {TOWERS[part]: runtime})
     return hydra.utils.instantiate(cfg[TOWERS[part]])
 
 

@@ -54,7 +54,7 @@ class VQAModule(TransferModule):
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_fraction: float = 0.1,  # of the optimiser steps
         drop_path: float = 0.0,  # image tower and fusion, stochastic depth of the last block
-        epochs: int = 10,  # read by the runner (train_transfer)
+        epochs: int = 10,  # read by the runner (flip.run)
     ):
         super().__init__()
         if not answers:
