@@ -144,14 +144,11 @@ def run(steps: int, every: int, workdir: Path, overrides: list[str]) -> list[dic
 
     trace = workdir / "steps.jsonl"
     trace.unlink(missing_ok=True)
-    batch = 128  # conf/batch/tiny.yaml
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(
             "train",
             overrides=[
                 f"output_dir={workdir}",
-                f"schedule.total_samples={steps * batch}",
-                f"batch.global={batch}",
                 f"trainer.val_check_interval={every}",
                 f"callbacks.checkpoint.every_n_train_steps={every}",
                 "trainer.enable_progress_bar=false",
@@ -160,6 +157,7 @@ def run(steps: int, every: int, workdir: Path, overrides: list[str]) -> list[dic
                 *overrides,
             ],
         )
+    cfg.schedule.total_samples = steps * cfg.batch["global"]
     train(cfg)
     return [json.loads(line) for line in trace.read_text().splitlines()]
 

@@ -27,6 +27,7 @@ from flip.config import (
 )
 from flip.console import StepProgressBar, quiet_console
 from flip.eval.zeroshot import format_zero_shot
+from flip.resume import resume_path
 from flip.tasks.transfer import is_transfer_task, train_transfer
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     data = hydra.utils.instantiate(cfg.data, batch_size=per_device_batch(cfg, trainer.world_size))
 
-    trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
+    trainer.fit(
+        module, datamodule=data, ckpt_path=resume_path(cfg.ckpt_path, trainer, module, model_cfg)
+    )
     if trainer.checkpoint_callback is not None:  # the final weights, whatever the interval
         trainer.save_checkpoint(
             Path(trainer.checkpoint_callback.dirpath) / "last.ckpt", weights_only=False

@@ -46,6 +46,7 @@ from flip.checkpoint import (
 from flip.config import ConfigError, check_hardware, per_device_batch
 from flip.console import quiet_console
 from flip.models.clip import no_decay_names
+from flip.resume import resume_path
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,9 @@ def train_transfer(cfg: DictConfig) -> dict[str, float]:
     module.load_pretrained(model_state(ckpt), f"init_from={cfg.init_from}")
     log.info("initialised %s from %s", ", ".join(module.pretrained_parts), cfg.init_from)
 
-    trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
+    trainer.fit(
+        module, datamodule=data, ckpt_path=resume_path(cfg.ckpt_path, trainer, module, model_cfg)
+    )
     if trainer.checkpoint_callback is not None:
         trainer.save_checkpoint(
             Path(trainer.checkpoint_callback.dirpath) / "last.ckpt", weights_only=False
