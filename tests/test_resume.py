@@ -112,7 +112,8 @@ def test_sigkill_mid_run_then_the_same_command_with_auto_resumes_exactly(tmp_pat
 
     resumed = train_py(tmp_path, "ckpt_path=auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumes from" in resumed.stderr and "last.ckpt (step 4)" in resumed.stderr
+    assert "ckpt_path=auto resumes from" in resumed.stdout
+    assert "last.ckpt (step 4)" in resumed.stdout
     assert_same_as_full(tmp_path, full_run, first_step=4)
 
 
@@ -204,7 +205,6 @@ def test_bad_checkpoints_at_start_up_end_in_one_sentence(tmp_path, full_run):
             "timestamped one",
         ),
         ("eval.py", [f"ckpt_path={files['truncated']}"], "truncated.ckpt is incomplete"),
-        ("eval.py", [f"ckpt_path={files['notes']}"], "notes.ckpt is not a checkpoint"),
     ]
     for script, overrides, message in cases:
         if script == "train.py":
