@@ -46,7 +46,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's ``TorchCheckpointIO`` whose local writes are atomic (module docstring)."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        if not isinstance(get_filesystem(path), LocalFileSystem):  # s3://, gs://: fsspec's
+        local = isinstance(get_filesystem(path), LocalFileSystem)
+        if storage_options is not None or not local:  # s3://, gs://: fsspec's transaction
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
