@@ -178,6 +178,9 @@ def main(argv=None) -> dict:
     if args.steps <= args.skip:
         p.error(f"--steps={args.steps} must exceed --skip={args.skip}")
     torch.set_num_threads(args.threads)
+    commit = subprocess.run(  # the code this run imports
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
         start = time.time()
@@ -188,9 +191,6 @@ def main(argv=None) -> dict:
     table = format_table(rows, args.skip, window, len(records) - args.skip)
     print(table)
     if args.out is not None:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
         command = "python experiments/long_run.py " + " ".join(
             sys.argv[1:] if argv is None else argv
         )
