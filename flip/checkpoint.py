@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -35,23 +36,60 @@ FORMER_MASK_KEYS = frozenset({"mask_ratio", "mask_kind"})  # in towers of older 
 SAFE_TYPES = [AttributeDict]  # Lightning's hyper-parameter container
 
 
-def load_checkpoint(path) -> dict:
-    """The checkpoint at ``path`` loaded weights-only on the CPU."""
-    path = Path(path)
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format (a zip archive) since torch 1.6
+LEGACY_MAGIC = b"\x80"  # the older format: a pickle stream (protocol 2 or later)
+
+
+def _check_file(path: Path) -> None:
+    """Name what a file is when it cannot be a readable checkpoint: absent, empty, not
+    written by ``torch.save``, or a zip archive whose end is missing (cut off mid-write)."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(len(ZIP_MAGIC))
+    if size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): it is not a checkpoint")
+    if not (head.startswith(ZIP_MAGIC) or head.startswith(LEGACY_MAGIC)):
+        raise CheckpointError(
+            f"{path} is not a checkpoint: it was not written by torch.save (it begins with "
+            f"{head!r}, not a zip archive or a pickle stream)"
+        )
+    if head.startswith(ZIP_MAGIC) and not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete: a truncated file ({size} bytes) whose end is "
+            "missing, as when the run was killed while writing it; use an earlier checkpoint "
+            "(ckpt_path=auto takes the newest complete one)"
+        )
+
+
+def load_checkpoint(path, mmap: bool = False) -> dict:
+    """The checkpoint at ``path`` loaded weights-only on the CPU. ``mmap``: tensors are
+    mapped from the file, not read (cheap inspection of large checkpoints)."""
+    path = Path(path)
+    _check_file(path)
     try:
         with torch.serialization.safe_globals(SAFE_TYPES):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = torch.load(
+                path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path)
+            )
     except pickle.UnpicklingError as err:
-        detail = next(
-            (line.strip() for line in str(err).splitlines() if "Unsupported global" in line),
-            str(err).splitlines()[0],
-        )
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = next((line for line in lines if "Unsupported global" in line), None)
+        if detail is None:  # not a refused type: the pickle stream itself is broken
+            after = [i + 1 for i, line in enumerate(lines) if "WeightsUnpickler error" in line]
+            reason = lines[after[0]] if after and after[0] < len(lines) else lines[0]
+            raise CheckpointError(
+                f"checkpoint {path} is damaged and cannot be read ({reason})"
+            ) from None
         raise CheckpointError(
             f"{path} is refused: it holds pickled Python objects that weights-only loading "
             f"does not allow ({detail}); convert it in a trusted environment to a plain "
             "state dict"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(
+            f"checkpoint {path} is damaged and cannot be read ({str(err).splitlines()[0]})"
         ) from None
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"{path} is not a checkpoint (a dictionary of weights)")
@@ -97,6 +135,21 @@ def _is_runtime(key: str) -> bool:
     return key.rsplit(".", 1)[-1] in RUNTIME_KEYS
 
 
+def architecture_differences(
+    stored: Mapping, requested: Mapping, keys: Iterable[str] | None = None
+) -> list[tuple[str, object, object]]:
+    """(dotted key, requested value, stored value) of every architecture key (run-time
+    settings excluded) of ``requested`` that differs from ``stored``, sorted by key;
+    ``keys``: compare only these (None: all)."""
+    have, want = _flatten(stored), _flatten(requested)
+    checked = set(want) if keys is None else set(keys) & set(want)
+    return [
+        (key, want[key], have.get(key, "<absent>"))
+        for key in sorted(checked)
+        if not _is_runtime(key) and have.get(key, "<absent>") != want[key]
+    ]
+
+
 def merge_model_config(
     stored: Mapping,
     requested: Mapping | None,
@@ -113,15 +166,15 @@ def merge_model_config(
     merged = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in stored.items()}
     if requested is None:
         return merged
-    have, want = _flatten(stored), _flatten(requested)
-    checked = set(want) if explicit is None else set(explicit) & set(want)
-    for key in sorted(checked):
-        if not _is_runtime(key) and have.get(key, "<absent>") != want[key]:
-            raise ConfigError(
-                f"model.{key}={want[key]!r} contradicts {source}, which was trained with "
-                f"model.{key}={have.get(key, '<absent>')!r}; drop the override (the "
-                "architecture is read from the checkpoint)"
-            )
+    differences = architecture_differences(stored, requested, explicit)
+    if differences:
+        key, wanted, trained = differences[0]
+        raise ConfigError(
+            f"model.{key}={wanted!r} contradicts {source}, which was trained with "
+            f"model.{key}={trained!r}; drop the override (the "
+            "architecture is read from the checkpoint)"
+        )
+    want = _flatten(requested)
     for key, value in want.items():  # run-time settings come from the current run
         if _is_runtime(key):
             node = merged

@@ -37,6 +37,7 @@ from flip.config import check_hardware, per_device_batch
 from flip.console import quiet_console
 from flip.errors import CheckpointError
 from flip.eval import runner as evaluation
+from flip.resume import AUTO, LIGHTNING_KEYWORDS, resume_path
 from flip.tasks.transfer import Transfer, is_transfer_task
 from flip.train import Pretraining
 
@@ -70,7 +71,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Pre-train (or, with ``task=finetune|captioning|vqa``, train a downstream task), then
     the job's closing evaluation; returns the final metrics."""
     prepare(cfg)
-    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
+    if cfg.ckpt_path not in (None, AUTO, *LIGHTNING_KEYWORDS) and not Path(cfg.ckpt_path).is_file():
         raise CheckpointError(f"ckpt_path={cfg.ckpt_path} does not exist")
     job = Transfer(cfg) if is_transfer_task(cfg) else Pretraining(cfg)
     logger = build_logger(cfg)
@@ -81,7 +82,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     data = hydra.utils.instantiate(cfg.data, batch_size=per_device_batch(cfg, trainer.world_size))
     module = job.module(data)
 
-    trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
+    resume = resume_path(cfg.ckpt_path, trainer, module, job.model_config)
+    trainer.fit(module, datamodule=data, ckpt_path=resume)
     last = None
     if trainer.checkpoint_callback is not None:  # the final weights, whatever the interval
         last = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"

@@ -87,6 +87,7 @@ class Pretraining:
         ckpt = load_checkpoint(cfg.init_from) if cfg.init_from else None
         model_cfg = resolve_model_config(cfg, ckpt)
         check_patches(model_cfg)
+        self.model_config = model_cfg
         self.lightning_module = hydra.utils.instantiate(cfg.task, _partial_=True)(
             model=hydra.utils.instantiate(model_cfg),
             objective=hydra.utils.instantiate(cfg.objective),

@@ -20,7 +20,7 @@ PACKAGE = Path(flip.__file__).parent
 LAYERS = {
     0: {"errors", "schedule", "masking", "loss", "tokenizer", "metrics", "console", "assets"},
     1: {"models", "config", "checkpoint"},
-    2: {"objective", "reconstruction", "data"},
+    2: {"objective", "reconstruction", "data", "resume"},  # resume: checkpoint files of a run
     3: {"grad_cache", "eval"},
     4: {"tasks", "interop", "callbacks", "train"},  # train: pre-training's part of a run
     5: {"run"},  # the runner: prepare, build, fit or test, record
