@@ -3,7 +3,7 @@
     python experiments/collect.py table1a multirun/2026-11-30/04-00-00 --out experiments/results/mini/table1a
     python experiments/collect.py fig3 runs/ --wandb my-entity/flip
 
-A run is a directory holding ``result.json`` (``flip.train.train`` writes it: final metrics
+A run is a directory holding ``result.json`` (``flip.run.train`` writes it: final metrics
 and the resolved config) and, with ``logger=csv``, ``logs/version_*/metrics.csv`` (the
 validation curve). Every ``result.json`` below the given directories is read, so a Hydra
 multirun's sweep directory (``<sweep>/<job>/result.json``) and a chained unmasked-tuning
@@ -18,6 +18,13 @@ mask is read from the run that wrote the checkpoint), the model (image width/dep
 ``schedule.total_samples`` and, for Table 8's data axis, LAION-2B named in ``tags`` or
 ``data.shards``. Paper values come from ``experiments/paper_tables.json``.
 
+Runs that differ only in their seed are one row: its numbers are the mean over the seeds
+with the sample standard deviation beside it (``… std`` columns in the CSV, ``mean ± std``
+in markdown), its curve the point-wise mean; speed-ups pair each masked seed with the
+mask-0 run of the same seed (``experiments/seed_statistics.py``). Curves carry analytic
+training FLOPs (samples seen x ``step_benchmark.analytic_flops``'s forward + backward
+count) beside CPU and wall time.
+
 This is tooling beside the library, not part of ``flip``.
 """
 
@@ -28,8 +35,12 @@ import csv
 import json
 import math
 import sys
-from collections.abc import Iterable
 from pathlib import Path
+
+try:
+    from seed_statistics import differs, paired_speedups, spread
+except ImportError:  # imported as experiments.collect
+    from experiments.seed_statistics import differs, paired_speedups, spread
 
 HERE = Path(__file__).resolve().parent
 PAPER = json.loads((HERE / "paper_tables.json").read_text())
@@ -74,7 +85,7 @@ def read_run(directory: Path | str) -> dict:
         "evals": [],
         "pretrain": None,
     }
-    run["curve"] = validation_curve(rows, run["metrics"])
+    run["curve"] = with_flops(validation_curve(rows, run["metrics"]), run)
     return run
 
 
@@ -178,9 +189,10 @@ def load_wandb_runs(path: str, api=None) -> list[dict]:
                 "config": config,
                 "evals": [],
                 "pretrain": None,
-                "curve": validation_curve(list(r.scan_history()), metrics),
+                "curve": [],
             }
         )
+        runs[-1]["curve"] = with_flops(validation_curve(list(r.scan_history()), metrics), runs[-1])
     return runs
 
 
@@ -201,6 +213,67 @@ def _merge(base, top):
     if not (isinstance(base, dict) and isinstance(top, dict)):
         return top
     return {**base, **{k: _merge(base[k], v) if k in base else v for k, v in top.items()}}
+
+
+# ------------------------------------------------------------------------------ seeds
+
+
+def row_key(run: dict) -> str:
+    """What places a run in a row: its config without seeds, its own paths and the
+    checkpoint it tuned (whose pre-training mask counts instead)."""
+    config = json.loads(json.dumps(run["config"]))
+
+    def strip(node):
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k not in ("seed", "init_from")}
+        return [strip(v) for v in node] if isinstance(node, list) else node
+
+    text = json.dumps(strip(config), sort_keys=True)
+    if config.get("output_dir"):
+        text = text.replace(str(config["output_dir"]), "<out>")
+    return f"{text}|tuned={bool(config.get('init_from'))}|pretrain mask={pretrain_mask(run)}"
+
+
+def members(run: dict) -> list[dict]:
+    """The seed runs a (merged) row stands for."""
+    return run.get("seeds") or [run]
+
+
+def merge_seeds(runs: list[dict]) -> list[dict]:
+    """One run per row: runs differing only in their seed merged into their mean
+    (:func:`merged`), in the order their rows first appear; single runs unchanged."""
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(row_key(run), []).append(run)
+    return [g[0] if len(g) == 1 else merged(g) for g in groups.values()]
+
+
+def merged(runs: list[dict]) -> dict:
+    """The mean of seed runs of one row: numeric metrics and curve points averaged (the
+    curve over the points all seeds have), with ``acc_std``/``cpu_std``/``wall_std``/
+    ``flops_std`` per point; ``seeds`` keeps the runs for spreads and paired speed-ups."""
+    runs = sorted(runs, key=lambda r: r["config"].get("seed", 0))
+    numeric = set.intersection(
+        *({k for k, v in r["metrics"].items() if isinstance(v, (int, float))} for r in runs)
+    )
+    curve = []
+    for i in range(min(len(r["curve"]) for r in runs)):
+        points = [r["curve"][i] for r in runs]
+        curve.append({k: spread(p[k] for p in points)["mean"] for k in points[0]})
+        for k in ("acc", "cpu", "wall", "flops"):
+            curve[-1][f"{k}_std"] = spread(p.get(k, math.nan) for p in points)["std"]
+    pretrains = [r["pretrain"] for r in runs]
+    seeds = ",".join(str(r["config"].get("seed", "?")) for r in runs)
+    return {
+        "dir": runs[0]["dir"],
+        "name": f"{runs[0]['name']} [seeds {seeds}]",
+        "metrics": {k: spread(r["metrics"][k] for r in runs)["mean"] for k in numeric},
+        "config": runs[0]["config"],
+        "evals": [e for r in runs for e in r["evals"]],
+        "pretrain": merged(pretrains) if all(p is not None for p in pretrains) else None,
+        "curve": curve,
+        "seeds": runs,
+    }
 
 
 # ------------------------------------------------------------------------------ rows
@@ -277,22 +350,30 @@ def model_name(image: dict) -> str:
     return MODEL_NAMES.get(key, f"w{key[0]}d{key[1]}p{key[2]}@{image['image_size']}px")
 
 
-def flops_ratio(run: dict, reference: dict) -> float:
-    """Analytic training FLOPs per sample of ``run`` over ``reference`` (experiments/
-    step_benchmark.analytic_flops: image tower at the run's mask, text tower at its kept
-    text length)."""
+def train_flops_per_sample(run: dict) -> float:
+    """Analytic training FLOPs (forward + backward) per sample of ``run``
+    (experiments/step_benchmark.analytic_flops: image tower at the run's mask, 0 for a
+    tuned run, text tower at its kept text length)."""
     try:
         from step_benchmark import analytic_flops
     except ImportError:  # imported as experiments.collect
         from experiments.step_benchmark import analytic_flops
 
-    def per_sample(r):
-        d = describe(r)
-        model = json.loads(json.dumps(r["config"]["model"]))
-        model["text"]["context_length"] = d["text_len"]
-        return analytic_flops(model, d["mask"] if not d["tuned"] else 0.0, d["batch"])["train"]
+    d = describe(run)
+    model = json.loads(json.dumps(run["config"]["model"]))
+    model["text"]["context_length"] = d["text_len"]
+    return analytic_flops(model, d["mask"] if not d["tuned"] else 0.0, d["batch"])["train"]
 
-    return per_sample(run) / per_sample(reference)
+
+def with_flops(curve: list[dict], run: dict) -> list[dict]:
+    """The curve's points with ``flops``: training FLOPs spent by that point."""
+    per_sample = train_flops_per_sample(run)
+    return [{**p, "flops": p["samples"] * per_sample} for p in curve]
+
+
+def flops_ratio(run: dict, reference: dict) -> float:
+    """Analytic training FLOPs per sample of ``run`` over ``reference``."""
+    return train_flops_per_sample(run) / train_flops_per_sample(reference)
 
 
 def _pick(runs: list[dict], **want) -> dict | None:
@@ -320,7 +401,7 @@ def _times(run: dict | None, base: dict | None) -> dict:
     if run is None:
         return {}
     d = describe(run)
-    out = {"train wall s": d["wall"], "train CPU s": d["cpu"]}
+    out = {"train wall s": d["wall"], "train CPU s": d["cpu"], "train CPU s std": _std(run, "cpu")}
     if base is not None:
         b = describe(base)
         out |= {
@@ -332,6 +413,16 @@ def _times(run: dict | None, base: dict | None) -> dict:
 
 def _acc(run: dict | None) -> float:
     return describe(run)["acc"] if run is not None else math.nan
+
+
+def _std(run: dict | None, key: str) -> float:
+    """Standard deviation over the row's seeds of ``describe(...)[key]`` (NaN for one)."""
+    return spread(describe(m)[key] for m in members(run))["std"] if run is not None else math.nan
+
+
+def _acc_cols(run: dict | None, col: str) -> dict:
+    """``{col: mean accuracy, "<col> std": its spread over seeds}``."""
+    return {col: _acc(run), f"{col} std": _std(run, "acc")}
 
 
 def batch_labels(runs: list[dict]) -> dict[int, str]:
@@ -364,7 +455,13 @@ def table1a(runs: list[dict]) -> list[dict]:
                 "time": p["time"],
                 **_times(run, base),
                 "acc.": p["acc"],
-                "acc. (ours)": _acc(run),
+                **_acc_cols(run, "acc. (ours)"),
+                "seeds": len(members(run)) if run else 0,
+                "differs from mask 0 (> 2 SE)": differs(
+                    [_acc(m) for m in members(run)], [_acc(m) for m in members(base)]
+                )
+                if run and base and run is not base
+                else None,
                 "run": run["name"] if run else None,
             }
         )
@@ -389,7 +486,7 @@ def table1b(runs: list[dict]) -> list[dict]:
             )
             row |= {
                 col: p[col],
-                f"{col} (ours)": _acc(run),
+                **_acc_cols(run, f"{col} (ours)"),
                 f"{col} train CPU s": describe(run)["cpu"] if run else math.nan,
             }
         rows.append(row)
@@ -410,7 +507,7 @@ def table1c(runs: list[dict]) -> list[dict]:
                 **_times(run, base),
                 "FLOPs (ours)": flops_ratio(run, base) if run and base else math.nan,
                 "acc.": p["acc"],
-                "acc. (ours)": _acc(run),
+                **_acc_cols(run, "acc. (ours)"),
                 "run": run["name"] if run else None,
             }
         )
@@ -428,33 +525,28 @@ def eval_top1(record: dict) -> float:
 
 def table1d(runs: list[dict]) -> list[dict]:
     """Rows w/ mask (single view at the training ratio), w/ mask ensemble, w/o mask (an
-    eval at mask 0 if present, else the run's own held-out top-1 from training)."""
-    cells: dict[tuple[str, float], float] = {}
+    eval at mask 0 if present, else the run's own held-out top-1 from training); each
+    the mean (and spread) over the seeds' checkpoints evaluated."""
+    cells: dict[tuple[str, float], list[float]] = {}
     for mask in (0.5, 0.75):
         run = _pick(runs, mask=mask, tuned=False)
         if run is None:
             continue
         for record in run["evals"]:
             if record["mask"] == 0:
-                cells[("w/o mask", mask)] = eval_top1(record)
+                cells.setdefault(("w/o mask", mask), []).append(eval_top1(record))
             elif math.isclose(record["mask"], mask):
                 case = "w/ mask, ensemble" if record["masked_views"] == "ensemble" else "w/ mask"
-                cells[(case, mask)] = eval_top1(record)
-        cells.setdefault(("w/o mask", mask), _acc(run))
-    return [
-        {
-            "case": p["case"],
-            **{
-                k: v
-                for mask in (0.5, 0.75)
-                for k, v in (
-                    (f"mask {mask:.0%}", p[f"mask {mask:.0%}"]),
-                    (f"mask {mask:.0%} (ours)", cells.get((p["case"], mask), math.nan)),
-                )
-            },
-        }
-        for p in PAPER["table1d"]["rows"]
-    ]
+                cells.setdefault((case, mask), []).append(eval_top1(record))
+        cells.setdefault(("w/o mask", mask), [_acc(m) for m in members(run)])
+    rows = []
+    for p in PAPER["table1d"]["rows"]:
+        row = {"case": p["case"]}
+        for mask in (0.5, 0.75):
+            col, s = f"mask {mask:.0%}", spread(cells.get((p["case"], mask), []))
+            row |= {col: p[col], f"{col} (ours)": s["mean"], f"{col} (ours) std": s["std"]}
+        rows.append(row)
+    return rows
 
 
 def _mask_columns(table: str, find) -> list[dict]:
@@ -469,7 +561,7 @@ def _mask_columns(table: str, find) -> list[dict]:
             t = _times(run, base)
             row |= {
                 col: p[col],
-                f"{col} (ours)": _acc(run),
+                **_acc_cols(run, f"{col} (ours)"),
                 f"{col} time CPU (ours)": t.get("time CPU (ours)", math.nan),
                 f"{col} time wall (ours)": t.get("time wall (ours)", math.nan),
             }
@@ -509,7 +601,7 @@ def fig3(runs: list[dict]) -> list[dict]:
                 "schedule (x shortest)": d["samples"] / shortest,
                 "samples seen": d["samples_seen"],
                 **_times(run, base),
-                "acc. (ours)": d["acc"],
+                **_acc_cols(run, "acc. (ours)"),
                 "run": run["name"],
             }
         )
@@ -609,59 +701,74 @@ BUILDERS = {
 
 
 def collect(table: str, runs: list[dict]) -> list[dict]:
-    """The rows of ``table`` (one of TABLES) from ``runs``: the paper's columns with ours
-    beside them (columns named ``… (ours)``)."""
+    """The rows of ``table`` (one of TABLES) from ``runs`` (seeds of a row merged): the
+    paper's columns with ours beside them (columns named ``… (ours)``)."""
     if table not in BUILDERS:
         raise SystemExit(f"unknown table {table!r}: use one of {', '.join(TABLES)}")
     if not runs:
         raise SystemExit("no runs found (no result.json below the given directories)")
-    return BUILDERS[table](runs)
+    return BUILDERS[table](merge_seeds(runs))
 
 
 # ------------------------------------------------------------------------------ speed-up
 
+CLOCKS = {"cpu": "process CPU s", "wall": "wall-clock s", "flops": "training FLOPs"}
 
-def time_to_accuracy(times: Iterable[float], accs: Iterable[float], target: float) -> float | None:
-    """The first time a curve reaches ``target``, linearly interpolated between the two
-    validation points around the crossing; None if it never does."""
-    pts = list(zip(times, accs))
-    for i, (t, a) in enumerate(pts):
-        if a >= target:
-            if i == 0:
-                return t
-            (t0, a0) = pts[i - 1]
-            return t0 + (target - a0) / (a - a0) * (t - t0)
-    return None
+
+def spent(run: dict, clock: str) -> float:
+    """A run's training compute on ``clock`` (CPU s, wall s or analytic FLOPs), a tuned
+    run's pre-training included."""
+    if clock != "flops":
+        return describe(run)[clock]  # pre-training's time already added
+    own = describe(run)["samples_seen"] * train_flops_per_sample(run)
+    return own + (spent(run["pretrain"], clock) if run["pretrain"] is not None else 0.0)
 
 
 def speedups(runs: list[dict], clock: str = "cpu") -> list[dict]:
-    """Time-to-accuracy speed-up (the paper's Fig. 1/3 headline): the target is the final
-    held-out accuracy of the longest mask-0 untuned run; each masked run's time to first
-    reach it (interpolated on its validation curve) is set against the mask-0 run's total
-    training time. ``clock``: "cpu" (process CPU) or "wall"."""
-    base_runs = [r for r in runs if describe(r)["mask"] == 0 and not describe(r)["tuned"]]
-    if not base_runs:
+    """Time-to-accuracy speed-up (the paper's Fig. 1/3 headline), seed by seed: the
+    target is the final held-out accuracy of the longest mask-0 untuned run of the same
+    seed; each masked run's compute to first reach it (interpolated on its validation
+    curve) is set against that mask-0 run's total. Mean, spread and standard error over
+    the seeds; "beyond 2 SE" says whether the speed-up differs from 1x by more than 2
+    standard errors. ``clock``: "cpu" (process CPU s), "wall" (s) or "flops"."""
+    rows_ = merge_seeds(runs)
+    base_rows = [r for r in rows_ if describe(r)["mask"] == 0 and not describe(r)["tuned"]]
+    if not base_rows:
         return []
-    base = max(base_runs, key=lambda r: describe(r)["samples"])
-    target, base_time = describe(base)["acc"], describe(base)[clock]
+    base = max(base_rows, key=lambda r: describe(r)["samples"])
+    targets = {m["config"].get("seed"): (_acc(m), spent(m, clock)) for m in members(base)}
     rows = []
-    for run in runs:
+    for run in rows_:
         d = describe(run)
         if d["mask"] == 0 and not d["tuned"]:
             continue
-        offset = describe(run["pretrain"])[clock] if run["pretrain"] is not None else 0.0
-        curve = run["curve"]
-        t = time_to_accuracy([offset + p[clock] for p in curve], [p["acc"] for p in curve], target)
+        curves = {}
+        for m in members(run):
+            offset = spent(m["pretrain"], clock) if m["pretrain"] is not None else 0.0
+            curves[m["config"].get("seed")] = (
+                [offset + p[clock] for p in m["curve"]],
+                [p["acc"] for p in m["curve"]],
+            )
+        res = paired_speedups(targets, curves)
+        up, to = res["speedup"], res["time"]
+        paired = len(set(targets) & set(curves))
         rows.append(
             {
                 "clock": clock,
                 "mask": f"{d['mask']:.0%}",
                 "tuned": d["tuned"],
                 "schedule samples": d["samples"],
-                "target acc. (mask 0)": target,
-                "mask-0 time s": base_time,
-                "time to target s": t,
-                "speed-up": base_time / t if t else math.nan,
+                "target acc. (mask 0)": spread(a for a, _ in targets.values())["mean"],
+                "mask-0 total": spread(t for _, t in targets.values())["mean"],
+                "to target": to["mean"],
+                "to target std": to["std"],
+                "speed-up": up["mean"],
+                "speed-up std": up["std"],
+                "speed-up se": up["se"],
+                "seeds reaching": f"{up['n']}/{paired}",
+                "beyond 2 SE of 1x": None
+                if math.isnan(up["se"]) or res["missed"]
+                else abs(up["mean"] - 1) > 2 * up["se"],
                 "run": run["name"],
             }
         )
@@ -680,11 +787,21 @@ def _fmt(v) -> str:
 
 
 def to_markdown(rows: list[dict]) -> str:
+    """A markdown table; a column ``X std`` beside ``X`` is shown inside it as
+    ``mean ± std`` (the CSV keeps both)."""
     if not rows:
         return "(no rows)\n"
-    cols = list(dict.fromkeys(k for r in rows for k in r))
+    every = list(dict.fromkeys(k for r in rows for k in r))
+    cols = [c for c in every if not (c.endswith(" std") and c[: -len(" std")] in every)]
+
+    def cell(r, c):
+        std = r.get(f"{c} std")
+        if std is None or (isinstance(std, float) and math.isnan(std)):
+            return _fmt(r.get(c))
+        return f"{_fmt(r.get(c))} ± {_fmt(std)}"
+
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r, c) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -703,14 +820,17 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def plot_accuracy_vs_time(runs: list[dict], path: Path | str, clock: str = "cpu") -> Path:
-    """Fig. 1/3: held-out accuracy vs training time, one colour per mask ratio: each run's
-    validation curve (thin) and the final points of its schedules (markers, joined);
-    tuned runs dashed, their time counted after pre-training's."""
+    """Fig. 1/3: held-out accuracy vs training compute (``clock``: CPU s, wall s or
+    FLOPs), one colour per mask ratio: each row's validation curve (the mean over its
+    seeds, error bars one standard deviation over them in accuracy and, for time, in
+    time) and the final points of its schedules (markers, joined); tuned runs dashed,
+    their compute counted after pre-training's."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    runs = merge_seeds(runs)
     fig, ax = plt.subplots(figsize=(6, 4.5))
     masks = sorted({describe(r)["mask"] for r in runs})
     colours = dict(zip(masks, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
@@ -724,24 +844,30 @@ def plot_accuracy_vs_time(runs: list[dict], path: Path | str, clock: str = "cpu"
                 continue
             style = "--" if tuned else "-"
             for run in group:
-                offset = describe(run["pretrain"])[clock] if run["pretrain"] is not None else 0.0
-                ax.plot(
-                    [offset + p[clock] for p in run["curve"]],
-                    [p["acc"] for p in run["curve"]],
-                    style,
+                offset = spent(run["pretrain"], clock) if run["pretrain"] is not None else 0.0
+                curve = run["curve"]
+                ax.errorbar(
+                    [offset + p[clock] for p in curve],
+                    [p["acc"] for p in curve],
+                    yerr=[p.get("acc_std", math.nan) for p in curve],
+                    xerr=[p.get(f"{clock}_std", math.nan) for p in curve],
+                    fmt=style,
                     color=colours[mask],
-                    alpha=0.35,
+                    alpha=0.5,
                     lw=1,
+                    capsize=2,
                 )
             ax.plot(
-                [describe(r)[clock] for r in group],
+                [spent(r, clock) for r in group],
                 [describe(r)["acc"] for r in group],
                 style,
                 marker="o",
                 color=colours[mask],
-                label=f"mask {mask:.0%}" + (" + tuning" if tuned else ""),
+                label=f"mask {mask:.0%}"
+                + (" + tuning" if tuned else "")
+                + (f" ({len(members(group[-1]))} seeds)" if len(members(group[-1])) > 1 else ""),
             )
-    ax.set_xlabel(f"training time ({'process CPU' if clock == 'cpu' else 'wall-clock'} s)")
+    ax.set_xlabel(f"training compute ({CLOCKS[clock]})")
     ax.set_ylabel("held-out zero-shot top-1 (%)")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -782,7 +908,8 @@ def plot_scaling(runs: list[dict], path: Path | str) -> Path:
 
 def write_outputs(table: str, runs: list[dict], out: Path | str) -> dict[str, Path]:
     """``<out>/<table>.md`` and ``.csv`` (for Table 1a and Fig. 3 also the speed-up table,
-    when masked and mask-0 runs are both present), ``accuracy_vs_{cpu,wall}.png`` and ``scaling.png``."""
+    when masked and mask-0 runs are both present), ``accuracy_vs_{cpu,wall,flops}.png`` and
+    ``scaling.png``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = collect(table, runs)
@@ -790,12 +917,13 @@ def write_outputs(table: str, runs: list[dict], out: Path | str) -> dict[str, Pa
     text = f"# {table}: {PAPER[table]['title']}\n\n{to_markdown(rows)}"
     if PAPER[table].get("note"):
         text += f"\n{PAPER[table]['note']}\n"
-    ups = speedups(runs, "cpu") + speedups(runs, "wall") if table in ("table1a", "fig3") else []
+    ups = [u for c in CLOCKS for u in speedups(runs, c)] if table in ("table1a", "fig3") else []
     if ups:
         text += (
-            "\n## Time-to-accuracy speed-up\n\nTime each masked run needs to first reach "
-            "the mask-0 run's final held-out accuracy (linear interpolation between "
-            "validation points), against the mask-0 run's total training time.\n\n"
+            "\n## Time-to-accuracy speed-up\n\nCompute (process CPU s, wall s, analytic "
+            "training FLOPs) each masked run needs to first reach the final held-out accuracy "
+            "of the mask-0 run of the same seed (linear interpolation between validation "
+            "points), against that mask-0 run's total; mean ± std over seeds.\n\n"
             + to_markdown(ups)
         )
         write_csv(ups, out / f"{table}_speedup.csv")
@@ -807,6 +935,7 @@ def write_outputs(table: str, runs: list[dict], out: Path | str) -> dict[str, Pa
     write_csv(rows, paths["csv"])
     paths["cpu_png"] = plot_accuracy_vs_time(runs, out / "accuracy_vs_cpu.png", "cpu")
     paths["wall_png"] = plot_accuracy_vs_time(runs, out / "accuracy_vs_wall.png", "wall")
+    paths["flops_png"] = plot_accuracy_vs_time(runs, out / "accuracy_vs_flops.png", "flops")
     paths["scaling_png"] = plot_scaling(runs, out / "scaling.png")
     return paths
 

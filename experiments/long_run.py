@@ -1,6 +1,6 @@
 """Long runs stay flat: resident memory and step time over a long CPU training run.
 
-Runs ``flip.train.train`` on the default config (tiny model, embedded shapes data, one
+Runs ``flip.run.train`` on the default config (tiny model, embedded shapes data, one
 loader worker) for ``--steps`` optimiser steps with held-out zero-shot evaluation and a
 periodic checkpoint every ``--every`` steps, and records after every training step
 
@@ -140,7 +140,7 @@ def format_table(rows: list[dict], skip: int, window: int, n: int) -> str:
 def run(steps: int, every: int, workdir: Path, overrides: list[str]) -> list[dict]:
     """Train ``steps`` steps of the default config, evaluating and checkpointing every
     ``every`` steps; the per-step records."""
-    from flip.train import train
+    from flip.run import train
 
     trace = workdir / "steps.jsonl"
     trace.unlink(missing_ok=True)

@@ -1,7 +1,8 @@
 """experiments/collect.py: real run directories (train() with the CSV logger, a tuned run,
 an eval.py ensemble) -> the paper's tables with our numbers beside the paper's, the time
 ratios and speed-up recomputed here from the raw numbers, the figures; a 2-point Hydra
-multirun through train.py collected into both of its rows."""
+multirun through train.py collected into both of its rows; a synthetic Table 1a of 3 seeds
+per row -> mean ± std rows and speed-ups paired by seed, checked against hand computation."""
 
 import csv
 import json
@@ -13,10 +14,11 @@ from pathlib import Path
 import collect
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from step_benchmark import analytic_flops
 
 from flip.run import evaluate, train
-from tests.conftest import CONF, FAST, compose_fast
+from tests.conftest import CONF, FAST, compose_fast, compose_train
 
 CURVE = ["logger=csv", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1"]
 
@@ -55,15 +57,6 @@ def runs_root(tmp_path_factory):
 
 def result(root, name):
     return json.loads((root / name / "result.json").read_text())["metrics"]
-
-
-def test_time_to_accuracy_interpolates_between_validation_points():
-    assert collect.time_to_accuracy([10, 20, 30], [0.1, 0.3, 0.5], 0.4) == pytest.approx(25.0)
-    assert collect.time_to_accuracy([10, 20, 30], [0.1, 0.3, 0.5], 0.05) == 10  # at once
-    assert collect.time_to_accuracy([10, 20, 30], [0.1, 0.3, 0.5], 0.5) == pytest.approx(30.0)
-    assert collect.time_to_accuracy([10, 20, 30], [0.1, 0.3, 0.5], 0.6) is None
-    # the first crossing counts, not a later one
-    assert collect.time_to_accuracy([1, 2, 3, 4], [0, 1, 0, 1], 0.5) == pytest.approx(1.5)
 
 
 def test_validation_curve_takes_time_of_the_last_training_step(runs_root):
@@ -128,7 +121,7 @@ def test_speedup_against_the_mask0_total_time(runs_root):
         for s, t, a in [(16, 10, 10), (32, 20, 30), (48, 30, 50)]
     ]
     (up,) = [u for u in collect.speedups(runs, "cpu") if not u["tuned"]]
-    assert up["time to target s"] == pytest.approx(25.0)  # 40 % between 30 % and 50 %
+    assert up["to target"] == pytest.approx(25.0)  # 40 % between 30 % and 50 %
     assert up["speed-up"] == pytest.approx(100.0 / 25.0)
 
 
@@ -295,3 +288,92 @@ def test_two_point_multirun_collects_both_rows(tmp_path):
         assert float(rows[mask]["train CPU s"]) == pytest.approx(metrics["time/train_cpu_s"])
     assert rows["75%"]["acc. (ours)"] == "" and rows["75%"]["acc."] == "68.2"
     assert (tmp_path / "table" / "accuracy_vs_cpu.png").stat().st_size > 5000
+
+
+def write_run(directory: Path, config: dict, finals: tuple[float, float], points: int = 5):
+    """A run as train() leaves it (result.json + CSV metrics), with a straight curve:
+    validation i of ``points`` at i/points of the schedule, of the final accuracy (%) and
+    of the final CPU time ``finals`` (wall = 2 x CPU)."""
+    acc, cpu = finals
+    total, batch = config["schedule"]["total_samples"], config["batch"]["global"]
+    steps = total // batch
+    (directory / "logs" / "version_0").mkdir(parents=True)
+    rows = []
+    for i in range(1, points + 1):
+        step = i * steps // points - 1
+        t = cpu * i / points
+        rows.append({"step": step, "time/train_cpu_s": t, "time/train_wall_s": 2 * t,
+                     "train/samples_seen": (step + 1) * batch})  # fmt: skip
+        rows.append({"step": step, "val/zeroshot_top1": acc / 100 * i / points})
+    with open(directory / "logs" / "version_0" / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        writer.writeheader()
+        writer.writerows(rows)
+    metrics = {"val/zeroshot_top1": acc / 100, "time/train_cpu_s": cpu,
+               "time/train_wall_s": 2 * cpu, "train/samples_seen": float(total)}  # fmt: skip
+    (directory / "result.json").write_text(json.dumps({"metrics": metrics, "config": config}))
+
+
+def test_seeds_merge_into_mean_and_spread_and_speedups_pair_by_seed(tmp_path):
+    finals = {  # row -> per seed (final acc. %, train CPU s)
+        "mini_table1a_mask0": [(30.0, 500.0), (32.0, 510.0), (34.0, 520.0)],
+        "mini_table1a_mask50": [(33.0, 250.0), (35.0, 250.0), (37.0, 250.0)],
+    }
+    configs = {}
+    for name, per_seed in finals.items():
+        for seed, values in enumerate(per_seed):
+            out = tmp_path / f"{name}_s{seed}"
+            cfg = compose_train(f"experiment={name}", f"seed={seed}", output_dir=out)
+            configs[name] = OmegaConf.to_container(cfg, resolve=True)
+            write_run(out, configs[name], values)
+    runs = collect.load_runs(tmp_path)
+    assert len(runs) == 6 and len(collect.merge_seeds(runs)) == 2
+
+    rows = {r["mask"]: r for r in collect.collect("table1a", runs)}
+    assert rows["0%"]["acc. (ours)"] == pytest.approx(32.0)
+    assert rows["0%"]["acc. (ours) std"] == pytest.approx(2.0)
+    assert rows["50%"]["acc. (ours)"] == pytest.approx(35.0) and rows["50%"]["seeds"] == 3
+    assert rows["0%"]["train CPU s"] == pytest.approx(510.0)
+    assert rows["0%"]["train CPU s std"] == pytest.approx(10.0)
+    assert rows["50%"]["time CPU (ours)"] == pytest.approx(250.0 / 510.0)
+    # 35 vs 32, each se 2/sqrt(3): 3 < 2 x sqrt(8/3) = 3.27, so not a difference
+    assert rows["50%"]["differs from mask 0 (> 2 SE)"] is False
+    assert rows["50%"]["run"].endswith("mini_table1a_mask50_s0 [seeds 0,1,2]")
+
+    # seed s: mask 0 ends at acc a_s after T_s CPU s; mask 50's curve (acc 6.6, 13.2, ...
+    # at 50, 100, ... CPU s for seed 0) first reaches a_s between its 4th and 5th points
+    crossings = [  # fraction of the masked run's schedule where it reaches a_s
+        (4 + (30.0 - 26.4) / 6.6) / 5,
+        (4 + (32.0 - 28.0) / 7.0) / 5,
+        (4 + (34.0 - 29.6) / 7.4) / 5,
+    ]
+    cpu_ups = [t / (250.0 * c) for t, c in zip((500.0, 510.0, 520.0), crossings)]
+    ups = {u["clock"]: u for c in collect.CLOCKS for u in collect.speedups(runs, c)}
+    mean = sum(cpu_ups) / 3
+    std = math.sqrt(sum((u - mean) ** 2 for u in cpu_ups) / 2)
+    assert ups["cpu"]["speed-up"] == pytest.approx(mean)
+    assert ups["cpu"]["speed-up std"] == pytest.approx(std)
+    assert ups["cpu"]["speed-up se"] == pytest.approx(std / math.sqrt(3))
+    assert ups["cpu"]["seeds reaching"] == "3/3" and ups["cpu"]["beyond 2 SE of 1x"] is True
+    assert ups["wall"]["speed-up"] == pytest.approx(mean)  # wall = 2 x CPU on both sides
+
+    def per_sample(name):
+        d = collect.describe({"config": configs[name], "metrics": {}, "pretrain": None})
+        return analytic_flops(configs[name]["model"], d["mask"], d["batch"])["train"]
+
+    f0, f50 = per_sample("mini_table1a_mask0"), per_sample("mini_table1a_mask50")
+    flops_ups = [16000 * f0 / (16000 * c * f50) for c in crossings]
+    assert ups["flops"]["speed-up"] == pytest.approx(sum(flops_ups) / 3)
+    assert f50 / f0 < 0.55  # the mini model: masking half the patches halves the FLOPs
+
+    paths = collect.write_outputs("table1a", runs, tmp_path / "out")
+    md = paths["md"].read_text()
+    assert "| 32.00 ± 2.00 |" in md and "| 510.00 ± 10.00 |" in md
+    with open(paths["csv"], newline="") as f:
+        written = {r["mask"]: r for r in csv.DictReader(f)}
+    assert float(written["0%"]["acc. (ours) std"]) == pytest.approx(2.0)
+    with open(paths["speedup"], newline="") as f:
+        assert {r["clock"] for r in csv.DictReader(f)} == {"cpu", "wall", "flops"}
+    for key in ("cpu_png", "flops_png"):
+        data = paths[key].read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

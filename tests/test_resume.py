@@ -15,7 +15,7 @@ import torch
 
 from flip.checkpoint import CheckpointError, load_checkpoint
 from flip.resume import AtomicCheckpointIO
-from flip.train import train
+from flip.run import train
 from tests.conftest import CONF, FAST, compose_fast
 
 ROOT = CONF.parent
