@@ -75,7 +75,7 @@ def measure(variant: str, args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)  # same weights in every process
-    model, objective, size = build(args.model, args.mask)
+    model, objective, _, size = build(args.model, args.mask)  # the module draws the masks
     steps = 1 + args.repeats
     module = PretrainModule(
         model,
@@ -83,6 +83,7 @@ def measure(variant: str, args) -> dict:
         total_samples=args.batch * steps,
         warmup_samples=0,
         objective=objective,
+        image_mask={"ratio": args.mask, "kind": "random"},
         micro_batch=args.micro if mode == "cached" else None,
     )
     images = torch.randn(args.batch, 3, size, size)

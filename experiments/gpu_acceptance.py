@@ -153,7 +153,7 @@ def measure_impl(impl: str, s: Settings, cfg: dict, a, device: torch.device, log
 def measure_grad_cache(arch: str, a: argparse.Namespace, device: torch.device, log) -> dict:
     """Cached step over one-shot step of the same ``--grad-cache-batch`` samples, mask 0.5,
     4 micro-batches, bf16 autocast, interleaved."""
-    model, objective, size = build(arch, 0.5)
+    model, objective, draw_masks, size = build(arch, 0.5)
     model.to(device)
     g = torch.Generator().manual_seed(0)
     B = a.grad_cache_batch
@@ -163,7 +163,9 @@ def measure_grad_cache(arch: str, a: argparse.Namespace, device: torch.device, l
 
     def run(variant: str) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            grad_cache_step(variant, model, objective, images, tokens, B // MICRO_BATCHES)
+            grad_cache_step(
+                variant, model, objective, draw_masks, images, tokens, B // MICRO_BATCHES
+            )
 
     for rep in range(a.warmup + a.repeats):
         for variant in times:
