@@ -51,6 +51,7 @@ OFFICIAL = {
     "table8_baseline": {**TUNED, "arch": "vit_l16"},
     "table8_model": {**TUNED, "arch": "vit_h14", "warmup": 200},
     "table8_data": {**TUNED, "arch": "vit_l16"},
+    # inferred, not official: lr 2e-6 of the LAION-2B 2x configs (no LAION-400M 2x config exists)
     "table8_schedule": {**TUNED, "arch": "vit_l16", "epochs": 20000, "base_lr": 2e-6},
     "table8_model_data": {**TUNED, "arch": "vit_h14", "warmup": 200},
     "table8_joint": {**TUNED, "arch": "vit_h14", "warmup": 200, "epochs": 20000, "base_lr": 2e-6},
@@ -221,33 +222,30 @@ def test_table1a_couples_mask_and_batch(tmp_path):
 
 
 # The CPU miniatures (conf/experiment/mini_*): per table the rows' axes (image mask, global
-# batch, text masking, reconstruction, samples), the paper's batches 16k/32k/64k scaled by
-# 1/2048 and its 6.4 epochs (2000 virtual ImageNet epochs) = 16000 fresh samples.
+# batch, text masking, reconstruction, samples). The paper's 6.4 epochs (2000 virtual ImageNet
+# epochs) = 16000 fresh samples. Table 1b keeps the paper's batches 16k/32k/64k / 2048; Table
+# 1a, 1c, 1f and Fig. 3 hold the batch at 32 for every row (the paper doubles it with each
+# masking step; in the miniature accuracy follows steps, not batch: results/mini/README.md).
 MINI_SAMPLES = 16_000
+ONE_BATCH = 32
 MINI_AXES = {
-    "table1a": {
-        (0.0, 8, 0.0, "random", False, MINI_SAMPLES),
-        (0.5, 16, 0.0, "random", False, MINI_SAMPLES),
-        (0.75, 32, 0.0, "random", False, MINI_SAMPLES),
-    },
+    "table1a": {(m, ONE_BATCH, 0.0, "random", False, MINI_SAMPLES) for m in (0.0, 0.5, 0.75)},
     "table1b": {
         (m, b, 0.0, "random", False, MINI_SAMPLES) for m in (0.5, 0.75) for b in (8, 16, 32)
     },
     "table1c": {
-        (0.75, 32, r, k, False, MINI_SAMPLES)
+        (0.75, ONE_BATCH, r, k, False, MINI_SAMPLES)
         for r, k in ((0.0, "random"), (0.5, "random"), (0.5, "prioritized"))
     },
     "table1e": {(0.0, 8, 0.0, "random", False, 4000)},  # tunes 1a's mask-0.5/0.75 checkpoints
-    "table1f": {
-        (0.5, 16, 0.0, "random", True, MINI_SAMPLES),
-        (0.75, 32, 0.0, "random", True, MINI_SAMPLES),
-    },
+    "table1f": {(m, ONE_BATCH, 0.0, "random", True, MINI_SAMPLES) for m in (0.5, 0.75)},
     "fig3": {
-        (m, b, 0.0, "random", False, n)
-        for m, b in ((0.0, 8), (0.5, 16), (0.75, 32))
+        (m, ONE_BATCH, 0.0, "random", False, n)
+        for m in (0.0, 0.5, 0.75)
         for n in (MINI_SAMPLES, 2 * MINI_SAMPLES, 5 * MINI_SAMPLES)
     },
 }
+ONE_BATCH_TABLES = {"table1a", "table1c", "table1f", "fig3"}
 MINI = [n for n in EXPERIMENTS if n.startswith("mini_")]
 MINI_SMOKE = [
     "mini_table1a_mask50",
@@ -331,6 +329,8 @@ def test_mini_experiments_have_their_tables_axes_on_the_compute_bound_miniature(
             _axes(c, 2048, MINI_SAMPLES / paper_epochs)
             for c in (compose_train(f"experiment={n}", output_dir=tmp_path) for n in full)
         }
+        if table in ONE_BATCH_TABLES:  # the paper's rows with the miniature's one batch
+            want = {(a[0], ONE_BATCH, *a[2:]) for a in want}
         assert want == MINI_AXES[table]
 
 

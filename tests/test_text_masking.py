@@ -119,13 +119,13 @@ def test_image_masking_is_random_only(kind):
 
 
 def test_readme_command_composes_and_the_task_draws_that_text_mask():
-    """README: ``python train.py task.text_mask.ratio=0.5 model.text.pool=mean``."""
+    """README: ``python train.py task.text_mask.ratio=0.5 task.text_mask.kind=prioritized``."""
     from hydra.utils import instantiate
 
-    cfg = compose_train("task.text_mask.ratio=0.5", "model.text.pool=mean")
+    cfg = compose_train("task.text_mask.ratio=0.5", "task.text_mask.kind=prioritized")
     check_task_masks(cfg)
     module = instantiate(cfg.task, _partial_=True)(model=instantiate(cfg.model))
-    assert module.text_mask == Mask(0.5, kind="random") and module.model.text.pool == "mean"
+    assert module.text_mask == Mask(0.5, kind="prioritized")
     _, text_mask = module.draw_masks(4, "cpu")
     assert text_mask.noise.shape == (4, 32)  # drawn: the batch can be replayed
     cfg = compose_train("task.text_mask.ratio=0.25", "task.text_mask.kind=prioritized")
