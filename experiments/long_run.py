@@ -37,7 +37,8 @@ from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SERIES = {  # record key: (unit, what)
-    "step_ms": ("ms", "step time (forward, backward, optimiser)"),
+    "step_ms": ("ms", "step time (forward, backward, optimiser), wall clock"),
+    "step_cpu_ms": ("ms", "step CPU time of the training process (robust to a shared machine)"),
     "rss_main_mb": ("MB", "RSS of the training process"),
     "rss_workers_mb": ("MB", "RSS of the loader workers (sum)"),
     "pss_total_mb": ("MB", "PSS of the process tree (sum)"),
@@ -85,14 +86,20 @@ class StepRecorder(L.Callback):
 
     def __init__(self, path: str):
         self.path = Path(path)
-        self._start = None
+        self._start = self._cpu = None
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        self._start = time.perf_counter()
+        self._start, self._cpu = time.perf_counter(), time.process_time()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step_ms = (time.perf_counter() - self._start) * 1000
-        record = {"step": trainer.global_step, "step_ms": step_ms, **memory_mb(os.getpid())}
+        cpu_ms = (time.process_time() - self._cpu) * 1000
+        record = {
+            "step": trainer.global_step,
+            "step_ms": step_ms,
+            "step_cpu_ms": cpu_ms,
+            **memory_mb(os.getpid()),
+        }
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -104,6 +111,8 @@ def slope_table(records: list[dict], skip: int, window: int) -> list[dict]:
     steps = np.array([r["step"] for r in kept], dtype=float)
     rows = []
     for key, (unit, what) in SERIES.items():
+        if key not in kept[0]:  # a series older records lack
+            continue
         values = np.array([r[key] for r in kept], dtype=float)
         slope = np.polyfit(steps, values, 1)[0] * 1000
         first, last = values[:window].mean(), values[-window:].mean()

@@ -23,6 +23,7 @@ def test_slopes_and_window_means_of_a_known_trend():
         {
             "step": s,
             "step_ms": 50.0 + 0.02 * s,  # +20 ms per 1000 steps
+            "step_cpu_ms": 40.0,  # flat
             "rss_main_mb": 900.0 + 0.5 * s,  # +500 MB per 1000 steps
             "rss_workers_mb": 300.0,
             "pss_total_mb": 1000.0 - 0.1 * s,
@@ -31,6 +32,7 @@ def test_slopes_and_window_means_of_a_known_trend():
     ]
     rows = {r["series"]: r for r in long_run.slope_table(records, skip=100, window=100)}
     assert rows["step_ms"]["slope_per_1000_steps"] == pytest.approx(20.0)
+    assert rows["step_cpu_ms"]["slope_per_1000_steps"] == pytest.approx(0.0, abs=1e-9)
     assert rows["rss_main_mb"]["slope_per_1000_steps"] == pytest.approx(500.0)
     assert rows["rss_workers_mb"]["slope_per_1000_steps"] == pytest.approx(0.0, abs=1e-9)
     assert rows["pss_total_mb"]["slope_per_1000_steps"] == pytest.approx(-100.0)
@@ -94,6 +96,7 @@ def test_the_script_runs_a_tiny_long_run(tmp_path, capsys):
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert all(r["processes"] >= 2 and r["rss_workers_mb"] > 0 for r in records)
     assert all(r["step_ms"] > 0 and r["rss_main_mb"] > 0 for r in records)
+    assert all(0 < r["step_cpu_ms"] for r in records)
     result = json.loads((tmp_path / "lr.json").read_text())
     assert_rows_derived_from_records(result)
     assert "RSS of the loader workers" in capsys.readouterr().out
