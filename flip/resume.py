@@ -112,11 +112,16 @@ def check_run_dir() -> None:
         )
 
 
+def missing_training_state(ckpt: Mapping) -> list[str]:
+    """The keys of a full Lightning checkpoint that ``ckpt`` lacks (weights-only: some)."""
+    return [k for k in RESUMABLE_KEYS if k not in ckpt]
+
+
 def check_resumable(path, ckpt: Mapping, module: L.LightningModule, model_cfg: Mapping | None):
     """One sentence naming the file when ``ckpt`` cannot resume training ``module``: not a
     full training checkpoint, trained with another architecture (the contradicting model
     config keys, else the tensors that differ)."""
-    absent = [k for k in RESUMABLE_KEYS if k not in ckpt]
+    absent = missing_training_state(ckpt)
     if absent:
         raise CheckpointError(
             f"checkpoint {path} cannot resume training: it lacks {', '.join(absent)} (a "
@@ -167,7 +172,7 @@ def resume_path(
     for path in _candidates(trainer):
         try:
             ckpt = load_checkpoint(path, mmap=True)
-            absent = [k for k in RESUMABLE_KEYS if k not in ckpt]
+            absent = missing_training_state(ckpt)
             if absent:
                 raise CheckpointError(f"{path} lacks {', '.join(absent)} (weights only)")
         except CheckpointError as err:
