@@ -279,6 +279,26 @@ def test_tokens_start_with_cls_end_with_sep_in_decoder_ids():
     assert args["pad_id"] == 0 and args["constant_caption"] == "a red circle"
 
 
+def test_shuffle_images_pairs_each_training_caption_with_another_image():
+    """data.shuffle_images=true (the image-blind control): each training caption gets the
+    next one's image (none keeps its own); captions and validation batches are unchanged."""
+    caps = ["a red circle", "a blue star", "two green squares", "a pink cross"]
+    images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 16, 16)
+    plain = CaptionDataModule(Pairs(images, caps), Refs(images, caps), image_size=16)
+    control = CaptionDataModule(
+        Pairs(images, caps), Refs(images, caps), image_size=16, shuffle_images=True
+    )
+    batch = [(images[i], caps[i]) for i in range(4)]
+    (same, tokens), (shuffled, shuffled_tokens) = (
+        plain._train_collate(batch),
+        control._train_collate(batch),
+    )
+    assert torch.equal(same, images) and torch.equal(shuffled_tokens, tokens)
+    assert shuffled[:, 0, 0, 0].tolist() == [3.0, 0.0, 1.0, 2.0]
+    val = [(i, images[i], [caps[i]]) for i in range(4)]
+    assert torch.equal(control._val_collate(val)[0], images)
+
+
 def test_tiny_captioner_memorises_eight_captions():
     """8 images, 8 different captions: after training, greedy decoding returns each caption
     verbatim (teacher forcing and free-running decoding agree)."""

@@ -156,6 +156,39 @@ def test_head_shape_initialisation_and_patch_pooling(checkpoint):
     assert all(torch.equal(t, state[f"visual.{k}"]) for k, t in model.visual.state_dict().items())
 
 
+def test_freeze_encoder_is_a_linear_probe_with_the_same_recipe(checkpoint):
+    """freeze_encoder=true (the fine-tuning miniature's linear-probe control): the optimiser
+    holds only fc_norm and the head, two epochs of training move them and leave every
+    tower weight at the checkpoint's, no drop path, and the summary says what ran."""
+    module = FinetuneModule(
+        tiny_model_config(depth=3),
+        num_classes=40,
+        epochs=2,
+        global_batch=8,
+        base_lr=1.0,  # lr 0.03: four AdamW steps move the head visibly
+        warmup_epochs=0,
+        mixup=0.0,
+        cutmix=0.0,
+        drop_path=0.2,
+        freeze_encoder=True,
+    )
+    assert all(getattr(b.drop_path1, "drop_prob", 0.0) == 0 for b in module.model.visual.blocks)
+    trained = {id(p) for g in module.param_groups() for p in g["params"]}
+    expected = [*module.model.fc_norm.parameters(), *module.model.head.parameters()]
+    assert trained == {id(p) for p in expected}
+    tower = {k: v.clone() for k, v in module.model.visual.state_dict().items()}
+    head = module.model.head.weight.detach().clone()
+    trainer(max_epochs=2, limit_val_batches=0).fit(module, datamodule=shapes_data())
+    assert all(torch.equal(v, tower[k]) for k, v in module.model.visual.state_dict().items())
+    assert (module.model.head.weight - head).abs().max() > 1e-3
+    line = module.summary({"val/top1": 0.5, "val/top5": 1.0, "val/baseline_majority": 0.025})
+    assert line.startswith("linear probe top-1: 50.0% (top-5 100.0%)")
+    module.hparams.freeze_encoder = False
+    assert module.summary({"val/top1": 0.5, "val/top5": 1.0, "val/baseline_majority": 0.025})[
+        :16
+    ] == ("fine-tune top-1:")
+
+
 # ----------------------------------------------------------------------------------------
 # losses
 

@@ -185,3 +185,26 @@ def test_checkpoint_without_the_tower_is_refused(tmp_path):
     state = {f"visual.{k}": v for k, v in probe.visual.state_dict().items() if k != "norm.weight"}
     with pytest.raises(CheckpointError, match="lacks 1 weights"):
         probe.load_pretrained(state, "here")
+
+
+def test_init_weights_random_keeps_the_architecture_and_not_the_weights(tmp_path):
+    """init_weights=random, the from-scratch control: the checkpoint's architecture, its
+    weights left at a fresh initialisation; pretrained (the default) copies every one."""
+    from flip.tasks.transfer import Transfer
+
+    model, _ = pretrained_checkpoint(tmp_path / "p.ckpt")
+    data = ProbeData(batch_size=8)
+    expected = model.visual.state_dict()
+    loaded = Transfer(probe_config(tmp_path, tmp_path / "p.ckpt")).module(data)
+    assert all(torch.equal(v, expected[k]) for k, v in loaded.visual.state_dict().items())
+    cfg = probe_config(tmp_path, tmp_path / "p.ckpt", "init_weights=random")
+    fresh = Transfer(cfg).module(data).visual.state_dict()
+    assert fresh.keys() == expected.keys()
+    assert all(v.shape == expected[k].shape for k, v in fresh.items())
+    differ = {k for k, v in fresh.items() if not torch.equal(v, expected[k])}
+    # every randomly initialised matrix differs (norm scales start at 1 in both; the fixed
+    # sin-cos position embedding is the same)
+    random_init = {k for k, v in expected.items() if k.endswith("weight") and v.dim() > 1}
+    assert len(random_init) > 5 and random_init <= differ
+    with pytest.raises(ConfigError, match="init_weights=scratch must be pretrained"):
+        Transfer(probe_config(tmp_path, tmp_path / "p.ckpt", "init_weights=scratch"))

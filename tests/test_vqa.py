@@ -291,6 +291,27 @@ def test_datamodule_targets_vocabulary_and_baseline(tmp_path):
     assert batch["answers"][2] == ["1"] * 7 + ["one"] * 3
 
 
+def test_shuffle_images_trains_each_question_on_another_questions_image(tmp_path):
+    """data.shuffle_images=true (the question-only control): in a training batch every
+    question gets the next one's image (none keeps its own, each image used once);
+    questions, targets and the validation batches are unchanged."""
+    from flip.data.quality import SharedStats
+
+    write_vqav2(tmp_path)
+    train_set = vqav2_set(tmp_path, image_size=16)
+    kwargs = {"num_answers": 5, "image_size": 16, "context_length": 8, "batch_size": 4}
+    items = [train_set[i] for i in range(4)]
+    plain = VQADataModule(train_set, train_set, **kwargs)
+    control = VQADataModule(train_set, train_set, shuffle_images=True, **kwargs)
+    same, shuffled = plain.collate(SharedStats(1), items), control.collate(SharedStats(1), items)
+    images = torch.stack([item[0] for item in items])
+    assert torch.equal(same["images"], images)
+    assert all(torch.equal(shuffled["images"][i], images[(i - 1) % 4]) for i in range(4))
+    assert torch.equal(shuffled["tokens"], same["tokens"])
+    assert torch.equal(shuffled["targets"], same["targets"])
+    assert torch.equal(control.collate(None, items)["images"], images)  # validation
+
+
 def test_vocabulary_counts_validation_answers_only_when_asked(tmp_path):
     write_vqav2(tmp_path, images=3)
     write_vqav2(tmp_path, "val2014", images=3, first_id=100)

@@ -22,6 +22,9 @@ A training batch is ``(images, tokens)`` with ``tokens`` (B, T) = ``[CLS] w1 …
 [PAD] …`` in decoder ids (T <= max_length + 1: the decoder reads ``tokens[:, :-1]`` and
 predicts ``tokens[:, 1:]``); a validation batch adds the references and the dataset indices
 of the images: ``(images, tokens of the first reference, [references], indices)``.
+``shuffle_images`` gives each training caption the image of another
+(``flip.data.indexed.unpair``): the decoder then learns the captions without their images,
+the control of the captioning miniature.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from flip.data.indexed import Indexed
+from flip.data.indexed import Indexed, unpair
 from flip.errors import ConfigError, DataError
 from flip.metrics.captions import constant_caption
 from flip.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, VOCAB_SIZE, Tokenizer
@@ -53,6 +56,7 @@ class CaptionDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         max_length: int = 32,  # decoder positions: [CLS] + word pieces; captions cut to max_length - 1
         output_vocab: str = "train",  # train: the word pieces of the training captions | full: all
+        shuffle_images: bool = False,  # true: train on other captions' images (the control)
     ):
         super().__init__()
         if max_length < 2:
@@ -63,6 +67,7 @@ class CaptionDataModule(L.LightningDataModule):
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.val_batch_size = val_batch_size or batch_size
         self.pin_memory, self.max_length = pin_memory, max_length
+        self.shuffle_images = shuffle_images
         self.tokenizer = Tokenizer(max_length - 1)
         captions = train.captions
         self.constant_caption = constant_caption(captions)
@@ -109,7 +114,8 @@ class CaptionDataModule(L.LightningDataModule):
 
     def _train_collate(self, batch):
         images, captions = zip(*batch)
-        return torch.stack(images), self.tokens(captions)
+        images = torch.stack(images)
+        return unpair(images) if self.shuffle_images else images, self.tokens(captions)
 
     def _val_collate(self, batch):
         indices, images, refs = zip(*batch)

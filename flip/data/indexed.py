@@ -1,9 +1,19 @@
 """Datasets that prepend each sample's index to it: evaluation and caption validation keep
-per-sample results (references, masks drawn from the index) by dataset index."""
+per-sample results (references, masks drawn from the index) by dataset index; and
+``unpair``, which breaks the image-text pairing of a batch (the transfer controls)."""
 
 from __future__ import annotations
 
+import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+
+def unpair(images: torch.Tensor) -> torch.Tensor:
+    """Each sample of a (shuffled) batch gets the next sample's image, the last the first's:
+    no sample keeps its own, and every image is used once. Training on these pairs is
+    training without the image (a question-only VQA model, a caption prior), the control
+    that shows a transfer task reads the image."""
+    return images.roll(1, dims=0)
 
 
 class Indexed(Dataset):

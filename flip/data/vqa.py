@@ -5,7 +5,8 @@
 ``multiple_choice_answer`` of the training questions, plus the validation questions when
 ``vocab_includes_val``: VQAv2's standard 3,129-answer list counts train + val), the
 most-frequent-answer baseline (from the training questions only), question tokenisation and
-soft targets (``flip.metrics.vqa.answer_scores``). Batches are dicts: ``images``
+soft targets (``flip.metrics.vqa.answer_scores``). ``shuffle_images`` gives each training
+question the image of another (``flip.data.indexed.unpair``): the question-only control. Batches are dicts: ``images``
 (B, 3, S, S), ``tokens`` (B, L), ``targets`` (B, A) and, for the metric, ``answers`` (the
 human answers), ``answer_types`` and ``question_ids``.
 """
@@ -20,6 +21,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from flip.data.indexed import unpair
 from flip.data.quality import QualityMixin, SharedStats, stats_of_dataset
 from flip.data.vqav2 import VQARecord
 from flip.metrics.vqa import answer_scores, answer_vocabulary, normalize_answer
@@ -48,12 +50,13 @@ class VQADataModule(QualityMixin, L.LightningDataModule):
         pin_memory: bool = False,
         max_skip_rate: float = 0.05,  # of training samples skipped; more stops training
         skip_rate_min_samples: int = 1000,  # samples read before the rate is enforced
+        shuffle_images: bool = False,  # true: train on other questions' images (question-only)
     ):
         super().__init__()
         self.init_quality(max_skip_rate, skip_rate_min_samples)
         self.train_set, self.val_set = train, val
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
-        self.pin_memory = pin_memory
+        self.pin_memory, self.shuffle_images = pin_memory, shuffle_images
         self.tokenizer = Tokenizer(context_length)
         train_answers = [train.record(i).multiple_choice_answer for i in range(len(train))]
         counted = train_answers + (
@@ -94,8 +97,11 @@ class VQADataModule(QualityMixin, L.LightningDataModule):
             stats.add(
                 stats_of_dataset(info.dataset if info is not None else self.train_set, len(batch))
             )
+        images = torch.stack(images)
+        if stats is not None and self.shuffle_images:  # training only
+            images = unpair(images)
         return {
-            "images": torch.stack(images),
+            "images": images,
             "tokens": self.tokenizer([r.question for r in records]),
             "targets": self.targets(list(records)),
             "answers": [list(r.answers) for r in records],

@@ -18,7 +18,9 @@ The recipe is MAE's (facebookresearch/mae ``main_finetune.py``, ``models_vit.py`
   then half-cosine down to ``min_lr``;
 - mixup/cutmix (timm ``Mixup``, label smoothing in its soft targets) with
   ``SoftTargetCrossEntropy``; without mixup, cross-entropy with label smoothing;
-- optional EMA of the weights (timm ``ModelEmaV3``; MAE has none), validated beside them.
+- optional EMA of the weights (timm ``ModelEmaV3``; MAE has none), validated beside them;
+- ``freeze_encoder``: the same recipe with the tower frozen (no drop path), i.e. a linear
+  probe of the checkpoint on the same data (the control of the fine-tuning miniature).
 
 Validation: top-1/top-5 of the live weights (``val/top1``, ``val/top5``), of the EMA
 (``val/ema_top1``, ``val/ema_top5``) when on, and the trivial baseline that always answers
@@ -101,11 +103,15 @@ class FinetuneModule(TransferModule):
         head_init_std: float = 2e-5,
         ema: bool = False,  # also keep (and validate) an EMA of the weights
         ema_decay: float = 0.9999,
+        freeze_encoder: bool = False,  # true: a linear probe (only fc_norm and head train)
     ):
         super().__init__()
         self.save_hyperparameters()
-        visual = build_tower(model_config, "visual", drop_path=drop_path)
+        # frozen: no drop path either, the tower is a fixed feature extractor
+        visual = build_tower(model_config, "visual", drop_path=0.0 if freeze_encoder else drop_path)
         self.model = ViTClassifier(visual, num_classes, head_init_std)
+        if freeze_encoder:  # timm's layer-decay grouping skips parameters without grad
+            self.model.visual.requires_grad_(False)
         self.ema = ModelEmaV3(self.model, decay=ema_decay) if ema else None
         if self.ema is not None:  # updated by averaging, never by the optimiser; in the
             # module's mode like the rest (Lightning switches all to eval to validate)
@@ -224,8 +230,9 @@ class FinetuneModule(TransferModule):
 
     def summary(self, metrics: Mapping[str, float]) -> str:
         k = self.top_k
+        kind = "linear probe" if self.hparams.freeze_encoder else "fine-tune"
         line = (
-            f"fine-tune top-1: {100 * metrics['val/top1']:.1f}% "
+            f"{kind} top-1: {100 * metrics['val/top1']:.1f}% "
             f"(top-{k} {100 * metrics[f'val/top{k}']:.1f}%)"
         )
         if self.ema is not None:

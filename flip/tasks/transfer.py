@@ -131,6 +131,12 @@ class Transfer:
                 f"batch.micro={cfg.batch.micro} is gradient caching for the "
                 "contrastive loss; downstream tasks take batch.micro=null"
             )
+        self.init_weights = cfg.get("init_weights", "pretrained")
+        if self.init_weights not in ("pretrained", "random"):
+            raise ConfigError(
+                f"init_weights={self.init_weights} must be pretrained (init_from's weights) "
+                "or random (init_from's architecture, freshly initialised)"
+            )
         self.cfg = cfg
         ckpt = load_checkpoint(cfg.init_from)
         self.model_config = model_config(ckpt)
@@ -162,14 +168,19 @@ class Transfer:
 
     def module(self, data: L.LightningDataModule) -> TransferModule:
         """The task's module (``task`` but ``eval_every``, the Trainer's, with the checkpoint's
-        model config and what the data defines), its pre-trained parts loaded."""
+        model config and what the data defines), its pre-trained parts loaded (left at their
+        initialisation with ``init_weights=random``)."""
         args = OmegaConf.to_container(self.cfg.task, resolve=True)
         args.pop("eval_every", None)
         module = hydra.utils.instantiate(args, _partial_=True)(
             model_config=self.model_config, **data.task_args
         )
+        parts = ", ".join(module.pretrained_parts)
+        if self.init_weights == "random":  # the control: the same network, no pre-training
+            log.info("%s: the architecture of %s, random weights", parts, self.cfg.init_from)
+            return module
         module.load_pretrained(self.state, f"init_from={self.cfg.init_from}")
-        log.info("initialised %s from %s", ", ".join(module.pretrained_parts), self.cfg.init_from)
+        log.info("initialised %s from %s", parts, self.cfg.init_from)
         return module
 
     def report(self, trainer: L.Trainer, module: TransferModule, data) -> dict[str, float]:
