@@ -246,7 +246,8 @@ MINI_AXES = {
     },
 }
 ONE_BATCH_TABLES = {"table1a", "table1c", "table1f", "fig3"}
-MINI = [n for n in EXPERIMENTS if n.startswith("mini_")]
+TRANSFER_MINI = [n for n in EXPERIMENTS if n.startswith(("mini_table3_", "mini_table7_"))]
+MINI = [n for n in EXPERIMENTS if n.startswith("mini_") and n not in TRANSFER_MINI]
 MINI_SMOKE = [
     "mini_table1a_mask50",
     "mini_table1b_m75_b32",
@@ -362,3 +363,41 @@ def test_one_mini_experiment_per_table_trains_and_writes_its_result(tmp_path):
         if name == "mini_table1a_mask50":
             ckpt = out / "checkpoints" / "last.ckpt"
             assert ckpt.exists()
+
+
+# The transfer miniatures (Tables 3 and 7): each task's row and its controls, which differ from
+# it in exactly the control's setting (experiments/results/mini/README.md, "Transfer").
+TRANSFER_CONTROLS = {
+    "mini_table3_finetune": ("finetune", {}),
+    "mini_table3_probe": ("finetune", {"task.freeze_encoder": True}),
+    "mini_table3_scratch": ("finetune", {"init_weights": "random"}),
+    "mini_table7_vqa": ("vqa", {}),
+    "mini_table7_vqa_question_only": ("vqa", {"data.shuffle_images": True}),
+    "mini_table7_captioning": ("captioning", {}),
+    "mini_table7_captioning_shuffled": ("captioning", {"data.shuffle_images": True}),
+}
+
+
+def _flat(node, prefix=""):
+    if isinstance(node, dict):
+        return {k: v for key, sub in node.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def test_transfer_miniatures_are_the_task_and_controls_differing_in_one_setting(tmp_path):
+    """Each row is ``task=<task>`` as it is plus, for a control, exactly its one setting
+    (and the row's W&B group and tags)."""
+    from omegaconf import OmegaConf
+
+    assert sorted(TRANSFER_CONTROLS) == TRANSFER_MINI
+    for name, (task, control) in TRANSFER_CONTROLS.items():
+        row, plain = (
+            _flat(OmegaConf.to_container(compose_train(*args, output_dir=tmp_path)))
+            for args in (
+                [f"experiment={name}", "init_from=x.ckpt"],
+                [f"task={task}", "init_from=x.ckpt"],
+            )
+        )
+        changed = {k: v for k, v in row.items() if plain.get(k) != v and k not in ("group", "tags")}
+        assert changed == control, name
+        assert row["group"] == f"mini_{name.split('_')[1]}" and "mini" in row["tags"]
