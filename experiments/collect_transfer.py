@@ -92,9 +92,9 @@ def table(rows: dict[tuple[str, str], list[dict]]) -> list[dict]:
                 key, _, _ = metrics[0]
                 ours = [r["metrics"][key] for r in rows[(task, START)]]
                 theirs = [r["metrics"][key] for r in runs]
-                line["pre-trained above it (> 2 SE)"] = (
-                    sum(ours) / len(ours) > sum(theirs) / len(theirs) and differs(ours, theirs)
-                )
+                line["pre-trained above it (> 2 SE)"] = sum(ours) / len(ours) > sum(theirs) / len(
+                    theirs
+                ) and differs(ours, theirs)
             line["run"] = runs[0]["dir"]
             lines.append(line)
     return lines
