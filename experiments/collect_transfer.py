@@ -134,10 +134,11 @@ def main(argv: list[str] | None = None) -> Path:
     lines = table(rows)
     out = args.out or args.dirs[0]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "transfer.md").write_text(
-        "# Transfer miniatures: pre-trained vs controls (mean ± std over seeds)\n\n"
-        + to_markdown(lines)
-    )
+    text = "# Transfer miniatures: pre-trained vs controls (mean ± std over seeds)\n"
+    for task in dict.fromkeys(line["task"] for line in lines):
+        mine = [line for line in lines if line["task"] == task]
+        text += f"\n## {mine[0]['paper']}: {task}\n\n" + to_markdown(mine)
+    (out / "transfer.md").write_text(text)
     columns = list(dict.fromkeys(c for line in lines for c in line))
     with open(out / "transfer.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)

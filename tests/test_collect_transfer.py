@@ -82,6 +82,7 @@ def test_main_writes_markdown_and_csv(tmp_path):
         write_run(tmp_path, "ft", seed, FINETUNE, {"val/top1": 0.30 + seed / 10})
     collect_transfer.main([str(tmp_path)])
     text = (tmp_path / "transfer.md").read_text()
+    assert "## Table 3: fine-tuning\n\n| paper | task | start | top-1 % |" in text
     assert "| Table 3 | fine-tuning | pre-trained | 35.0 ± 7.1 |" in text
     with open(tmp_path / "transfer.csv", newline="") as f:
         (row,) = list(csv.DictReader(f))
