@@ -584,9 +584,11 @@ def table1f(runs: list[dict]) -> list[dict]:
 
 
 def fig3(runs: list[dict]) -> list[dict]:
-    """Every run: mask, tuned, schedule (as a multiple of the shortest), accuracy and
-    times, with the time ratio to the mask-0 untuned run of the same schedule."""
-    shortest = min(describe(r)["samples"] for r in runs)
+    """Every run: mask, tuned, schedule (as a multiple of the shortest pre-training one: a
+    tuning run's own short schedule is not the unit), accuracy and times, with the time
+    ratio to the mask-0 untuned run of the same schedule."""
+    pretraining = [r for r in runs if not describe(r)["tuned"]] or runs
+    shortest = min(describe(r)["samples"] for r in pretraining)
     rows = []
     for run in sorted(
         runs, key=lambda r: (describe(r)["mask"], describe(r)["tuned"], describe(r)["samples"])

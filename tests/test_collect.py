@@ -377,3 +377,19 @@ def test_seeds_merge_into_mean_and_spread_and_speedups_pair_by_seed(tmp_path):
     for key in ("cpu_png", "flops_png"):
         data = paths[key].read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_fig3_schedule_is_counted_in_the_shortest_pre_training_schedule(runs_root):
+    """A tuning run's short schedule (Table 1e's 4000 samples) is not Fig. 3's unit."""
+    (base,) = [r for r in collect.load_runs(runs_root) if r["dir"].name == "m0.5"]
+    runs = [
+        _variant(base, **{"schedule.total_samples": 16000}),
+        _variant(base, **{"schedule.total_samples": 32000}),
+        _variant(base, init_from="x.ckpt", **{"schedule.total_samples": 4000}),
+    ]
+    rows = collect.collect("fig3", runs)
+    assert sorted((r["tuned"], r["schedule (x shortest)"]) for r in rows) == [
+        (False, 1.0),
+        (False, 2.0),
+        (True, 0.25),
+    ]
