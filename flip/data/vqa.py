@@ -6,9 +6,9 @@
 ``vocab_includes_val``: VQAv2's standard 3,129-answer list counts train + val), the
 most-frequent-answer baseline (from the training questions only), question tokenisation and
 soft targets (``flip.metrics.vqa.answer_scores``). ``shuffle_images`` gives each training
-question the image of another (``flip.data.indexed.unpair``): the question-only control. Batches are dicts: ``images``
-(B, 3, S, S), ``tokens`` (B, L), ``targets`` (B, A) and, for the metric, ``answers`` (the
-human answers), ``answer_types`` and ``question_ids``.
+question the image of another (``flip.data.indexed.unpair``): the question-only control.
+Batches are dicts: ``images`` (B, 3, S, S), ``tokens`` (B, L), ``targets`` (B, A) and, for
+the metric, ``answers`` (the human answers), ``answer_types`` and ``question_ids``.
 """
 
 from __future__ import annotations
